@@ -1,0 +1,226 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* lxc.bpf.c — the programs on every pod's host-side veth.
+ *
+ *   from_pod  tc ingress: traffic leaving the pod. Enforces the pod's egress policy,
+ *             tracks the connection and, when the destination is a pod on this node,
+ *             also its ingress policy before handing the packet straight to that pod's
+ *             netns with bpf_redirect_peer (no trip through the node's IP stack).
+ *   to_pod    tc egress: traffic entering the pod through the node's stack (other
+ *             nodes, the node itself). Enforces the pod's ingress policy.
+ *
+ * Non-IPv4 traffic: ARP passes untouched (pods reach their gateway through a static
+ * neighbour entry, but the node still resolves pod addresses); IPv6 and every other
+ * L3 protocol are dropped with reason 139 (Unsupported L3 protocol) and reported.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/common.h"
+#include "lib/config.h"
+#include "lib/parse.h"
+#include "lib/ipcache.h"
+#include "lib/endpoints.h"
+#include "lib/policy.h"
+#include "lib/conntrack.h"
+#include "lib/events.h"
+#include "lib/metrics.h"
+
+static __always_inline void event_init(struct flow_event *ev, struct __sk_buff *skb,
+				       const struct pkt *p, __u16 ep_id, __u8 dir)
+{
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->src_ip = p->saddr;
+	ev->dst_ip = p->daddr;
+	ev->sport = p->icmp_reply ? p->dport : p->sport;
+	ev->dport = p->icmp_reply ? 0 : p->dport;
+	ev->len = p->len;
+	ev->ifindex = skb->ifindex;
+	ev->endpoint_id = ep_id;
+	ev->protocol = p->protocol;
+	ev->tcp_flags = p->tcp_flags;
+	ev->direction = dir;
+}
+
+static __always_inline int drop_packet(struct __sk_buff *skb, const struct pkt *p, __u8 reason,
+				       __u8 dir, __u16 ep_id, __u32 src_id, __u32 dst_id,
+				       __u32 cookie, __u8 match_type, __u8 ct_state)
+{
+	struct flow_event ev;
+
+	metrics_count(reason, dir, p->len);
+	event_init(&ev, skb, p, ep_id, dir);
+	ev.event_type = EVENT_DROP;
+	ev.drop_reason = reason;
+	ev.src_identity = src_id;
+	ev.dst_identity = dst_id;
+	ev.cookie = cookie;
+	ev.match_type = match_type;
+	ev.ct_state = ct_state;
+	emit_event(&ev);
+	return TC_ACT_SHOT;
+}
+
+/* Decision of one endpoint's policy side for one packet; see enforce(). */
+struct verdict {
+	__u32 cookie;
+	__u8  reason;       /* 0 = allowed */
+	__u8  ct_state;
+	__u8  report;       /* a forwarded event is due under the aggregation level */
+	__u8  match_type;
+};
+
+/* Conntrack + policy for endpoint `ep` in direction `dir` against `peer_id`. */
+static __always_inline void enforce(const struct pkt *p, const struct endpoint_value *ep,
+				    __u8 dir, __u32 peer_id, struct verdict *v)
+{
+	struct ct_value *ct = NULL;
+	struct policy_result res = {};
+	int ret;
+
+	v->reason = 0;
+	v->report = 0;
+	v->cookie = 0;
+	v->match_type = MATCH_NONE;
+	v->ct_state = ct_lookup(p, dir, &ct);
+	if (v->ct_state == CT_REPLY && ct) {
+		v->report = ct_update(ct, p, 1);
+		v->cookie = ct->cookie;
+		return;
+	}
+	ret = policy_check(ep, dir, peer_id, p, &res);
+	v->cookie = res.cookie;
+	v->match_type = res.match_type;
+	if (ret) {
+		v->reason = ret;
+		return;
+	}
+	if (v->ct_state == CT_NEW) {
+		/* Unsolicited echo replies are allowed by policy but start no connection. */
+		if (!p->icmp_reply) {
+			ret = ct_create(p, dir, peer_id, ep->endpoint_id, res.cookie);
+			if (ret) {
+				v->reason = ret;
+				return;
+			}
+		}
+		v->report = 1; /* new connections are reported at every level */
+	} else if (ct) {
+		v->report = ct_update(ct, p, 0);
+	}
+}
+
+static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct pkt *p,
+					    const struct verdict *v, __u16 ep_id, __u8 dir,
+					    __u32 src_id, __u32 dst_id, __u8 obs, __u8 flags)
+{
+	struct flow_event ev;
+
+	metrics_count(REASON_FORWARDED, dir, p->len);
+	if (!v->report)
+		return;
+	event_init(&ev, skb, p, ep_id, dir);
+	ev.event_type = EVENT_TRACE;
+	ev.src_identity = src_id;
+	ev.dst_identity = dst_id;
+	ev.cookie = v->cookie;
+	ev.match_type = v->match_type;
+	ev.ct_state = v->ct_state;
+	ev.obs_point = obs;
+	ev.flags = flags | (v->ct_state == CT_REPLY ? EVF_IS_REPLY : 0);
+	emit_event(&ev);
+}
+
+static __always_inline int not_ip4(struct __sk_buff *skb, const struct pkt *p, __u8 dir)
+{
+	if (p->eth_proto == ETH_P_ARP)
+		return TC_ACT_OK;
+	return drop_packet(skb, p, DROP_UNKNOWN_L3, dir, 0, 0, 0, 0, MATCH_NONE, CT_NEW);
+}
+
+SEC("tc")
+int from_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct verdict eg, in;
+	struct endpoint_value *ep, *dst_ep;
+	__u32 dst_id;
+	int ret;
+
+	ret = parse_packet(skb, &p);
+	if (ret == PARSE_NOT_IP4)
+		return not_ip4(skb, &p, DIR_EGRESS);
+	if (ret)
+		return drop_packet(skb, &p, ret, DIR_EGRESS, 0, 0, 0, 0, MATCH_NONE, CT_NEW);
+
+	ep = endpoint_lookup(p.saddr);
+	if (!ep || ep->ifindex != skb->ifindex)
+		return drop_packet(skb, &p, DROP_INVALID_SIP, DIR_EGRESS, 0, ID_UNKNOWN,
+				   ipcache_identity(p.daddr), 0, MATCH_NONE, CT_NEW);
+
+	dst_id = ipcache_identity(p.daddr);
+	enforce(&p, ep, DIR_EGRESS, dst_id, &eg);
+	if (eg.reason)
+		return drop_packet(skb, &p, eg.reason, DIR_EGRESS, ep->endpoint_id, ep->identity,
+				   dst_id, eg.cookie, eg.match_type, eg.ct_state);
+
+#if ENABLE_HOST_ROUTING
+	dst_ep = endpoint_lookup(p.daddr);
+	if (dst_ep) {
+		/* Same-node destination: its ingress policy runs here, then the packet goes
+		 * straight into its netns. The src identity is ours, no ipcache needed. */
+		enforce(&p, dst_ep, DIR_INGRESS, ep->identity, &in);
+		if (in.reason) {
+			trace_forwarded(skb, &p, &eg, ep->endpoint_id, DIR_EGRESS, ep->identity,
+					dst_id, OBS_FROM_LXC, 0);
+			return drop_packet(skb, &p, in.reason, DIR_INGRESS, dst_ep->endpoint_id,
+					   ep->identity, dst_ep->identity, in.cookie,
+					   in.match_type, in.ct_state);
+		}
+		trace_forwarded(skb, &p, &eg, ep->endpoint_id, DIR_EGRESS, ep->identity,
+				dst_id, OBS_FROM_LXC, EVF_REDIRECTED);
+		trace_forwarded(skb, &p, &in, dst_ep->endpoint_id, DIR_INGRESS, ep->identity,
+				dst_ep->identity, OBS_TO_LXC, EVF_REDIRECTED);
+		if (bpf_skb_store_bytes(skb, 0, dst_ep->pod_mac, 6, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 6, dst_ep->host_mac, 6, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect_peer(dst_ep->ifindex, 0);
+	}
+#endif
+	trace_forwarded(skb, &p, &eg, ep->endpoint_id, DIR_EGRESS, ep->identity, dst_id,
+			OBS_TO_STACK, 0);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int to_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct verdict in;
+	struct endpoint_value *ep;
+	__u32 src_id;
+	int ret;
+
+	ret = parse_packet(skb, &p);
+	if (ret == PARSE_NOT_IP4)
+		return not_ip4(skb, &p, DIR_INGRESS);
+	if (ret)
+		return drop_packet(skb, &p, ret, DIR_INGRESS, 0, 0, 0, 0, MATCH_NONE, CT_NEW);
+
+	src_id = ipcache_identity(p.saddr);
+	ep = endpoint_lookup(p.daddr);
+	if (!ep || ep->ifindex != skb->ifindex)
+		return drop_packet(skb, &p, DROP_UNKNOWN_TARGET, DIR_INGRESS, 0, src_id,
+				   ID_UNKNOWN, 0, MATCH_NONE, CT_NEW);
+
+	enforce(&p, ep, DIR_INGRESS, src_id, &in);
+	if (in.reason)
+		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
+				   ep->identity, in.cookie, in.match_type, in.ct_state);
+	trace_forwarded(skb, &p, &in, ep->endpoint_id, DIR_INGRESS, src_id, ep->identity,
+			OBS_TO_LXC, 0);
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,244 @@
+"""Endpoint lifecycle on one node: create, change identity or policy, restore, delete.
+
+An endpoint is a pod's attachment to the node: its veth (host side in the node's
+namespace, ``eth0`` in the pod's), its IPv4, its security identity and its policy
+map state. The manager writes the kernel state (veth, routes, tc programs, map
+entries) through ``villi.netns`` and ``villi.datapath`` and keeps a small JSON record
+per endpoint in its state directory, so a restarted agent knows which veths and map
+entries are its own without disturbing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from villi.datapath import abi
+from villi.datapath.node import NodeDatapath
+from villi.endpoint import policymap
+from villi.errors import EndpointError, VilliError
+from villi.netns import create_pod_link, delete_link, link_info
+
+
+def ip_be(ipv4: str) -> int:
+    """An IPv4 string as the u32 the kernel stores (network order in memory)."""
+    return struct.unpack("=I", socket.inet_aton(ipv4))[0]
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def host_ifname_for(key: str) -> str:
+    """Host-side veth name: ``lxc`` + 11 hex digits of a hash of the attachment key."""
+    return "lxc" + hashlib.sha256(key.encode()).hexdigest()[:11]
+
+
+@dataclass
+class Endpoint:
+    """One local endpoint and everything needed to rebuild or remove its state."""
+
+    id: int
+    ipv4: str
+    netns: str
+    ifname: str
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    pod_mac: str
+    identity: int
+    namespace: str = "default"
+    pod_name: str = ""
+    container_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    named_ports: dict[str, list] = field(default_factory=dict)  # name -> [port, proto]
+    ingress_enforced: bool = False
+    egress_enforced: bool = False
+    state: str = "ready"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Endpoint:
+        return cls(**json.loads(text))
+
+
+class EndpointManager:
+    """Owns the endpoints of one node and their kernel state."""
+
+    def __init__(self, datapath: NodeDatapath, *, node_netns: str | None,
+                 state_dir: Path) -> None:
+        self.datapath = datapath
+        self.node_netns = node_netns
+        self.state_dir = state_dir / "endpoints"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.endpoints: dict[int, Endpoint] = {}
+        # The map state last written per endpoint, to diff the next change against.
+        self._map_state: dict[int, dict] = {}
+
+    # --- create / delete --------------------------------------------------------------
+    def create(self, *, endpoint_id: int, ipv4: str, netns: str, identity: int,
+               ifname: str = "eth0", attach_key: str | None = None, **meta: object) -> Endpoint:
+        """Plumb a pod into the node. On any failure nothing is left behind."""
+        if endpoint_id in self.endpoints:
+            raise EndpointError(f"endpoint {endpoint_id} already exists")
+        host_ifname = host_ifname_for(attach_key or f"{netns}/{ifname}")
+        link = create_pod_link(host_ifname=host_ifname, host_netns=self.node_netns,
+                               pod_netns=netns, pod_ifname=ifname, ipv4=ipv4)
+        ep = Endpoint(id=endpoint_id, ipv4=ipv4, netns=netns, ifname=ifname,
+                      host_ifname=host_ifname, host_ifindex=link.host_ifindex,
+                      host_mac=link.host_mac, pod_mac=link.pod_mac, identity=identity,
+                      **meta)  # type: ignore[arg-type]
+        try:
+            self._write_endpoint_entry(ep)
+            self._write_ipcache(ep)
+            self.datapath.attach(link.host_ifindex, self.node_netns)
+            self._save(ep)
+        except BaseException:
+            self._remove_kernel_state(ep)
+            delete_link(host_ifname, self.node_netns)
+            raise
+        self.endpoints[ep.id] = ep
+        self._map_state[ep.id] = {}
+        return ep
+
+    def delete(self, endpoint_id: int) -> bool:
+        """Remove an endpoint: veth, map entries, record. False when unknown."""
+        ep = self.endpoints.pop(endpoint_id, None)
+        if ep is None:
+            return False
+        self._remove_kernel_state(ep)
+        delete_link(ep.host_ifname, self.node_netns)
+        self._map_state.pop(endpoint_id, None)
+        (self.state_dir / f"{endpoint_id}.json").unlink(missing_ok=True)
+        return True
+
+    def _remove_kernel_state(self, ep: Endpoint) -> None:
+        self.datapath.endpoints.delete(abi.EndpointKey(addr=ip_be(ep.ipv4)))
+        self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ep.ipv4)))
+        policymap.delete_all(self.datapath.policy, ep.id)
+
+    # --- identity and policy ----------------------------------------------------------
+    def set_identity(self, endpoint_id: int, identity: int, labels: dict[str, str] | None = None
+                     ) -> Endpoint:
+        ep = self._get(endpoint_id)
+        ep = replace(ep, identity=identity, labels=labels if labels is not None else ep.labels)
+        self._write_endpoint_entry(ep)
+        self._write_ipcache(ep)
+        self.endpoints[ep.id] = ep
+        self._save(ep)
+        return ep
+
+    def set_policy(self, endpoint_id: int, *, ingress_enforced: bool, egress_enforced: bool,
+                   map_state: Mapping) -> tuple[int, int]:
+        """Install a new policy map state for an endpoint, as a diff of the old one.
+
+        Turning enforcement on happens after the new entries are in; turning it off
+        happens before entries are removed, so no packet sees a half-applied policy.
+        """
+        ep = self._get(endpoint_id)
+        new_ep = replace(ep, ingress_enforced=ingress_enforced, egress_enforced=egress_enforced)
+        old_state = self._map_state.get(endpoint_id, {})
+        loosening = replace(ep, ingress_enforced=ep.ingress_enforced and ingress_enforced,
+                            egress_enforced=ep.egress_enforced and egress_enforced)
+        self._write_endpoint_entry(loosening, lookups=_lookup_dirs(old_state) |
+                                   _lookup_dirs(map_state))
+        counts = policymap.apply_diff(self.datapath.policy, endpoint_id, old_state, map_state)
+        self._map_state[endpoint_id] = dict(map_state)
+        self._write_endpoint_entry(new_ep, lookups=_lookup_dirs(map_state))
+        self.endpoints[endpoint_id] = new_ep
+        self._save(new_ep)
+        return counts
+
+    def map_state(self, endpoint_id: int) -> dict:
+        return dict(self._map_state.get(endpoint_id, {}))
+
+    # --- restore after restart --------------------------------------------------------
+    def restore(self) -> list[Endpoint]:
+        """Re-adopt the endpoints recorded in the state directory whose veth still exists.
+
+        The kernel state is left as it is (it kept enforcing while no agent ran); the
+        programs are re-attached with REPLACE so the freshly loaded ones take over.
+        Records whose veth vanished are dropped together with their map entries.
+        """
+        restored = []
+        for path in sorted(self.state_dir.glob("*.json")):
+            ep = Endpoint.from_json(path.read_text())
+            info = link_info(ep.host_ifname, self.node_netns)
+            if info is None or info[0] != ep.host_ifindex:
+                self._remove_kernel_state(ep)
+                path.unlink(missing_ok=True)
+                continue
+            self.datapath.attach(ep.host_ifindex, self.node_netns)
+            self.endpoints[ep.id] = ep
+            self._map_state[ep.id] = self._read_map_state(ep.id)
+            restored.append(ep)
+        return restored
+
+    def _read_map_state(self, endpoint_id: int) -> dict:
+        """The entries the kernel holds for an endpoint, as MapKey → MapValue."""
+        from villi.policy.mapstate import MapKey, MapValue
+
+        state = {}
+        for key, value in self.datapath.policy.items():
+            if key.endpoint_id != endpoint_id:
+                continue
+            if key.prefixlen <= abi.POLICY_STATIC_PREFIX:
+                mk = MapKey(identity=key.identity, direction=key.direction, protocol=0,
+                            port=0, prefix_bits=0)
+            else:
+                mk = MapKey(identity=key.identity, direction=key.direction,
+                            protocol=key.protocol, port=socket.ntohs(key.dport),
+                            prefix_bits=key.prefixlen - abi.POLICY_STATIC_PREFIX - 8)
+            state[mk] = MapValue(deny=bool(value.deny), cookie=value.cookie)
+        return state
+
+    # --- helpers ----------------------------------------------------------------------
+    def _get(self, endpoint_id: int) -> Endpoint:
+        try:
+            return self.endpoints[endpoint_id]
+        except KeyError:
+            raise EndpointError(f"no endpoint {endpoint_id} on this node") from None
+
+    def _write_endpoint_entry(self, ep: Endpoint, lookups: frozenset[int] | None = None
+                              ) -> None:
+        if lookups is None:
+            lookups = _lookup_dirs(self._map_state.get(ep.id, {}))
+        flags = 0
+        if ep.ingress_enforced:
+            flags |= abi.EP_F_INGRESS_ENFORCED
+        if ep.egress_enforced:
+            flags |= abi.EP_F_EGRESS_ENFORCED
+        if abi.Dir.INGRESS in lookups:
+            flags |= abi.EP_F_INGRESS_LOOKUP
+        if abi.Dir.EGRESS in lookups:
+            flags |= abi.EP_F_EGRESS_LOOKUP
+        value = abi.EndpointValue(ifindex=ep.host_ifindex, identity=ep.identity,
+                                  endpoint_id=ep.id, flags=flags)
+        value.pod_mac[:] = list(mac_bytes(ep.pod_mac))
+        value.host_mac[:] = list(mac_bytes(ep.host_mac))
+        self.datapath.endpoints.update(abi.EndpointKey(addr=ip_be(ep.ipv4)), value)
+
+    def _write_ipcache(self, ep: Endpoint) -> None:
+        self.datapath.ipcache.update(abi.IpcacheKey(prefixlen=32, addr=ip_be(ep.ipv4)),
+                                     abi.IpcacheValue(identity=ep.identity))
+
+    def _save(self, ep: Endpoint) -> None:
+        tmp = self.state_dir / f".{ep.id}.json.tmp"
+        tmp.write_text(ep.to_json())
+        os.replace(tmp, self.state_dir / f"{ep.id}.json")
+
+
+def _lookup_dirs(map_state: Mapping) -> frozenset[int]:
+    """Directions in which an endpoint has entries the datapath must look up."""
+    return frozenset(int(k.direction) for k in map_state)
+
+
+__all__ = ["Endpoint", "EndpointManager", "VilliError", "host_ifname_for", "ip_be"]
