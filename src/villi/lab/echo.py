@@ -1,0 +1,80 @@
+"""A tiny echo server for lab pods: TCP accept + echo, UDP echo, on several ports.
+
+Run inside a pod's namespace (``ip netns exec POD python -m villi.lab.echo 80/tcp
+81/udp``). TCP connections echo each line back (and can stay open for long-lived
+connection tests); UDP datagrams are echoed to their sender. One thread per listener,
+one per TCP connection: lab traffic is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+
+
+def parse_port(spec: str) -> tuple[int, str]:
+    """``80/tcp``, ``81/udp``, ``web=8080/tcp`` or ``80`` (TCP) → (port, proto)."""
+    if "=" in spec:
+        spec = spec.split("=", 1)[1]
+    port, _, proto = spec.partition("/")
+    proto = (proto or "tcp").lower()
+    if proto not in ("tcp", "udp"):
+        raise ValueError(f"{spec!r}: protocol must be tcp or udp")
+    n = int(port)
+    if not 1 <= n <= 65535:
+        raise ValueError(f"{spec!r}: port out of range")
+    return n, proto
+
+
+def _serve_tcp_conn(conn: socket.socket) -> None:
+    with conn:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                conn.sendall(data)
+            except OSError:
+                return
+
+
+def serve_tcp(port: int) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(512)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_serve_tcp_conn, args=(conn,), daemon=True).start()
+
+
+def serve_udp(port: int) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", port))
+    while True:
+        data, peer = srv.recvfrom(65536)
+        srv.sendto(data, peer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("ports", nargs="+", help="PORT/tcp or PORT/udp")
+    args = ap.parse_args(argv)
+    specs = [parse_port(p) for p in args.ports]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for port, proto in specs:
+        target = serve_tcp if proto == "tcp" else serve_udp
+        threading.Thread(target=target, args=(port,), daemon=True).start()
+    print("ready", flush=True)
+    threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
