@@ -1,0 +1,195 @@
+"""List-then-watch and lease keep-alive: the two loops every store user needs.
+
+``watch_prefix`` is how the agent follows a prefix (nodes, identities, policies): it
+lists, hands over the snapshot as PUT events, then watches from the listing's revision
++ 1, so it sees every later change exactly once. When the watch falls behind compaction
+it lists again and hands over only the difference (PUTs for new or changed keys,
+DELETEs for keys that vanished), so consumers never rebuild their state from scratch.
+Every retry backs off with full jitter (Cilium's ListAndWatch learned this the hard way,
+cilium#22037).
+
+``LeaseKeeper`` keeps one lease alive at a third of its TTL. When the lease was lost
+anyway (etcd unreachable for longer than the TTL, a revoke by someone else) it grants a
+new one and calls ``on_lost(new_lease)`` so the owner re-writes the keys that lived
+under the old one (Cilium's ``handleExpiredLease``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+
+from villi.errors import StoreError
+from villi.kvstore.backoff import Backoff, BackoffPolicy, SleepFn, UniformSource
+from villi.kvstore.store import Compacted, EventType, LeaseID, Store, WatchEvent
+
+log = logging.getLogger(__name__)
+
+#: list-then-watch retries forever (an agent must catch up when the store is back).
+RESYNC_BACKOFF = BackoffPolicy(base=0.1, cap=30.0, max_attempts=None)
+#: keep-alive retries; the cap is further limited to a third of the lease's TTL.
+KEEPALIVE_BACKOFF = BackoffPolicy(base=0.1, cap=5.0, max_attempts=None)
+
+
+class PrefixSync:
+    """Follows ``prefix`` of ``store``: iterate it for snapshot, changes and resyncs.
+
+    ``synced`` is set once the consumer has taken every event of the first snapshot
+    (when it asks for the next one), so a task that garbage-collects stale local state
+    can wait for it. ``revision`` is the revision the
+    consumer is up to date with. ``known`` maps each key the consumer has been told
+    about to its mod revision; that is what resyncs are diffed against.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        *,
+        backoff: BackoffPolicy = RESYNC_BACKOFF,
+        rng: UniformSource | None = None,
+        sleep: SleepFn | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.synced = asyncio.Event()
+        self.revision = 0
+        self.known: dict[str, int] = {}
+        self._backoff = Backoff(backoff, rng=rng, sleep=sleep)
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[WatchEvent]:
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    for event in await self._resync():
+                        yield event
+                    self.synced.set()
+                    need_list = False
+                async with aclosing(self.store.watch(self.prefix, self.revision + 1)) as watch:
+                    async for event in watch:
+                        self._apply(event)
+                        self._backoff.reset()
+                        yield event
+                return  # the store was closed
+            except Compacted as exc:
+                log.info("watch of %r compacted (%s); listing again", self.prefix, exc)
+                need_list = True
+            except StoreError as exc:
+                # Nothing was lost: the next watch resumes from self.revision + 1.
+                log.warning("watch of %r failed: %s; retrying", self.prefix, exc)
+            if not await self._backoff.failed():
+                raise StoreError(f"gave up following {self.prefix!r}")  # bounded policy only
+
+    async def _resync(self) -> list[WatchEvent]:
+        """List the prefix and turn it into the events that bring ``known`` up to date."""
+        listing = await self.store.list(self.prefix)
+        events: list[WatchEvent] = []
+        current = {kv.key: kv for kv in listing.items}
+        for key in sorted(self.known.keys() - current.keys()):
+            events.append(WatchEvent(EventType.DELETE, key, b"", listing.revision))
+        for kv in listing.items:
+            if self.known.get(kv.key) != kv.mod_revision:
+                events.append(WatchEvent(EventType.PUT, kv.key, kv.value, kv.mod_revision))
+        self.known = {kv.key: kv.mod_revision for kv in listing.items}
+        self.revision = listing.revision
+        return events
+
+    def _apply(self, event: WatchEvent) -> None:
+        if event.type is EventType.DELETE:
+            self.known.pop(event.key, None)
+        else:
+            self.known[event.key] = event.revision
+        self.revision = event.revision
+
+
+def watch_prefix(
+    store: Store, prefix: str, *, backoff: BackoffPolicy = RESYNC_BACKOFF
+) -> AsyncIterator[WatchEvent]:
+    """Snapshot (as PUTs), then every change, of ``prefix``; survives compaction and
+    outages (see :class:`PrefixSync`, which also exposes ``synced``)."""
+    return aiter(PrefixSync(store, prefix, backoff=backoff))
+
+
+class LeaseKeeper:
+    """Keeps a lease alive; re-grants it and calls ``on_lost`` when it was lost.
+
+    Use as ``async with LeaseKeeper(store, ttl, on_lost=...) as keeper:`` and attach
+    keys to ``keeper.lease``; leaving the block stops the task and revokes the lease
+    (so the keys go at once instead of after the TTL).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        ttl_seconds: int,
+        *,
+        on_lost: Callable[[LeaseID], Awaitable[None]] | None = None,
+        backoff: BackoffPolicy = KEEPALIVE_BACKOFF,
+        rng: UniformSource | None = None,
+        sleep: SleepFn | None = None,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl_seconds
+        self.on_lost = on_lost
+        self.lease: LeaseID | None = None
+        self.losses = 0
+        self._backoff = Backoff(
+            BackoffPolicy(backoff.base, min(backoff.cap, ttl_seconds / 3), backoff.max_attempts),
+            rng=rng, sleep=sleep)
+        self._sleep: SleepFn = sleep or asyncio.sleep
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> LeaseID:
+        self.lease = await self.store.grant_lease(self.ttl)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"villi-lease-keeper {self.lease}")
+        return self.lease
+
+    async def _run(self) -> None:
+        while True:
+            await self._sleep(self.ttl / 3)
+            while True:
+                try:
+                    await self._refresh()
+                    self._backoff.reset()
+                    break
+                except StoreError as exc:
+                    log.warning("keeping lease %s alive failed: %s", self.lease, exc)
+                    if not await self._backoff.failed():
+                        raise
+
+    async def _refresh(self) -> None:
+        assert self.lease is not None
+        if await self.store.keep_alive(self.lease):
+            return
+        lost = self.lease
+        self.lease = await self.store.grant_lease(self.ttl)
+        self.losses += 1
+        log.warning("lease %s was lost; re-granted as %s", lost, self.lease)
+        if self.on_lost is not None:
+            await self.on_lost(self.lease)
+
+    async def stop(self, *, revoke: bool = True) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # (not "await task": our own cancel must propagate)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("lease keeper of %s had failed: %s", self.lease, task.exception())
+        if revoke and self.lease is not None:
+            with contextlib.suppress(StoreError):
+                await self.store.revoke_lease(self.lease)
+
+    async def __aenter__(self) -> LeaseKeeper:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

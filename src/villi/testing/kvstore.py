@@ -1,0 +1,124 @@
+"""Test seams for code that uses the kvstore.
+
+``memory_store()`` is the in-memory store other packages' unit tests should use instead
+of writing their own fake: it is the real embedded backend, so tests exercise the same
+revision, watch and lease semantics as production. ``take`` and ``eventually`` read
+watches and wait for conditions with a deadline instead of fixed sleeps.
+``FlakyStore`` wraps a store and breaks its watches on demand, to test resync paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TypeVar
+
+from villi.errors import StoreUnavailable
+from villi.kvstore.embedded import EmbeddedStore
+from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, WatchEvent
+
+T = TypeVar("T")
+
+
+def memory_store(**options: object) -> EmbeddedStore:
+    """A fresh in-memory store (``async with memory_store() as store: ...``)."""
+    return EmbeddedStore(None, **options)  # type: ignore[arg-type]
+
+
+async def take(events: AsyncIterator[T], count: int, timeout: float = 10.0) -> list[T]:
+    """The next ``count`` items of ``events``; TimeoutError if they do not all come."""
+    out: list[T] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < count:
+            out.append(await anext(events))
+    return out
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, what: str = ""
+) -> None:
+    """Wait until ``check()`` is true, polling with a growing interval."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s: {what or check}")
+        await asyncio.sleep(delay)
+        delay = min(0.1, delay * 2)
+
+
+class FlakyStore(Store):
+    """Delegates to ``inner``; while ``broken`` is True, open watches raise
+    :class:`StoreUnavailable` at their next event (that event is lost to the reader,
+    as when a connection dies) and new watches fail at once."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.broken = False
+        self.watch_failures = 0
+
+    def _fail(self) -> StoreUnavailable:
+        self.watch_failures += 1
+        return StoreUnavailable("injected watch failure")
+
+    async def watch(
+        self, prefix: str, start_revision: int | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        if self.broken:
+            raise self._fail()
+        async with aclosing(self.inner.watch(prefix, start_revision)) as events:
+            async for event in events:
+                if self.broken:
+                    raise self._fail()
+                yield event
+
+    async def get(self, key: str) -> KeyValue | None:
+        return await self.inner.get(key)
+
+    async def put(self, key: str, value: bytes, lease: LeaseID | None = None) -> int:
+        return await self.inner.put(key, value, lease)
+
+    async def delete(self, key: str) -> bool:
+        return await self.inner.delete(key)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        return await self.inner.delete_prefix(prefix)
+
+    async def list(self, prefix: str) -> ListResult:
+        return await self.inner.list(prefix)
+
+    async def create(self, key: str, value: bytes, lease: LeaseID | None = None) -> bool:
+        return await self.inner.create(key, value, lease)
+
+    async def compare_and_swap(
+        self, key: str, expected_mod_revision: int, value: bytes, lease: LeaseID | None = None
+    ) -> bool:
+        return await self.inner.compare_and_swap(key, expected_mod_revision, value, lease)
+
+    async def compare_and_delete(self, key: str, expected_mod_revision: int) -> bool:
+        return await self.inner.compare_and_delete(key, expected_mod_revision)
+
+    async def grant_lease(self, ttl_seconds: int) -> LeaseID:
+        return await self.inner.grant_lease(ttl_seconds)
+
+    async def keep_alive(self, lease: LeaseID) -> bool:
+        return await self.inner.keep_alive(lease)
+
+    async def revoke_lease(self, lease: LeaseID) -> None:
+        await self.inner.revoke_lease(lease)
+
+    async def revision(self) -> int:
+        return await self.inner.revision()
+
+    async def compact(self, revision: int) -> None:
+        await self.inner.compact(revision)
+
+    async def close(self) -> None:
+        """The inner store belongs to the caller: not closed here."""
