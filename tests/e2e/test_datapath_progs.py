@@ -9,12 +9,13 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from villi.datapath import abi
+from villi.policy.mapstate import MapKey as Key
+from villi.policy.mapstate import MapValue as Val
 from villi.datapath.compiler import NodeConfig, compile_program
 from villi.datapath.loader import BpfObject
 from villi.datapath.node import NodeDatapath
@@ -32,19 +33,6 @@ EP_A, EP_C = 11, 13
 ING, EGR = 0, 1
 
 
-@dataclass(frozen=True)
-class Key:
-    identity: int
-    direction: int
-    protocol: int = 0
-    port: int = 0
-    prefix_bits: int = 0
-
-
-@dataclass(frozen=True)
-class Val:
-    deny: bool = False
-    cookie: int = 0
 
 
 @pytest.fixture

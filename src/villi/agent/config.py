@@ -1,0 +1,103 @@
+"""Agent settings: flags, an optional YAML file, defaults — in that order of precedence."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from villi.errors import VilliError
+
+DEFAULT_SOCKET = Path("/var/run/villi/villi.sock")
+DEFAULT_STATE_ROOT = Path("/var/lib/villi")
+AGGREGATION_LEVELS = {"none": 0, "low": 1, "medium": 2, "maximum": 3}
+
+
+@dataclass
+class AgentConfig:
+    """Everything an agent needs to know about its node and its cluster."""
+
+    node: str
+    cluster: str = "default"
+    kvstore: str = "embedded:///var/lib/villi/kvstore.db"
+    api_socket: Path = DEFAULT_SOCKET
+    state_dir: Path | None = None
+    node_ip: str | None = None
+    pod_cidr: str | None = None
+    cluster_cidr: str = "10.64.0.0/10"
+    ipam_node_update_rate: float = 15.0
+    lease_ttl: int = 15
+    monitor_aggregation: str = "medium"
+    host_routing: bool = True
+    allow_root_netns: bool = False
+    metrics_port: int = 9962
+    hubble_metrics_port: int = 9965
+    flows_capacity: int = 4095
+    flow_export: Path | None = None
+    cidr_wait_timeout: float = 60.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or DEFAULT_STATE_ROOT / self.cluster / self.node
+
+    @property
+    def aggregation_level(self) -> int:
+        try:
+            return AGGREGATION_LEVELS[self.monitor_aggregation]
+        except KeyError:
+            raise VilliError(f"--monitor-aggregation must be one of "
+                             f"{', '.join(AGGREGATION_LEVELS)}, not {self.monitor_aggregation!r}"
+                             ) from None
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--node", required=True, help="this node's name")
+    ap.add_argument("--config", type=Path, help="YAML file with settings (flags win)")
+    ap.add_argument("--cluster", help="cluster name (default: default)")
+    ap.add_argument("--kvstore", help="store URL: embedded:///path.db, memory://, "
+                    "http://host:2379[,http://...] for etcd")
+    ap.add_argument("--kvstore-endpoints", dest="kvstore", help="alias of --kvstore")
+    ap.add_argument("--api-socket", type=Path, help=f"unix socket (default {DEFAULT_SOCKET})")
+    ap.add_argument("--state-dir", type=Path, help="where endpoint and IPAM state persist")
+    ap.add_argument("--node-ip", help="this node's IP on the underlay (default: first global)")
+    ap.add_argument("--pod-cidr", help="static pod CIDR instead of waiting for the operator")
+    ap.add_argument("--cluster-cidr", help="the cluster's pod range (default 10.64.0.0/10)")
+    ap.add_argument("--ipam-node-update-rate", type=float,
+                    help="min seconds between IPAM usage reports to the node entry (15)")
+    ap.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (15)")
+    ap.add_argument("--monitor-aggregation", choices=sorted(AGGREGATION_LEVELS))
+    ap.add_argument("--no-host-routing", dest="host_routing", action="store_false",
+                    default=None, help="deliver same-node traffic through the node's stack")
+    ap.add_argument("--allow-root-netns", action="store_true", default=None,
+                    help="allow running in the machine's root network namespace")
+    ap.add_argument("--metrics-port", type=int, help="agent Prometheus port (9962, 0 = off)")
+    ap.add_argument("--hubble-metrics-port", type=int, help="flow metrics port (9965, 0 = off)")
+    ap.add_argument("--flows-capacity", type=int, help="flows kept in memory (4095)")
+    ap.add_argument("--flow-export", type=Path, help="write flows as JSON lines to this file")
+
+
+def from_args(args: argparse.Namespace) -> AgentConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise VilliError(f"cannot read agent config {args.config}: {e}") from e
+        known = {f.name for f in fields(AgentConfig)}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise VilliError(f"{args.config}: unknown setting {key!r}")
+            values[name] = value
+    for f in fields(AgentConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    for p in ("api_socket", "state_dir", "flow_export"):
+        if isinstance(values.get(p), str):
+            values[p] = Path(values[p])
+    return AgentConfig(**values)

@@ -1,0 +1,81 @@
+"""Routes of a node namespace: pod CIDRs of other nodes, and the cluster-wide catch-all.
+
+Every namespace that routes toward pod addresses also holds an ``unreachable`` route
+for the whole cluster CIDR (the project's network safety rule): a packet for an
+address no pod has dies on the node instead of following a default route out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from villi.errors import NetnsError
+
+RTN_UNREACHABLE = 7
+#: The machine's resolver lives here: no route of villi's may cover it.
+FORBIDDEN_NET = ipaddress.IPv4Network("10.255.0.0/16")
+
+
+def check_safe_cidr(cidr: str) -> ipaddress.IPv4Network:
+    """Parse ``cidr`` and refuse one that covers the machine's resolver network."""
+    try:
+        net = ipaddress.IPv4Network(cidr)
+    except ValueError as e:
+        raise NetnsError(f"{cidr!r} is not an IPv4 CIDR: {e}") from e
+    if net.overlaps(FORBIDDEN_NET):
+        raise NetnsError(f"{cidr} overlaps {FORBIDDEN_NET}, where this machine's resolver "
+                         "lives; choose another range")
+    if net.prefixlen < 8:
+        raise NetnsError(f"{cidr} is too broad for a cluster range (prefix shorter than /8)")
+    return net
+
+
+def ensure_unreachable(cidr: str, netns: str | None = None) -> None:
+    """Install ``unreachable <cidr>`` (idempotent)."""
+    net = check_safe_cidr(cidr)
+    try:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            ipr.route("replace", dst=str(net), type=RTN_UNREACHABLE)
+    except NetlinkError as e:
+        raise NetnsError(f"cannot add unreachable route {net}: {e}") from e
+
+
+def replace_route(cidr: str, via: str, netns: str | None = None) -> None:
+    """Route ``cidr`` via the node IP ``via`` (idempotent)."""
+    net = check_safe_cidr(cidr)
+    try:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            ipr.route("replace", dst=str(net), gateway=via)
+    except NetlinkError as e:
+        raise NetnsError(f"cannot route {net} via {via}: {e}") from e
+
+
+def delete_route(cidr: str, netns: str | None = None) -> bool:
+    try:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            ipr.route("del", dst=cidr)
+            return True
+    except NetlinkError:
+        return False
+
+
+def routes(netns: str | None = None) -> list[tuple[str, str | None, int]]:
+    """(dst, gateway, type) of the main table's IPv4 routes (for tests and status)."""
+    out = []
+    with IPRoute(netns=netns, flags=0) as ipr:
+        for r in ipr.get_routes(family=2, table=254):
+            dst = r.get("RTA_DST") or "0.0.0.0"
+            out.append((f"{dst}/{r['dst_len']}", r.get("RTA_GATEWAY"), r["type"]))
+    return out
+
+
+def first_ipv4(netns: str | None = None) -> str | None:
+    """The first global IPv4 address of the namespace (the node IP when not given)."""
+    with IPRoute(netns=netns, flags=0) as ipr:
+        for a in ipr.get_addr(family=2):
+            if a["scope"] == 0:
+                return a.get("IFA_ADDRESS")
+    return None
