@@ -1,0 +1,261 @@
+"""Reading resource YAML: multi-document files in, validated models out, or one error.
+
+Validation is all-or-nothing: if any document of any file given in one call is bad,
+the call raises and returns nothing, so ``villi apply -f`` never applies half a file.
+The error names the file, the document (1-based), the field path
+(``spec.ingress[0].toPorts[0].ports[0].port``), the line and the reason, because a
+policy author's next step is to open the file at that line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from villi.errors import PolicyError, ResourceError
+from villi.policy._modelbase import FieldError, StrictModel
+from villi.policy.models import KINDS, Resource, resource_key
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_POLICY_KINDS = {"CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"}
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+Loc = tuple[str | int, ...]
+
+
+def load_files(paths: Iterable[str | Path]) -> list[Resource]:
+    """Every resource of every file, in order; raises on the first bad document."""
+    resources: list[Resource] = []
+    seen: dict[tuple[str, str | None, str], str] = {}
+    for path in paths:
+        name = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResourceError(f"cannot read file: {exc}", file=name) from exc
+        for doc, resource in _load(text, name):
+            key = resource_key(resource)
+            where = f"{name} document {doc}"
+            if key in seen:
+                kind, ns, res_name = key
+                cls = PolicyError if kind in _POLICY_KINDS else ResourceError
+                full = f"{ns}/{res_name}" if ns else res_name
+                raise cls(f"{kind} {full} is defined twice (also in {seen[key]})",
+                          file=name, document=doc, field="metadata.name")
+            seen[key] = where
+            resources.append(resource)
+    return resources
+
+
+def load_file(path: str | Path) -> list[Resource]:
+    return load_files([path])
+
+
+def load_text(text: str, filename: str = "<string>") -> list[Resource]:
+    """Like :func:`load_files` for YAML already in memory (tests, the API)."""
+    resources: list[Resource] = []
+    seen: set[tuple[str, str | None, str]] = set()
+    for doc, resource in _load(text, filename):
+        key = resource_key(resource)
+        if key in seen:
+            cls = PolicyError if key[0] in _POLICY_KINDS else ResourceError
+            raise cls(f"{key[0]} {key[2]} is defined twice", file=filename, document=doc,
+                      field="metadata.name")
+        seen.add(key)
+        resources.append(resource)
+    return resources
+
+
+def _load(text: str, filename: str) -> list[tuple[int, Resource]]:
+    loaded: list[tuple[int, Resource]] = []
+    for doc, node, data in _documents(text, filename):
+        if data is None:
+            continue
+        loaded.append((doc, _validate(data, node, filename, doc)))
+    return loaded
+
+
+def _documents(text: str, filename: str) -> Iterator[tuple[int, yaml.Node, Any]]:
+    loader = _Loader(text)
+    doc = 0
+    try:
+        while True:
+            doc += 1
+            if not loader.check_node():
+                break
+            node = loader.get_node()
+            if node is None:
+                continue
+            _check_duplicate_keys(node, (), filename, doc)
+            yield doc, node, loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        reason = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        raise ResourceError(f"invalid YAML: {reason}", file=filename, document=doc,
+                            line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as exc:
+        raise ResourceError(f"invalid YAML: {exc}", file=filename, document=doc) from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, loc: Loc, filename: str, doc: int) -> None:
+    """PyYAML keeps the last of two equal keys; in a policy that hides a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise ResourceError(f"duplicate key {key!r}", file=filename, document=doc,
+                                    field=format_loc(loc + (key,)),
+                                    line=key_node.start_mark.line + 1)
+            seen.add(key)
+            _check_duplicate_keys(value_node, loc + ((key,) if key is not None else ()),
+                                  filename, doc)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, loc + (i,), filename, doc)
+
+
+def _validate(data: Any, node: yaml.Node, filename: str, doc: int) -> Resource:
+    def fail(reason: str, loc: Loc, cls: type[ResourceError] = ResourceError) -> ResourceError:
+        return cls(reason, file=filename, document=doc, field=format_loc(loc) or None,
+                   line=_line_of(node, loc))
+
+    if not isinstance(data, dict):
+        raise fail(f"a resource must be a mapping, got {_describe(data)}", ())
+    api_version, kind = data.get("apiVersion"), data.get("kind")
+    if api_version is None:
+        raise fail("required field is missing", ("apiVersion",))
+    if kind is None:
+        raise fail("required field is missing", ("kind",))
+    model = KINDS.get((api_version, kind)) if isinstance(api_version, str) and isinstance(
+        kind, str) else None
+    if model is None:
+        known = ", ".join(f"{k} ({v})" for v, k in KINDS)
+        raise fail(f"unknown kind {kind!r} for apiVersion {api_version!r} (supported: "
+                   f"{known})", ("kind",))
+    cls = PolicyError if kind in _POLICY_KINDS else ResourceError
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc, reason = _explain(errors[0])
+        if len(errors) > 1:
+            reason += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+        raise fail(reason, loc, cls) from None
+
+
+def _explain(error: Any) -> tuple[Loc, str]:
+    """Turn one pydantic error into (field path, human reason)."""
+    loc: Loc = tuple(error["loc"])
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    given = _describe(error.get("input"))
+    if kind == "value_error":
+        cause = ctx.get("error")
+        if isinstance(cause, FieldError):
+            return loc + cause.path, str(cause)
+        return loc, str(cause) if cause is not None else error["msg"]
+    if kind == "missing":
+        return loc, "required field is missing"
+    if kind == "extra_forbidden":
+        name = str(loc[-1]) if loc else "?"
+        hint = difflib.get_close_matches(name, _known_fields(), n=1)
+        return loc, f"unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    simple = {
+        "string_type": "expected a string", "int_type": "expected an integer",
+        "bool_type": "expected true or false", "list_type": "expected a list",
+        "dict_type": "expected a mapping", "model_type": "expected a mapping",
+        "model_attributes_type": "expected a mapping", "int_from_float": "expected an integer",
+    }
+    if kind in simple:
+        return loc, f"{simple[kind]}, got {given}"
+    if kind == "literal_error":
+        return loc, f"expected {ctx.get('expected', '?')}, got {given}"
+    if kind == "too_short":
+        return loc, f"must have at least {ctx.get('min_length')} item(s)"
+    if kind == "too_long":
+        return loc, f"must have at most {ctx.get('max_length')} items"
+    return loc, str(error["msg"])
+
+
+_KNOWN: list[str] = []
+
+
+def _known_fields() -> list[str]:
+    """Every YAML field name the models accept (for "did you mean")."""
+    if not _KNOWN:
+        names: set[str] = set()
+        todo: list[type[StrictModel]] = list(KINDS.values())
+        done: set[type] = set()
+        while todo:
+            model = todo.pop()
+            if model in done:
+                continue
+            done.add(model)
+            for name, field in model.model_fields.items():
+                names.add(field.alias or name)
+                for arg in _model_args(field.annotation):
+                    todo.append(arg)
+        _KNOWN.extend(sorted(names))
+    return _KNOWN
+
+
+def _model_args(annotation: Any) -> Iterator[type[StrictModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+        yield annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        yield from _model_args(arg)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def format_loc(loc: Loc) -> str:
+    """``("spec", "ingress", 0, "toPorts")`` → ``spec.ingress[0].toPorts``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def _line_of(node: yaml.Node, loc: Loc) -> int:
+    """The line of the deepest YAML node along ``loc`` (the key's line for mappings)."""
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == part:
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

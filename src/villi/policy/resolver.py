@@ -1,0 +1,530 @@
+"""The policy repository and resolver: resources + identities + endpoints → entries.
+
+Everything is incremental. A change — a policy applied or deleted, an identity or pod
+appearing, an endpoint added or relabelled — touches only the rule sections and
+subjects it affects and returns a :class:`PolicyUpdate` with, per affected endpoint, the
+entries added and removed and the kernel map diff. Nothing is rebuilt: a policy update
+on a node with a thousand endpoints costs work proportional to what the policy selects.
+
+Flow of a policy upsert: compile the resource (``rules.py``), give its CIDR prefixes
+local identities (which may widen existing selections, e.g. ``world``), register its
+selectors in the selector cache, swap the resource's old rules for the new ones on the
+subjects they select (unchanged sections keep their cookie and cancel out), release what
+the old version used, then flush: per dirty subject, the entry diff goes through the
+per-subject map state and becomes a map diff for each of its endpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from villi.identity.labels import LabelSet, cidr_labels, namespace_labels
+from villi.identity.local import LocalIdentityAllocator
+from villi.identity.reserved import ReservedIdentity, reserved_identities
+from villi.policy._subject import (
+    EMPTY,
+    Endpoint,
+    EndpointPolicy,
+    EndpointPolicyDiff,
+    PolicyUpdate,
+    Snapshot,
+    Subject,
+    SubjectKey,
+    ports_signature,
+)
+from villi.policy.cidr import ip_to_int
+from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry, Protocol
+from villi.policy.mapstate import diff_map_state
+from villi.policy.models import Namespace, Resource, resource_key
+from villi.policy.rules import (
+    LOCALHOST_COOKIE,
+    CompiledRule,
+    CookieInfo,
+    CookieTable,
+    PeerSelector,
+    RuleKey,
+    Section,
+    compile_policy,
+)
+from villi.policy.selectorcache import Changes, SelectorCache
+
+__all__ = ["Endpoint", "EndpointPolicy", "EndpointPolicyDiff", "MapWriter", "PolicyResolver",
+           "PolicyUpdate"]
+
+#: Called once per endpoint diff after every change (the kernel map writer plugs in here).
+MapWriter = Callable[[EndpointPolicyDiff], None]
+ResourceKey = tuple[str, str | None, str]
+
+_HOST_ALLOW = frozenset({PolicyEntry(IdentityID(int(ReservedIdentity.HOST)), Direction.INGRESS,
+                                     cookie=LOCALHOST_COOKIE)})
+
+
+@dataclass(slots=True)
+class _Pod:
+    identity: int
+    ips: frozenset[int]
+    ports: tuple[tuple[str, int, int], ...]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Collects several changes into one flush; ``update`` is set when the block exits."""
+
+    update: PolicyUpdate = field(default_factory=PolicyUpdate)
+
+
+class PolicyResolver:
+    """Policy repository + selector cache + per-endpoint resolution, all incremental."""
+
+    def __init__(self, *, map_writer: MapWriter | None = None, allow_localhost: bool = True,
+                 local_identities: LocalIdentityAllocator | None = None) -> None:
+        self.map_writer = map_writer
+        self.allow_localhost = allow_localhost
+        self.local = local_identities or LocalIdentityAllocator()
+        self.cookies = CookieTable()
+        self.selectors = SelectorCache()
+        self._resources: dict[ResourceKey, Resource] = {}
+        self._namespaces: dict[str, dict[str, str]] = {}
+        self._rules: dict[RuleKey, CompiledRule] = {}
+        self._resource_rules: dict[ResourceKey, list[RuleKey]] = {}
+        self._resource_prefixes: dict[ResourceKey, frozenset[str]] = {}
+        self._rules_by_ns: dict[str | None, set[RuleKey]] = {}
+        self._rule_subjects: dict[RuleKey, set[SubjectKey]] = {}
+        self._sections: dict[int, tuple[RuleKey, Section]] = {}
+        self._section_cache: dict[int, dict[object, frozenset[PolicyEntry]]] = {}
+        self._users: dict[PeerSelector, dict[int, int]] = {}  # selector → cookie → refs
+        self._egress_named: set[int] = set()
+        self._subjects: dict[SubjectKey, Subject] = {}
+        self._subjects_by_ns: dict[str | None, set[SubjectKey]] = {}
+        self._endpoints: dict[EndpointID, tuple[Endpoint, SubjectKey]] = {}
+        self._pods: dict[str, _Pod] = {}
+        self._identity_pods: dict[int, set[str]] = {}
+        self._identity_ports: dict[int, dict[str, set[tuple[int, int]]]] = {}
+        self._dirty: set[SubjectKey] = set()
+        self._moved: dict[EndpointID, Snapshot] = {}
+        self._cidr_up: dict[str, IdentityID] = {}
+        self._cidr_down: dict[str, IdentityID] = {}
+        self._batch: Batch | None = None
+        self._apply_changes(self.selectors.update_identities(reserved_identities()))
+
+    # -- queries ------------------------------------------------------------------------
+
+    def policy(self, endpoint: int) -> EndpointPolicy:
+        """The current resolved policy of a local endpoint."""
+        _ep, key = self._endpoints[EndpointID(endpoint)]
+        subject = self._subjects[key]
+        ingress, egress = subject.enforced
+        return EndpointPolicy(ingress, egress, subject.entries())
+
+    def map_state(self, endpoint: int) -> dict:
+        """The endpoint's current kernel map rows (MapKey → MapValue)."""
+        return dict(self._subjects[self._endpoints[EndpointID(endpoint)][1]].mapstate.state)
+
+    def cookie_info(self, cookie: int) -> CookieInfo | None:
+        """Which policy rule a cookie names (for flow explanations)."""
+        return self.cookies.info(cookie)
+
+    def cidr_identities(self) -> dict[str, IdentityID]:
+        """Prefixes the ipcache must map to local CIDR identities (policy-derived)."""
+        return self.local.live()
+
+    def namespace_labels(self, namespace: str) -> dict[str, str]:
+        """A namespace's labels from applied Namespace resources (+ the implicit name)."""
+        return namespace_labels(namespace, self._namespaces.get(namespace))
+
+    def resources(self) -> list[Resource]:
+        return list(self._resources.values())
+
+    def endpoints(self) -> list[Endpoint]:
+        return [ep for ep, _key in self._endpoints.values()]
+
+    # -- batching -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Group changes into one flush (e.g. applying many files at agent start)."""
+        if self._batch is not None:
+            yield self._batch
+            return
+        self._batch = batch = Batch()
+        try:
+            yield batch
+        finally:
+            self._batch = None
+            batch.update = self._flush()
+
+    def _done(self) -> PolicyUpdate:
+        return PolicyUpdate() if self._batch is not None else self._flush()
+
+    # -- resources ----------------------------------------------------------------------
+
+    def apply(self, resources: Iterable[Resource]) -> PolicyUpdate:
+        """Upsert many resources with one flush."""
+        with self.batch() as batch:
+            for resource in resources:
+                self.upsert_resource(resource)
+        return batch.update
+
+    def upsert_resource(self, resource: Resource) -> PolicyUpdate:
+        key = resource_key(resource)
+        self._resources[key] = resource
+        if isinstance(resource, Namespace):
+            # Namespace labels reach policy through pod identity labels, which the
+            # agent recomputes; here they are only recorded.
+            self._namespaces[resource.metadata.name] = dict(resource.metadata.labels or {})
+            return self._done()
+        self._replace_rules(key, compile_policy(resource, self.cookies))
+        return self._done()
+
+    def delete_resource(self, kind: str, namespace: str | None, name: str) -> PolicyUpdate:
+        key = (kind, namespace, name)
+        resource = self._resources.pop(key, None)
+        if isinstance(resource, Namespace):
+            self._namespaces.pop(name, None)
+        elif resource is not None:
+            self._replace_rules(key, [])
+        return self._done()
+
+    def _replace_rules(self, key: ResourceKey, new_rules: list[CompiledRule]) -> None:
+        old_keys = self._resource_rules.get(key, [])
+        old_rules = [self._rules[k] for k in old_keys]
+        if old_rules == new_rules:
+            return
+        old_prefixes = self._resource_prefixes.get(key, frozenset())
+        new_prefixes = frozenset().union(*(r.prefixes for r in new_rules))
+        self._acquire_prefixes(new_prefixes - old_prefixes)
+        for rule in new_rules:
+            self._register_selectors(rule)
+        for rule in old_rules:
+            self._detach_rule(rule)
+        for rule in new_rules:
+            self._attach_rule(rule)
+        for rule in old_rules:
+            self._unregister_selectors(rule)
+        self._release_prefixes(old_prefixes - new_prefixes)
+        if new_rules:
+            self._resource_rules[key] = [r.key for r in new_rules]
+            self._resource_prefixes[key] = new_prefixes
+        else:
+            self._resource_rules.pop(key, None)
+            self._resource_prefixes.pop(key, None)
+
+    def _acquire_prefixes(self, prefixes: Iterable[str]) -> None:
+        added: dict[int, LabelSet] = {}
+        for prefix in prefixes:
+            identity, fresh = self.local.acquire(prefix)
+            if fresh:
+                added[identity] = cidr_labels(prefix)
+                self._cidr_up[prefix] = identity
+                self._cidr_down.pop(prefix, None)
+        if added:
+            self._apply_changes(self.selectors.update_identities(added))
+
+    def _release_prefixes(self, prefixes: Iterable[str]) -> None:
+        removed = []
+        for prefix in prefixes:
+            identity, gone = self.local.release(prefix)
+            if gone:
+                removed.append(identity)
+                if self._cidr_up.pop(prefix, None) is None:
+                    self._cidr_down[prefix] = identity
+        if removed:
+            self._apply_changes(self.selectors.update_identities({}, removed))
+
+    def _register_selectors(self, rule: CompiledRule) -> None:
+        for section in rule.sections:
+            for peer in section.peers:
+                self.selectors.add(peer)
+                users = self._users.setdefault(peer, {})
+                users[section.cookie] = users.get(section.cookie, 0) + 1
+
+    def _unregister_selectors(self, rule: CompiledRule) -> None:
+        for section in rule.sections:
+            for peer in section.peers:
+                self.selectors.release(peer)
+                users = self._users[peer]
+                if users[section.cookie] > 1:
+                    users[section.cookie] -= 1
+                    continue
+                del users[section.cookie]
+                if not users:
+                    del self._users[peer]
+
+    def _attach_rule(self, rule: CompiledRule) -> None:
+        self._rules[rule.key] = rule
+        self._rules_by_ns.setdefault(rule.namespace, set()).add(rule.key)
+        for section in rule.sections:
+            self._sections[section.cookie] = (rule.key, section)
+            self._section_cache.pop(section.cookie, None)
+            if section.direction is Direction.EGRESS and section.named_ports:
+                self._egress_named.add(section.cookie)
+        pool = (self._subjects_by_ns.get(rule.namespace, set()) if rule.namespace is not None
+                else self._subjects.keys())
+        matched = {k for k in pool if rule.subject.matches(self._subjects[k].labels)}
+        self._rule_subjects[rule.key] = matched
+        for key in matched:
+            self._attach(self._subjects[key], rule)
+
+    def _attach(self, subject: Subject, rule: CompiledRule) -> None:
+        subject.rules.add(rule.key)
+        for direction in (0, 1):
+            if rule.enforce[direction]:
+                subject.enforcers[direction].add(rule.key)
+        for section in rule.sections:
+            subject.set_contribution(section.cookie, self._contribution(section, subject))
+        self._dirty.add(subject.key)
+
+    def _detach_rule(self, rule: CompiledRule) -> None:
+        for key in self._rule_subjects.pop(rule.key, set()):
+            subject = self._subjects[key]
+            subject.rules.discard(rule.key)
+            for direction in (0, 1):
+                subject.enforcers[direction].discard(rule.key)
+            for section in rule.sections:
+                subject.set_contribution(section.cookie, EMPTY)
+            self._dirty.add(key)
+        self._rules.pop(rule.key, None)
+        bucket = self._rules_by_ns.get(rule.namespace)
+        if bucket is not None:
+            bucket.discard(rule.key)
+        for section in rule.sections:
+            self._sections.pop(section.cookie, None)
+            self._section_cache.pop(section.cookie, None)
+            self._egress_named.discard(section.cookie)
+
+    # -- entries of one section -----------------------------------------------------------
+
+    def _contribution(self, section: Section, subject: Subject) -> frozenset[PolicyEntry]:
+        ingress_named = section.named_ports and section.direction is Direction.INGRESS
+        sig = subject.key[1] if ingress_named else None
+        cache = self._section_cache.setdefault(section.cookie, {})
+        found = cache.get(sig)
+        if found is None:
+            found = cache[sig] = self._compute(section, subject.ports)
+        return found
+
+    def _compute(self, section: Section,
+                 own_ports: Mapping[str, tuple[int, int]]) -> frozenset[PolicyEntry]:
+        if section.wildcard:
+            ids: set[int] = {0}
+        else:
+            ids = set()
+            for peer in section.peers:
+                ids |= self.selectors.selections(peer)
+        if not ids:
+            return EMPTY
+        d, deny, cookie = section.direction, section.deny, section.cookie
+        out: set[PolicyEntry] = set()
+        if section.ports is None:
+            return frozenset(PolicyEntry(IdentityID(i), d, Protocol.ANY, 0, 0, deny, cookie)
+                             for i in ids)
+        for spec in section.ports:
+            if spec.name is None:
+                out.update(PolicyEntry(IdentityID(i), d, spec.protocol, spec.port, spec.end_port,
+                                       deny, cookie) for i in ids)
+            elif d is Direction.INGRESS:
+                declared = own_ports.get(spec.name)
+                if declared and spec.protocol in (Protocol.ANY, declared[1]):
+                    out.update(PolicyEntry(IdentityID(i), d, Protocol(declared[1]), declared[0],
+                                           0, deny, cookie) for i in ids)
+            else:
+                # Egress named ports resolve against each peer's pods; the wildcard peer
+                # becomes every identity that declares the name (so world never matches).
+                peers = ids if 0 not in ids else set(self._identity_ports)
+                for i in peers:
+                    for port, proto in self._identity_ports.get(i, {}).get(spec.name, ()):
+                        if spec.protocol in (Protocol.ANY, proto):
+                            out.add(PolicyEntry(IdentityID(i), d, Protocol(proto), port, 0,
+                                                deny, cookie))
+        return frozenset(out)
+
+    def _recompute(self, cookies: Iterable[int]) -> None:
+        for cookie in cookies:
+            found = self._sections.get(cookie)
+            if found is None:
+                continue
+            rule_key, section = found
+            self._section_cache.pop(cookie, None)
+            for key in self._rule_subjects.get(rule_key, ()):
+                subject = self._subjects[key]
+                if subject.set_contribution(cookie, self._contribution(section, subject)):
+                    self._dirty.add(key)
+
+    def _apply_changes(self, changes: Changes) -> None:
+        cookies: set[int] = set()
+        for selector in changes:
+            cookies.update(self._users.get(selector, ()))
+        self._recompute(cookies)
+
+    # -- identities and pods ------------------------------------------------------------
+
+    def update_identities(self, added: Mapping[IdentityID, LabelSet],
+                          removed: Iterable[IdentityID] = ()) -> PolicyUpdate:
+        """Identity churn (wire this to ``IdentityCache.add_listener``)."""
+        removed = [i for i in removed if i not in added]
+        self._apply_changes(self.selectors.update_identities(added, removed))
+        return self._done()
+
+    def identity_listener(self, added: Mapping[IdentityID, LabelSet],
+                          removed: Mapping[IdentityID, LabelSet]) -> None:
+        """An ``IdentityCache`` listener; diffs go to ``map_writer``."""
+        self.update_identities(added, removed.keys())
+
+    def upsert_pod(self, key: str, identity: int, ips: Iterable[str] = (),
+                   named_ports: Mapping[str, tuple[int, int]] | None = None) -> PolicyUpdate:
+        """A pod anywhere in the cluster: its IPs (for ipBlock) and named ports (egress)."""
+        self._set_pod(key, _Pod(identity, frozenset(ip_to_int(ip) for ip in ips),
+                                ports_signature(named_ports or {})))
+        return self._done()
+
+    def delete_pod(self, key: str) -> PolicyUpdate:
+        self._set_pod(key, None)
+        return self._done()
+
+    def _set_pod(self, key: str, pod: _Pod | None) -> None:
+        old = self._pods.pop(key, None)
+        if pod is not None:
+            self._pods[key] = pod
+            self._identity_pods.setdefault(pod.identity, set()).add(key)
+        if old is not None and (pod is None or old.identity != pod.identity):
+            members = self._identity_pods.get(old.identity)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._identity_pods[old.identity]
+        for identity in {p.identity for p in (old, pod) if p is not None}:
+            self._refresh_identity(identity)
+
+    def _refresh_identity(self, identity: int) -> None:
+        pods = [self._pods[k] for k in self._identity_pods.get(identity, ())]
+        self._apply_changes(self.selectors.set_ips(identity, (ip for p in pods for ip in p.ips)))
+        ports: dict[str, set[tuple[int, int]]] = {}
+        for pod in pods:
+            for name, port, proto in pod.ports:
+                ports.setdefault(name, set()).add((port, proto))
+        if ports == self._identity_ports.get(identity, {}):
+            return
+        if ports:
+            self._identity_ports[identity] = ports
+        else:
+            self._identity_ports.pop(identity, None)
+        stale = []
+        for cookie in self._egress_named:
+            section = self._sections[cookie][1]
+            if section.wildcard or any(identity in self.selectors.selections(p)
+                                       for p in section.peers):
+                stale.append(cookie)
+        self._recompute(stale)
+
+    # -- endpoints ----------------------------------------------------------------------
+
+    def upsert_endpoint(self, endpoint: Endpoint) -> PolicyUpdate:
+        """Add or update a local endpoint (a label change moves it to another subject)."""
+        ports = {n: (int(p), int(pr)) for n, (p, pr) in endpoint.named_ports.items()}
+        self._set_pod(f"endpoint:{endpoint.id}", _Pod(
+            endpoint.identity, frozenset([ip_to_int(endpoint.ipv4)] if endpoint.ipv4 else []),
+            ports_signature(ports)))
+        key: SubjectKey = (endpoint.labels, ports_signature(ports))
+        old = self._endpoints.get(endpoint.id)
+        self._endpoints[endpoint.id] = (endpoint, key)
+        if old is not None and old[1] == key:
+            return self._done()
+        if endpoint.id not in self._moved:
+            self._moved[endpoint.id] = self._snapshot(old[1] if old else None)
+        if old is not None:
+            self._leave(endpoint.id, old[1])
+        subject = self._subjects.get(key) or self._new_subject(key)
+        subject.endpoints.add(endpoint.id)
+        return self._done()
+
+    def delete_endpoint(self, endpoint: int) -> PolicyUpdate:
+        eid = EndpointID(endpoint)
+        old = self._endpoints.pop(eid, None)
+        if old is None:
+            return self._done()
+        self._set_pod(f"endpoint:{eid}", None)
+        if eid not in self._moved:
+            self._moved[eid] = self._snapshot(old[1])
+        self._moved[eid].deleted = True
+        self._leave(eid, old[1])
+        return self._done()
+
+    def _snapshot(self, key: SubjectKey | None) -> Snapshot:
+        if key is None:
+            return Snapshot(EMPTY, {}, (False, False))
+        subject = self._subjects[key]
+        return Snapshot(subject.entries(), dict(subject.mapstate.state), subject.flushed)
+
+    def _leave(self, eid: EndpointID, key: SubjectKey) -> None:
+        subject = self._subjects[key]
+        subject.endpoints.discard(eid)
+        if subject.endpoints:
+            return
+        del self._subjects[key]
+        self._subjects_by_ns.get(subject.namespace, set()).discard(key)
+        for rule_key in subject.rules:
+            self._rule_subjects.get(rule_key, set()).discard(key)
+        self._dirty.discard(key)
+
+    def _new_subject(self, key: SubjectKey) -> Subject:
+        subject = Subject(key)
+        self._subjects[key] = subject
+        self._subjects_by_ns.setdefault(subject.namespace, set()).add(key)
+        candidates = set(self._rules_by_ns.get(None, set()))
+        if subject.namespace is not None:
+            candidates |= self._rules_by_ns.get(subject.namespace, set())
+        for rule_key in candidates:
+            rule = self._rules[rule_key]
+            if rule.subject.matches(subject.labels):
+                self._rule_subjects[rule_key].add(key)
+                self._attach(subject, rule)
+        self._dirty.add(key)
+        return subject
+
+    # -- flush --------------------------------------------------------------------------
+
+    def _flush(self) -> PolicyUpdate:
+        diffs: dict[EndpointID, EndpointPolicyDiff] = {}
+        for key in self._dirty:
+            subject = self._subjects.get(key)
+            if subject is None:
+                continue
+            ingress, egress = subject.enforced
+            host = _HOST_ALLOW if self.allow_localhost and ingress else EMPTY
+            subject.set_contribution(LOCALHOST_COOKIE, host)
+            plus, minus = subject.take_pending()
+            upserts, deletes = subject.mapstate.apply(plus, minus)
+            changed = subject.flushed != (ingress, egress)
+            subject.flushed = (ingress, egress)
+            if not (plus or minus or changed):
+                continue
+            for eid in subject.endpoints:
+                if eid not in self._moved:
+                    diffs[eid] = EndpointPolicyDiff(eid, plus, minus, ingress, egress, changed,
+                                                    upserts, frozenset(deletes))
+        for eid, snap in self._moved.items():
+            diffs[eid] = self._moved_diff(eid, snap)
+        update = PolicyUpdate(diffs, dict(self._cidr_up), dict(self._cidr_down))
+        self._dirty.clear()
+        self._moved.clear()
+        self._cidr_up.clear()
+        self._cidr_down.clear()
+        if self.map_writer is not None:
+            for diff in diffs.values():
+                self.map_writer(diff)
+        return update
+
+    def _moved_diff(self, eid: EndpointID, snap: Snapshot) -> EndpointPolicyDiff:
+        current = self._endpoints.get(eid)
+        if snap.deleted or current is None:
+            return EndpointPolicyDiff(eid, EMPTY, snap.entries, False, False,
+                                      snap.enforced != (False, False), {},
+                                      frozenset(snap.state), deleted=True)
+        subject = self._subjects[current[1]]
+        entries = subject.entries()
+        upserts, deletes = diff_map_state(snap.state, subject.mapstate.state)
+        return EndpointPolicyDiff(eid, entries - snap.entries, snap.entries - entries,
+                                  *subject.flushed, snap.enforced != subject.flushed,
+                                  upserts, frozenset(deletes))

@@ -1,0 +1,223 @@
+"""The selector cache: for every selector in use, the identities it selects.
+
+Rules share selectors (every rule of a namespace says ``{namespace=x}`` somewhere), so
+selections are computed once per distinct selector and kept current incrementally:
+when an identity appears, only selectors that could match it are tested (each label
+selector is indexed under one of its ``In`` values); when one goes, it is dropped from
+the selections that held it. Each update returns which selections changed so the
+resolver can touch only the rules that use them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+from villi.identity.labels import POD_NAMESPACE_LABEL, SOURCE_ANY, SOURCE_CIDR, LabelSet
+from villi.identity.reserved import ReservedIdentity
+from villi.policy.cidr import Net, net_contains_ip, net_contains_net, parse_net
+from villi.policy.rules import CIDRSelector, PeerSelector
+from villi.policy.selectors import IN, LabelIndex, Requirement, Selector
+
+#: Above this many identities in one update, re-select via the index instead.
+_BULK = 64
+
+Changes = dict[PeerSelector, tuple[set[int], set[int]]]  # selector → (added, removed)
+
+
+def _note(changes: Changes, sel: PeerSelector, identity: int, added: bool) -> None:
+    plus, minus = changes.setdefault(sel, (set(), set()))
+    if added:
+        if identity in minus:
+            minus.discard(identity)
+        else:
+            plus.add(identity)
+    elif identity in plus:
+        plus.discard(identity)
+    else:
+        minus.add(identity)
+
+
+def prune(changes: Changes) -> Changes:
+    return {sel: (a, r) for sel, (a, r) in changes.items() if a or r}
+
+
+class SelectorCache:
+    """Selections of label and CIDR selectors over the known identities."""
+
+    def __init__(self) -> None:
+        self._labels: dict[int, LabelSet] = {}
+        self._index = LabelIndex()
+        self._cidr: dict[int, Net] = {}
+        self._ips: dict[int, frozenset[int]] = {}
+        self._selections: dict[PeerSelector, set[int]] = {}
+        self._refs: dict[PeerSelector, int] = {}
+        self._guarded: dict[tuple[str, str, str], set[Selector]] = {}
+        self._unguarded: set[Selector] = set()
+        self._cidr_selectors: set[CIDRSelector] = set()
+
+    # -- queries ------------------------------------------------------------------------
+
+    def labels(self, identity: int) -> LabelSet | None:
+        return self._labels.get(identity)
+
+    def identities(self) -> dict[int, LabelSet]:
+        return dict(self._labels)
+
+    def selections(self, selector: PeerSelector) -> set[int]:
+        """The live selection (do not mutate); empty for an unknown selector."""
+        return self._selections.get(selector, set())
+
+    def __len__(self) -> int:
+        return len(self._selections)
+
+    # -- selectors ----------------------------------------------------------------------
+
+    def add(self, selector: PeerSelector) -> set[int]:
+        """Start (or share) tracking ``selector``; returns its selection."""
+        count = self._refs.get(selector, 0)
+        self._refs[selector] = count + 1
+        if count == 0:
+            self._selections[selector] = self._evaluate(selector)
+            if isinstance(selector, CIDRSelector):
+                self._cidr_selectors.add(selector)
+            else:
+                guard = _guard(selector)
+                if guard is None:
+                    self._unguarded.add(selector)
+                else:
+                    for value in guard.values:
+                        self._guarded.setdefault((guard.source, guard.key, value), set()).add(
+                            selector)
+        return self._selections[selector]
+
+    def release(self, selector: PeerSelector) -> None:
+        count = self._refs.get(selector, 0)
+        if count > 1:
+            self._refs[selector] = count - 1
+            return
+        self._refs.pop(selector, None)
+        self._selections.pop(selector, None)
+        if isinstance(selector, CIDRSelector):
+            self._cidr_selectors.discard(selector)
+            return
+        guard = _guard(selector)
+        if guard is None:
+            self._unguarded.discard(selector)
+            return
+        for value in guard.values:
+            bucket = self._guarded.get((guard.source, guard.key, value))
+            if bucket is not None:
+                bucket.discard(selector)
+                if not bucket:
+                    del self._guarded[(guard.source, guard.key, value)]
+
+    # -- identity and IP churn ----------------------------------------------------------
+
+    def update_identities(self, added: Mapping[int, LabelSet],
+                          removed: Iterable[int] = ()) -> Changes:
+        """Apply identity churn; returns the selections that changed."""
+        changes: Changes = {}
+        gone = set(removed) | {i for i, lbl in added.items()
+                               if i in self._labels and self._labels[i] != lbl}
+        for identity in gone:
+            labels = self._labels.pop(identity, None)
+            if labels is None:
+                continue
+            self._index.remove(identity, labels)
+            self._cidr.pop(identity, None)
+            for selector, members in self._selections.items():
+                if identity in members:
+                    members.discard(identity)
+                    _note(changes, selector, identity, False)
+        fresh = {i: lbl for i, lbl in added.items() if i not in self._labels}
+        for identity, labels in fresh.items():
+            self._labels[identity] = labels
+            self._index.add(identity, labels)
+            for lbl in labels:
+                if lbl.source == SOURCE_CIDR:
+                    net = ipaddress.ip_network(lbl.key)
+                    if net.version == 4:
+                        self._cidr[identity] = parse_net(lbl.key)
+        if len(fresh) > _BULK:
+            for selector, members in self._selections.items():
+                for identity in self._evaluate(selector, fresh) - members:
+                    members.add(identity)
+                    _note(changes, selector, identity, True)
+            return prune(changes)
+        for identity in fresh:
+            for selector in self._candidates(identity):
+                if self._match(selector, identity):
+                    members = self._selections[selector]
+                    if identity not in members:
+                        members.add(identity)
+                        _note(changes, selector, identity, True)
+        return prune(changes)
+
+    def set_ips(self, identity: int, ips: Iterable[int]) -> Changes:
+        """Record the pod IPs of ``identity`` (for Kubernetes ipBlock peers)."""
+        frozen = frozenset(ips)
+        if self._ips.get(identity, frozenset()) == frozen:
+            return {}
+        if frozen:
+            self._ips[identity] = frozen
+        else:
+            self._ips.pop(identity, None)
+        changes: Changes = {}
+        for selector in self._cidr_selectors:
+            if not selector.pods:
+                continue
+            members = self._selections[selector]
+            now = identity in self._labels and self._match(selector, identity)
+            if now and identity not in members:
+                members.add(identity)
+                _note(changes, selector, identity, True)
+            elif not now and identity in members:
+                members.discard(identity)
+                _note(changes, selector, identity, False)
+        return changes
+
+    # -- matching -----------------------------------------------------------------------
+
+    def _candidates(self, identity: int) -> set[PeerSelector]:
+        found: set[PeerSelector] = set(self._unguarded)
+        for lbl in self._labels[identity]:
+            for source in (lbl.source, SOURCE_ANY):
+                bucket = self._guarded.get((source, lbl.key, lbl.value))
+                if bucket:
+                    found |= bucket
+        found |= self._cidr_selectors
+        return found
+
+    def _match(self, selector: PeerSelector, identity: int) -> bool:
+        if isinstance(selector, Selector):
+            return selector.matches(self._labels[identity])
+        net = self._cidr.get(identity)
+        if net is not None:
+            return net_contains_net(selector.nets, net)
+        if identity == ReservedIdentity.WORLD:
+            return selector.everything
+        ips = self._ips.get(identity)
+        if selector.pods and ips:
+            return all(net_contains_ip(selector.nets, ip) for ip in ips)
+        return False
+
+    def _evaluate(self, selector: PeerSelector,
+                  among: Mapping[int, LabelSet] | None = None) -> set[int]:
+        if isinstance(selector, Selector):
+            hit = self._index.select(selector)
+            return hit if among is None else hit & among.keys()
+        pool: Iterable[int] = among.keys() if among is not None else self._labels.keys()
+        return {i for i in pool if self._match(selector, i)}
+
+
+def _guard(selector: Selector) -> Requirement | None:
+    """The ``In`` requirement a selector is indexed under (None: test on every add)."""
+    best: tuple[tuple[bool, int], Requirement] | None = None
+    for req in selector.requirements:
+        if req.operator != IN:
+            continue
+        rank = (req.key == POD_NAMESPACE_LABEL, len(req.values))
+        if best is None or rank < best[0]:
+            best = (rank, req)
+    return best[1] if best is not None else None
