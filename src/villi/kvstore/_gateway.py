@@ -47,12 +47,13 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        text = text.strip().rstrip("/")
+        text = text.strip()
         if text.startswith("unix://"):
             path = text[len("unix://"):]
             if not path:
                 raise ValueError(f"etcd endpoint {text!r}: unix:// needs a socket path")
             return cls(text, "http://localhost", path)
+        text = text.rstrip("/")
         if text.startswith("etcd://"):
             text = "http://" + text[len("etcd://"):]
         elif "://" not in text:

@@ -198,7 +198,7 @@ class Database:
                 (key.encode(),)).fetchone()
         return _kv(row) if row else None
 
-    def list(self, prefix: str) -> ListResult:
+    def list_prefix(self, prefix: str) -> ListResult:
         start, end = prefix_range(prefix)
         with self._read() as c:
             rows = c.execute(

@@ -16,6 +16,7 @@ are injectable so tests can check the bounds without waiting.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,9 +59,9 @@ class BackoffPolicy:
 
     def ceiling(self, attempt: int) -> float:
         """Upper bound of the sleep after failed attempt number ``attempt`` (0-based)."""
-        if attempt >= 64:  # 2**64 * base overflows nothing in Python, but is pointless
+        if attempt >= 64:  # far past any cap; also keeps ldexp away from overflow
             return self.cap
-        return min(self.cap, self.base * (2**attempt))
+        return min(self.cap, math.ldexp(self.base, attempt))  # base * 2**attempt
 
     def delay(self, attempt: int, rng: UniformSource) -> float:
         """One full-jitter sleep: uniform in ``[0, ceiling(attempt)]``."""

@@ -33,7 +33,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -164,7 +164,7 @@ class EmbeddedStore(Store):
         return await self._run(self._db.delete_prefix, prefix)
 
     async def list(self, prefix: str) -> ListResult:
-        return await self._run(self._db.list, prefix)
+        return await self._run(self._db.list_prefix, prefix)
 
     async def create(self, key: str, value: bytes, lease: LeaseID | None = None) -> bool:
         return await self._run(self._db.compare_and_swap, key, 0, bytes(value), lease)
@@ -194,9 +194,9 @@ class EmbeddedStore(Store):
 
     async def watch(
         self, prefix: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         next_rev = start_revision
-        if next_rev is None:
+        if next_rev is None or next_rev <= 0:
             next_rev = await self._run(self._db.revision) + 1
         while not self._closed:
             changed = self._changed  # taken before the read: no wake-up can be lost

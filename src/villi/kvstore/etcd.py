@@ -28,7 +28,7 @@ import base64
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
@@ -242,9 +242,9 @@ class EtcdStore(Store):
 
     async def watch(
         self, prefix: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         request: dict[str, Any] = {**_range(prefix), "progress_notify": True}
-        next_rev = start_revision
+        next_rev = start_revision if start_revision and start_revision > 0 else None
         backoff = self._gw.new_backoff(self._watch_backoff)
         while not self._closed:
             index = self._gw.current

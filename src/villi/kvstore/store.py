@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NewType
 
@@ -122,9 +122,15 @@ class Store(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def watch(self, prefix: str, start_revision: int | None = None) -> AsyncIterator[WatchEvent]:
-        """Changes under ``prefix`` from ``start_revision`` (None: from the revision
-        current when iteration begins; pass ``list().revision + 1`` to be exact).
+    def watch(
+        self, prefix: str, start_revision: int | None = None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Changes under ``prefix`` from ``start_revision`` (None or <= 0: from the
+        revision current when iteration begins; pass ``list().revision + 1`` to be exact).
+
+        The result is an async generator holding a connection or a poll registration:
+        close it (``async with contextlib.aclosing(store.watch(...)) as events:``) to
+        release that at once rather than at garbage collection.
 
         The iterator survives backend restarts: it reconnects with jittered backoff and
         resumes from the last revision it delivered, so no event is lost or duplicated.

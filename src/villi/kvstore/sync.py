@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 
 from villi.errors import StoreError
@@ -60,10 +60,10 @@ class PrefixSync:
         self.known: dict[str, int] = {}
         self._backoff = Backoff(backoff, rng=rng, sleep=sleep)
 
-    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+    def __aiter__(self) -> AsyncGenerator[WatchEvent, None]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[WatchEvent]:
+    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
         need_list = True
         while True:
             try:
@@ -111,10 +111,10 @@ class PrefixSync:
 
 def watch_prefix(
     store: Store, prefix: str, *, backoff: BackoffPolicy = RESYNC_BACKOFF
-) -> AsyncIterator[WatchEvent]:
+) -> AsyncGenerator[WatchEvent, None]:
     """Snapshot (as PUTs), then every change, of ``prefix``; survives compaction and
     outages (see :class:`PrefixSync`, which also exposes ``synced``)."""
-    return aiter(PrefixSync(store, prefix, backoff=backoff))
+    return PrefixSync(store, prefix, backoff=backoff).__aiter__()
 
 
 class LeaseKeeper:

@@ -5,13 +5,16 @@ of writing their own fake: it is the real embedded backend, so tests exercise th
 revision, watch and lease semantics as production. ``take`` and ``eventually`` read
 watches and wait for conditions with a deadline instead of fixed sleeps.
 ``FlakyStore`` wraps a store and breaks its watches on demand, to test resync paths.
+``race_create`` makes two OS processes race create-if-absent on the same keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -70,7 +73,7 @@ class FlakyStore(Store):
 
     async def watch(
         self, prefix: str, start_revision: int | None = None
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         if self.broken:
             raise self._fail()
         async with aclosing(self.inner.watch(prefix, start_revision)) as events:
@@ -122,3 +125,61 @@ class FlakyStore(Store):
 
     async def close(self) -> None:
         """The inner store belongs to the caller: not closed here."""
+
+
+_RACER = """
+import asyncio, json, sys
+from villi.kvstore import open_store
+
+async def main(url, me, count):
+    async with open_store(url) as store:
+        await store.revision()  # connected (and file opened) before the start
+        print("ready", flush=True)
+        sys.stdin.readline()  # the starting gun: every racer starts from here
+        won = [k for k in range(count) if await store.create(f"race/{k}", me.encode())]
+        print(json.dumps(won), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def race_create(url: str, keys: int = 40, racers: int = 2) -> dict[str, list[int]]:
+    """``racers`` OS processes open ``url`` and, released at the same moment, each try
+    ``create("race/<k>")`` for k < ``keys``; returns which keys each racer won.
+    The processes are killed if anything goes wrong."""
+    names = [f"p{i}" for i in range(1, racers + 1)]
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for name in names:
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RACER, url, name, str(keys),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            if line != b"ready\n":
+                raise RuntimeError(f"racer did not start: {line!r}")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        outs = [await asyncio.wait_for(proc.communicate(), 30) for proc in procs]
+        if any(proc.returncode for proc in procs):
+            raise RuntimeError(f"a racer failed: {[p.returncode for p in procs]}")
+        return {name: json.loads(out[0]) for name, out in zip(names, outs, strict=True)}
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def check_one_winner_per_key(
+    store: Store, wins: dict[str, list[int]], keys: int = 40
+) -> None:
+    """Every key was won by exactly one racer, and holds that racer's value."""
+    assert sorted(k for won in wins.values() for k in won) == list(range(keys)), wins
+    for name, won in wins.items():
+        for k in won:
+            kv = await store.get(f"race/{k}")
+            assert kv is not None and kv.value == name.encode(), (k, kv)
