@@ -1,0 +1,263 @@
+"""A minimal, time-bounded HTTP/1.1 client for the agent's unix-socket API.
+
+The plugin is exec'd once per pod, so this module avoids ``http.client``: importing it
+pulls in ``email.parser`` and ``ssl`` and costs ~15 ms, more than the rest of the plugin
+together (see docs/cni.md). Each request opens one connection, sends
+``Connection: close``, and reads the response until its ``Content-Length`` (or chunked
+body, or EOF) is complete. Every blocking step uses what is left of one deadline, so a
+request never takes longer than the timeout it was given.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import time
+
+from villi.errors import AgentUnavailable, VilliError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:")
+_RETRYABLE_CONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
+
+
+def quote(text: str) -> str:
+    """Percent-encode ``text`` for a URL path segment or query value."""
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in text.encode())
+
+
+class AgentError(VilliError):
+    """The agent answered with an HTTP error; ``code`` is the CNI code it gave (or 0)."""
+
+    def __init__(self, status: int, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket"
+    if exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc)
+
+
+def _dechunk(data: bytes) -> bytes | None:
+    """Decode a chunked body; None when it is incomplete."""
+    out = bytearray()
+    pos = 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(data[pos:eol].split(b";")[0].strip() or b"0", 16)
+        start = eol + 2
+        if size == 0:
+            return bytes(out)
+        if len(data) < start + size + 2:
+            return None
+        out += data[start : start + size]
+        pos = start + size + 2
+
+
+class UnixHTTP:
+    """Requests to one unix socket, each bounded by ``timeout`` seconds in total."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def _unreachable(self, reason: str) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"villi agent is not reachable at {self.path}: {reason} (is `villi agent` running?)"
+        )
+
+    def _timed_out(self) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"villi agent at {self.path} did not answer within {self.timeout:g} s "
+            "(agentTimeout); it may be overloaded or stuck"
+        )
+
+    def _connect(self, deadline: float, retry: bool) -> socket.socket:
+        delay = 0.05
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.connect(self.path)
+                return sock
+            except TimeoutError:
+                sock.close()
+                raise self._timed_out() from None
+            except OSError as e:
+                sock.close()
+                left = deadline - time.monotonic()
+                if not retry or e.errno not in _RETRYABLE_CONNECT or left <= 0:
+                    raise self._unreachable(_reason(e)) from e
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.5)
+
+    def request(
+        self, method: str, target: str, body: object = None, *, retry_connect: bool = False
+    ) -> Response:
+        """Send one request; ``retry_connect`` retries a refused connect until the deadline."""
+        deadline = time.monotonic() + self.timeout
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = (
+            f"{method} {target} HTTP/1.1\r\nHost: villi-agent\r\nUser-Agent: villi-cni\r\n"
+            f"Accept: application/json\r\nConnection: close\r\n"
+        )
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        sock = self._connect(deadline, retry_connect)
+        try:
+            sock.sendall(head.encode("latin-1") + b"\r\n" + payload)
+            return self._read(sock, deadline)
+        except TimeoutError:
+            raise self._timed_out() from None
+        except OSError as e:
+            raise self._unreachable(f"connection lost: {_reason(e)}") from e
+        finally:
+            sock.close()
+
+    def _read(self, sock: socket.socket, deadline: float) -> Response:
+        data = b""
+        header_end = -1
+        status = 0
+        headers: dict[str, str] = {}
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            data += chunk
+            if header_end < 0:
+                header_end = data.find(b"\r\n\r\n")
+                if header_end >= 0:
+                    status, headers = self._parse_head(data[:header_end])
+            if header_end >= 0:
+                body = data[header_end + 4 :]
+                if headers.get("transfer-encoding", "").lower() == "chunked":
+                    decoded = _dechunk(body)
+                    if decoded is not None:
+                        return Response(status, headers, decoded)
+                elif "content-length" in headers:
+                    length = int(headers["content-length"])
+                    if len(body) >= length:
+                        return Response(status, headers, body[:length])
+                elif not chunk:
+                    return Response(status, headers, body)
+            if not chunk:
+                raise self._unreachable("connection closed before a complete response")
+
+    def _parse_head(self, head: bytes) -> tuple[int, dict[str, str]]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise AgentError(0, f"not an HTTP response from {self.path}: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
+
+
+def _error_of(resp: Response) -> AgentError:
+    """The agent's ``{"error", "code"}`` body as an :class:`AgentError`."""
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        code = doc.get("code")
+        return AgentError(resp.status, doc["error"], code if isinstance(code, int) else 0)
+    text = resp.body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
+    return AgentError(resp.status, f"HTTP {resp.status}: {text}")
+
+
+def _json_of(resp: Response, what: str) -> Any:
+    try:
+        return resp.json()
+    except ValueError as e:
+        raise AgentError(resp.status, f"the agent's {what} is not JSON: {e}") from None
+
+
+class AgentClient:
+    """The few agent calls the plugin makes (paths from src/villi/agent/openapi.yaml)."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        self.http = UnixHTTP(socket_path, timeout)
+
+    @staticmethod
+    def _ref(container_id: str, ifname: str) -> str:
+        return f"/v1/endpoint/container-id:{quote(container_id)}?ifname={quote(ifname)}"
+
+    def create_endpoint(self, request: dict[str, object]) -> dict[str, Any]:
+        resp = self.http.request("POST", "/v1/endpoint", request)
+        if resp.status not in (200, 201):
+            raise _error_of(resp)
+        ep = _json_of(resp, "endpoint")
+        if not isinstance(ep, dict):
+            raise AgentError(resp.status, "the agent's endpoint is not a JSON object")
+        return ep
+
+    def get_endpoint(self, container_id: str, ifname: str) -> dict[str, Any] | None:
+        resp = self.http.request("GET", self._ref(container_id, ifname))
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise _error_of(resp)
+        ep = _json_of(resp, "endpoint")
+        if not isinstance(ep, dict):
+            raise AgentError(resp.status, "the agent's endpoint is not a JSON object")
+        return ep
+
+    def delete_endpoint(self, container_id: str, ifname: str, *, retry: bool = False) -> bool:
+        """Delete; False when the agent did not know the endpoint (404)."""
+        resp = self.http.request("DELETE", self._ref(container_id, ifname), retry_connect=retry)
+        if resp.status == 404:
+            return False
+        if resp.status not in (200, 202, 204):
+            raise _error_of(resp)
+        return True
+
+    def list_endpoints(self) -> list[dict[str, Any]]:
+        resp = self.http.request("GET", "/v1/endpoint", retry_connect=True)
+        if resp.status != 200:
+            raise _error_of(resp)
+        eps = _json_of(resp, "endpoint list")
+        if not isinstance(eps, list) or not all(isinstance(e, dict) for e in eps):
+            raise AgentError(resp.status, "the agent's endpoint list is not a list of objects")
+        return eps
+
+    def healthz(self) -> dict[str, Any]:
+        """The agent's Health, also when it comes with an error status (e.g. 503)."""
+        resp = self.http.request("GET", "/v1/healthz")
+        try:
+            health = resp.json()
+        except ValueError:
+            health = None
+        if isinstance(health, dict) and isinstance(health.get("status"), str):
+            return health
+        if resp.status != 200:
+            raise _error_of(resp)
+        raise AgentError(resp.status, "the agent's health is not a JSON object with a status")
