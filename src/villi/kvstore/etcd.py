@@ -24,11 +24,13 @@ etcd comes back; cancel the task to stop it). Compaction raises :class:`Compacte
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import random
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -58,6 +60,17 @@ log = logging.getLogger(__name__)
 
 _LIST_PAGE = 500  # keys per range request while listing (bounded answers)
 _ALL_KEYS_END = b"\0"  # etcd: range_end "\0" means "every key >= key"
+# A watch stream that lived this long counts as a success for the reconnect backoff
+# (resetting on "created" alone would spin if etcd accepted and dropped at once).
+_HEALTHY_STREAM = 10.0
+
+
+class _StreamBroken(Exception):
+    """Internal: a watch stream ended; ``reason`` says why, for logs and errors."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _b64(data: bytes) -> str:
@@ -243,36 +256,19 @@ class EtcdStore(Store):
     async def watch(
         self, prefix: str, start_revision: int | None = None
     ) -> AsyncGenerator[WatchEvent, None]:
+        loop = asyncio.get_running_loop()
         request: dict[str, Any] = {**_range(prefix), "progress_notify": True}
         next_rev = start_revision if start_revision and start_revision > 0 else None
         backoff = self._gw.new_backoff(self._watch_backoff)
         while not self._closed:
             index = self._gw.current
-            ep = self._gw.endpoints[index]
             if next_rev is not None:
                 request["start_revision"] = str(next_rev)
-            reason = "stream ended"
+            opened = loop.time()
             try:
-                async with self._gw.client(index).stream(
-                    "POST", ep.base + "/v3/watch", json={"create_request": request},
-                    timeout=self._watch_timeout,
-                ) as resp:
-                    async for line in resp.aiter_lines():
-                        if not line.strip():
-                            continue
-                        message = json.loads(line)
-                        err = error_of(message)
-                        if err is not None:
-                            reason = err[0]
-                            break
-                        result = message.get("result", {})
-                        if int(result.get("compact_revision", 0)):
-                            raise Compacted(int(result["compact_revision"]))
-                        if result.get("canceled"):
-                            reason = result.get("cancel_reason") or "watch canceled by etcd"
-                            break
+                async with aclosing(self._stream(index, request)) as results:
+                    async for result in results:
                         if result.get("created"):
-                            backoff.reset()
                             if next_rev is None:  # "from now": pin now, for resuming
                                 next_rev = _revision(result) + 1
                             continue
@@ -283,12 +279,13 @@ class EtcdStore(Store):
                             yield event
                         if events:
                             next_rev = events[-1].revision + 1
-            except httpx.TransportError as exc:
-                reason = describe(exc)
-            except ValueError as exc:  # a line that is not JSON: treat as a broken stream
-                reason = f"bad answer: {exc}"
+                            backoff.reset()
+            except _StreamBroken as broken:
+                reason = broken.reason
             if self._closed:
                 return
+            if loop.time() - opened >= _HEALTHY_STREAM:
+                backoff.reset()  # a long-lived stream was a success, not another failure
             self._gw.failover(index)
             if not await backoff.failed():
                 raise StoreUnavailable(
@@ -296,6 +293,36 @@ class EtcdStore(Store):
                     f"{backoff.failures} attempts: {reason}")
             log.info("%s: watch of %r broke (%s); resuming at revision %s",
                      self._gw.where, prefix, reason, next_rev)
+
+    async def _stream(
+        self, index: int, request: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The results of one watch stream on endpoint ``index``. It always ends by
+        raising: :class:`Compacted`, or :class:`_StreamBroken` with the reason."""
+        ep = self._gw.endpoints[index]
+        try:
+            async with self._gw.client(index).stream(
+                "POST", ep.base + "/v3/watch", json={"create_request": request},
+                timeout=self._watch_timeout,
+            ) as resp:
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    message = json.loads(line)
+                    err = error_of(message)
+                    if err is not None:
+                        raise _StreamBroken(err[0])
+                    result = message.get("result", {})
+                    if int(result.get("compact_revision", 0)):
+                        raise Compacted(int(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise _StreamBroken(result.get("cancel_reason") or "canceled by etcd")
+                    yield result
+        except httpx.TransportError as exc:
+            raise _StreamBroken(describe(exc)) from exc
+        except ValueError as exc:  # a line that is not JSON
+            raise _StreamBroken(f"bad answer: {exc}") from exc
+        raise _StreamBroken("stream ended")
 
     async def close(self) -> None:
         self._closed = True

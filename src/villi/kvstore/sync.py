@@ -145,12 +145,18 @@ class LeaseKeeper:
             rng=rng, sleep=sleep)
         self._sleep: SleepFn = sleep or asyncio.sleep
         self._task: asyncio.Task[None] | None = None
+        self._owe_callback = False
 
     async def start(self) -> LeaseID:
         self.lease = await self.store.grant_lease(self.ttl)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"villi-lease-keeper {self.lease}")
+        self._task.add_done_callback(self._report_failure)
         return self.lease
+
+    def _report_failure(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lease keeper of %s stopped: %r", self.lease, task.exception())
 
     async def _run(self) -> None:
         while True:
@@ -167,22 +173,24 @@ class LeaseKeeper:
 
     async def _refresh(self) -> None:
         assert self.lease is not None
-        if await self.store.keep_alive(self.lease):
-            return
-        lost = self.lease
-        self.lease = await self.store.grant_lease(self.ttl)
-        self.losses += 1
-        log.warning("lease %s was lost; re-granted as %s", lost, self.lease)
+        if not self._owe_callback:
+            if await self.store.keep_alive(self.lease):
+                return
+            lost = self.lease
+            self.lease = await self.store.grant_lease(self.ttl)
+            self.losses += 1
+            self._owe_callback = True
+            log.warning("lease %s was lost; re-granted as %s", lost, self.lease)
         if self.on_lost is not None:
+            # Retried (with backoff) until it succeeds: the keys must come back.
             await self.on_lost(self.lease)
+        self._owe_callback = False
 
     async def stop(self, *, revoke: bool = True) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.wait([task])  # (not "await task": our own cancel must propagate)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("lease keeper of %s had failed: %s", self.lease, task.exception())
         if revoke and self.lease is not None:
             with contextlib.suppress(StoreError):
                 await self.store.revoke_lease(self.lease)
