@@ -259,7 +259,8 @@ def test_add_with_other_ifname_is_another_attachment(env: Env, agent: FakeAgent)
 
 def test_add_chained_after_another_plugin_merges_prev_result(env: Env, agent: FakeAgent) -> None:
     netns = env.netns()
-    prev = {"cniVersion": "1.0.0",
+    prev: dict[str, Any] = {
+            "cniVersion": "1.0.0",
             "interfaces": [{"name": "lo", "sandbox": netns}],
             "ips": [{"address": "127.0.0.1/8", "interface": 0}],
             "routes": [{"dst": "0.0.0.0/0", "gw": "127.0.0.1"}],
@@ -306,6 +307,16 @@ def test_del_is_idempotent(env: Env, agent: FakeAgent) -> None:
     assert env.run("DEL", env.conf(prevResult="garbage"), netns=None).ok() is None
     methods = [r[0] for r in agent.requests]
     assert methods == ["POST"] + ["DELETE"] * 5
+
+
+def test_del_survives_a_config_edited_after_add(env: Env, agent: FakeAgent) -> None:
+    env.add()
+    conf = env.conf(ipam={"type": "host-local"}, mtu=1, args={"cni": {"labels": 5}})
+    del conf["name"]
+    env.run("DEL", conf).ok()
+    assert agent.allocated() == 0
+    env.run("DEL", env.conf(agentTimeout="5s")).error(7)  # but it must reach the agent
+    env.run("DEL", env.conf("0.2.0")).error(1)
 
 
 def test_del_only_removes_its_interface(env: Env, agent: FakeAgent) -> None:

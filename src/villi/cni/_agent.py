@@ -155,19 +155,26 @@ class UnixHTTP:
                 if header_end >= 0:
                     status, headers = self._parse_head(data[:header_end])
             if header_end >= 0:
-                body = data[header_end + 4 :]
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    decoded = _dechunk(body)
-                    if decoded is not None:
-                        return Response(status, headers, decoded)
-                elif "content-length" in headers:
-                    length = int(headers["content-length"])
-                    if len(body) >= length:
-                        return Response(status, headers, body[:length])
-                elif not chunk:
-                    return Response(status, headers, body)
+                try:
+                    resp = self._complete(status, headers, data[header_end + 4 :], not chunk)
+                except ValueError as e:
+                    problem = f"malformed HTTP response from {self.path}: {e}"
+                    raise AgentError(status, problem) from None
+                if resp is not None:
+                    return resp
             if not chunk:
                 raise self._unreachable("connection closed before a complete response")
+
+    @staticmethod
+    def _complete(status: int, headers: dict[str, str], body: bytes, eof: bool) -> Response | None:
+        """The response if ``body`` completes it, else None (ValueError if malformed)."""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            decoded = _dechunk(body)
+            return None if decoded is None else Response(status, headers, decoded)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            return Response(status, headers, body[:length]) if len(body) >= length else None
+        return Response(status, headers, body) if eof else None
 
     def _parse_head(self, head: bytes) -> tuple[int, dict[str, str]]:
         lines = head.decode("latin-1").split("\r\n")

@@ -154,26 +154,17 @@ class NetConf:
     __slots__ = ("raw", "cni_version", "name", "agent_socket", "agent_timeout", "mtu",
                  "dns", "labels", "ports")
 
-    def __init__(self, raw: dict[str, Any], environ: dict[str, str]) -> None:
+    def __init__(
+        self, raw: dict[str, Any], environ: dict[str, str], *, agent_only: bool = False
+    ) -> None:
+        """Validate ``raw``; ``agent_only`` (DEL) checks just what reaching the agent needs.
+
+        DEL must not fail because the configuration was edited after ADD (a pod could
+        then never be deleted), so it only checks ``cniVersion``, ``agentSocket`` and
+        ``agentTimeout`` and leaves the other fields at their defaults.
+        """
         self.raw = raw
         self.cni_version = check_version(raw)
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise CNIError(INVALID_CONFIG, "invalid network config: missing network name",
-                           'the configuration needs "name"')
-        if not _NETWORK_NAME.match(name):
-            raise _invalid("name", f"{name!r} must start with a letter or digit, followed by "
-                           "letters, digits, '_', '.' or '-'")
-        self.name = name
-        kind = raw.get("type")
-        if kind != PLUGIN_TYPE:
-            raise _invalid("type", f"expected {PLUGIN_TYPE!r}, got {json.dumps(kind)}")
-        if "ipam" in raw:
-            raise CNIError(
-                UNSUPPORTED_FIELD,
-                f"unsupported field \"ipam\": {json.dumps(raw['ipam'])}",
-                "villi-cni gets pod IPs from the villi agent's IPAM; remove \"ipam\"",
-            )
 
         socket_path = environ.get("VILLI_AGENT_SOCKET") or raw.get("agentSocket", DEFAULT_SOCKET)
         if not isinstance(socket_path, str) or not socket_path.startswith("/"):
@@ -186,12 +177,36 @@ class NetConf:
             raise _invalid("agentTimeout", f"{timeout:g} is not between 0 and {MAX_TIMEOUT:g} s")
         self.agent_timeout = DEFAULT_TIMEOUT if timeout is None else timeout
 
+        self.name = str(raw.get("name", ""))
+        self.mtu: int | None = None
+        self.dns: dict[str, Any] = {}
+        self.labels: dict[str, str] = {}
+        self.ports: dict[str, dict[str, object]] = {}
+        if not agent_only:
+            self._validate(raw)
+
+    def _validate(self, raw: dict[str, Any]) -> None:
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise CNIError(INVALID_CONFIG, "invalid network config: missing network name",
+                           'the configuration needs "name"')
+        if not _NETWORK_NAME.match(name):
+            raise _invalid("name", f"{name!r} must start with a letter or digit, followed by "
+                           "letters, digits, '_', '.' or '-'")
+        kind = raw.get("type")
+        if kind != PLUGIN_TYPE:
+            raise _invalid("type", f"expected {PLUGIN_TYPE!r}, got {json.dumps(kind)}")
+        if "ipam" in raw:
+            raise CNIError(
+                UNSUPPORTED_FIELD,
+                f"unsupported field \"ipam\": {json.dumps(raw['ipam'])}",
+                "villi-cni gets pod IPs from the villi agent's IPAM; remove \"ipam\"",
+            )
         mtu = raw.get("mtu")
         if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int)
                                 or not 576 <= mtu <= 65535):
             raise _invalid("mtu", f"{json.dumps(mtu)} is not an integer between 576 and 65535")
-        self.mtu: int | None = mtu
-
+        self.mtu = mtu
         self.dns = _dns(raw.get("dns"))
         args = raw.get("args")
         cni_args = args.get("cni") if isinstance(args, dict) else None
