@@ -133,7 +133,9 @@ class EmbeddedStore(Store):
             try:
                 if self.path is not None:
                     version = await self._call(self._db.data_version)
-                    if last_version is not None and version != last_version:
+                    # The first poll notifies too: a commit may have landed between a
+                    # watcher's first read and this poll's baseline.
+                    if version != last_version:
                         self._notify()
                         interval = self._poll_min
                     last_version = version

@@ -15,19 +15,38 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ETCD_BINARY = "/usr/bin/etcd"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that sets ``PR_SET_PDEATHSIG`` (None where prctl is missing)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:  # runs in the child, between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def etcd_available(binary: str = ETCD_BINARY) -> bool:
@@ -125,10 +144,15 @@ class EtcdServer:
             "--initial-cluster-state", "new",
         ]
         self._log = self._tmp / "etcd.log"
+        # Linux kills etcd if the thread that started it dies, so a test run killed by
+        # SIGKILL leaves no etcd behind. Only for the main thread: a worker thread that
+        # exits (asyncio.to_thread) would take etcd with it.
+        on_main = threading.current_thread() is threading.main_thread()
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(
                 args, cwd=self._tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # a Ctrl-C in the test run does not hit etcd first
+                preexec_fn=_die_with_parent(os.getpid()) if on_main else None,
             )
 
     def _wait_healthy(self, timeout: float) -> None:
