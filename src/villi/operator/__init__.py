@@ -1,1 +1,29 @@
-"""villi.operator"""
+"""The villi operator: pod CIDRs per node and identity GC (see ``docs/ipam.md``).
+
+    from villi.operator import OperatorSettings, run_operator
+    await run_operator(store, OperatorSettings(cluster_cidr="10.64.0.0/10"))
+"""
+
+from __future__ import annotations
+
+from villi.operator.cidr import (
+    DEFAULT_CLUSTER_CIDR,
+    DEFAULT_NODE_MASK,
+    RESERVED_RANGES,
+    ClusterCIDRAllocator,
+    PassResult,
+    validate_cluster_cidr,
+)
+from villi.operator.main import Operator, OperatorSettings, run_operator
+
+__all__ = [
+    "DEFAULT_CLUSTER_CIDR",
+    "DEFAULT_NODE_MASK",
+    "RESERVED_RANGES",
+    "ClusterCIDRAllocator",
+    "Operator",
+    "OperatorSettings",
+    "PassResult",
+    "run_operator",
+    "validate_cluster_cidr",
+]

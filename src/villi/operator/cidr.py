@@ -1,0 +1,413 @@
+"""The cluster CIDR allocator: one pod CIDR per node, out of the cluster CIDR.
+
+Keys (``villi.ipam.keys``): a node announces itself with ``nodes/v1/<node>`` (under its
+lease); the operator claims a free subnet with a create-if-absent on
+``ipam/v1/cidrs/<cidr>`` (value: the node) and then publishes it to the node with a
+create-if-absent on ``ipam/v1/podcidrs/<node>``. Both writes are atomic and conditional,
+so two operators running at once cannot give one CIDR to two nodes, nor two CIDRs to one
+node: the loser of either race undoes its claim.
+
+The allocator is level-triggered: :meth:`ClusterCIDRAllocator.reconcile` reads the whole
+``ipam/v1/`` prefix in one listing (one revision, so claims and podcidrs are seen
+consistently), compares it with the nodes that exist, and converges: heal podcidrs whose
+claim is missing, drop stale claims, assign CIDRs to nodes that have none, and reclaim
+the CIDRs of nodes gone for longer than the grace period. Every write is conditional on
+the revision the listing showed, so a stale view makes a write fail (and the next pass
+retry) instead of corrupting anything. :meth:`run` follows the nodes (list-then-watch)
+and calls ``reconcile`` after every burst of changes.
+
+Why a grace period: a node entry vanishes when its agent's lease expires, which is also
+what an agent restart or a short kvstore partition look like. Reclaiming at once would
+hand the CIDR, with pods still running in it, to the next node. A node that comes back
+in time keeps its CIDR; one that comes back later asks for its old CIDR back through
+the ``podCIDRs`` of its node entry and gets it when it is still free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from villi.errors import IPAMError, StoreError
+from villi.ipam.keys import (
+    CLAIMS_PREFIX,
+    IPAM_PREFIX,
+    NODES_PREFIX,
+    PODCIDRS_PREFIX,
+    NodeEntry,
+    cidr_of_claim_key,
+    claim_key,
+    decode_podcidrs,
+    encode_podcidrs,
+    node_key,
+    node_of_key,
+    parse_cidr,
+    podcidrs_key,
+)
+from villi.kvstore.backoff import Backoff, BackoffPolicy, UniformSource
+from villi.kvstore.store import EventType, Store
+from villi.kvstore.sync import RESYNC_BACKOFF, PrefixSync
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLUSTER_CIDR = "10.64.0.0/10"
+DEFAULT_NODE_MASK = 24
+#: Ranges no pod CIDR may overlap: this machine's resolver lives in 10.255.0.0/16.
+RESERVED_RANGES = (IPv4Network("10.255.0.0/16"),)
+
+
+def validate_cluster_cidr(cidr: str | IPv4Network, node_mask: int) -> IPv4Network:
+    """The cluster CIDR as a network; IPAMError when it or the node mask is unusable."""
+    net = cidr if isinstance(cidr, IPv4Network) else parse_cidr(cidr)
+    for reserved in RESERVED_RANGES:
+        if net.overlaps(reserved):
+            raise IPAMError(
+                f"cluster CIDR {net} overlaps {reserved}, which is reserved (this machine's "
+                f"DNS resolver lives there); choose a range outside it, e.g. "
+                f"{DEFAULT_CLUSTER_CIDR} (10.64.0.0-10.127.255.255)")
+    if not net.prefixlen <= node_mask <= 30:
+        raise IPAMError(f"node mask /{node_mask} must be between the cluster CIDR's "
+                        f"/{net.prefixlen} and /30")
+    return net
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    """What one reconcile pass changed, and when the next reclaim deadline falls."""
+
+    assigned: tuple[tuple[str, IPv4Network], ...] = ()
+    reclaimed: tuple[tuple[str, IPv4Network], ...] = ()
+    repaired: int = 0
+    errors: tuple[str, ...] = ()
+    next_deadline: float | None = None  # on the allocator's clock
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """``ipam/v1/`` at one revision: node -> (cidrs, mod rev); cidr -> (node, mod rev)."""
+
+    podcidrs: dict[str, tuple[tuple[IPv4Network, ...], int]]
+    claims: dict[IPv4Network, tuple[str, int]]
+
+
+class ClusterCIDRAllocator:
+    """Hands each node a ``/node_mask`` of ``cluster_cidr`` and reclaims it after the
+    node has been gone for ``grace_period_s``.
+
+    ``nodes`` is the set of nodes that exist (name -> parsed entry, None when the entry
+    could not be parsed); :meth:`run` keeps it current from the store, tests may call
+    :meth:`observe_node` and :meth:`reconcile` directly. ``clock`` (monotonic seconds)
+    times the grace period.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cluster_cidr: str | IPv4Network = DEFAULT_CLUSTER_CIDR,
+        node_mask: int = DEFAULT_NODE_MASK,
+        grace_period_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if grace_period_s < 0:
+            raise ValueError(f"grace period must be >= 0 s, got {grace_period_s}")
+        self.store = store
+        self.cluster = validate_cluster_cidr(cluster_cidr, node_mask)
+        self.node_mask = node_mask
+        self.grace_period_s = grace_period_s
+        self._clock = clock
+        self.nodes: dict[str, NodeEntry | None] = {}
+        self._absent_since: dict[str, float] = {}
+        #: node -> its pod CIDRs, as of the last pass.
+        self.assignments: dict[str, tuple[IPv4Network, ...]] = {}
+        self.passes = 0
+
+    # --- subnet arithmetic --------------------------------------------------------------------
+
+    @property
+    def subnet_count(self) -> int:
+        return 1 << (self.node_mask - self.cluster.prefixlen)
+
+    def subnet(self, index: int) -> IPv4Network:
+        size = 1 << (32 - self.node_mask)
+        return IPv4Network((int(self.cluster.network_address) + index * size, self.node_mask))
+
+    def _indices(self, cidr: IPv4Network) -> range:
+        """Indices of the node subnets ``cidr`` overlaps (empty outside the cluster)."""
+        if not cidr.overlaps(self.cluster):
+            return range(0)
+        size = 1 << (32 - self.node_mask)
+        base = int(self.cluster.network_address)
+        lo = max(int(cidr.network_address), base)
+        hi = min(int(cidr.broadcast_address), int(self.cluster.broadcast_address))
+        return range((lo - base) // size, (hi - base) // size + 1)
+
+    def _assignable(self, cidr: IPv4Network) -> bool:
+        """True for a subnet this allocator may hand out (a hint from a node entry)."""
+        return (cidr.prefixlen == self.node_mask and cidr.subnet_of(self.cluster)
+                and not any(cidr.overlaps(r) for r in RESERVED_RANGES))
+
+    # --- node view ------------------------------------------------------------------------------
+
+    def observe_node(self, key: str, value: bytes | None) -> None:
+        """Apply one node entry change (``value`` None: the entry was deleted)."""
+        name = node_of_key(key, NODES_PREFIX)
+        if name is None:
+            return
+        if value is None:
+            self.nodes.pop(name, None)
+            return
+        try:
+            self.nodes[name] = NodeEntry.decode(value, key=key)
+        except IPAMError as exc:
+            log.warning("node entry %s is unreadable (%s); assigning a pod CIDR anyway", key, exc)
+            self.nodes[name] = None
+
+    # --- the pass ------------------------------------------------------------------------------
+
+    async def reconcile(self) -> PassResult:
+        """Converge the store once (see the module docstring); StoreError propagates."""
+        nodes = dict(self.nodes)  # the watch may change self.nodes while we await
+        snap = await self._snapshot()
+        now = self._clock()
+        repaired, errors = await self._heal_podcidrs(snap)
+        repaired += await self._drop_stale_claims(snap)
+        assigned = await self._assign(snap, nodes, errors)
+        reclaimed, deadline = await self._reclaim(snap, nodes, now)
+        self.assignments = {n: c for n, (c, _) in snap.podcidrs.items()}
+        self.passes += 1
+        return PassResult(tuple(assigned), tuple(reclaimed), repaired, tuple(errors), deadline)
+
+    async def _snapshot(self) -> _Snapshot:
+        listing = await self.store.list(IPAM_PREFIX)
+        snap = _Snapshot({}, {})
+        for kv in listing.items:
+            node = node_of_key(kv.key, PODCIDRS_PREFIX)
+            if node is not None:
+                try:
+                    snap.podcidrs[node] = (decode_podcidrs(kv.value), kv.mod_revision)
+                except IPAMError as exc:
+                    log.error("%s is corrupt (%s); assigning again", kv.key, exc)
+                    snap.podcidrs[node] = ((), kv.mod_revision)
+                continue
+            cidr = cidr_of_claim_key(kv.key)
+            if cidr is not None:
+                snap.claims[cidr] = (kv.value.decode(errors="replace"), kv.mod_revision)
+            elif kv.key.startswith(CLAIMS_PREFIX):
+                log.warning("ignoring malformed CIDR claim %s", kv.key)
+        return snap
+
+    async def _heal_podcidrs(self, snap: _Snapshot) -> tuple[int, list[str]]:
+        """Every CIDR in ``podcidrs/<n>`` must be claimed by ``n``: create missing claims;
+        a CIDR claimed by another node is taken away from ``n`` (the claim is the
+        authority) and ``n`` gets a new one."""
+        repaired, errors = 0, []
+        for node, (cidrs, rev) in sorted(snap.podcidrs.items()):
+            keep: list[IPv4Network] = []
+            for cidr in cidrs:
+                owner = snap.claims.get(cidr, (None, 0))[0]
+                if owner is None and not any(cidr.overlaps(r) for r in RESERVED_RANGES):
+                    if await self.store.create(claim_key(cidr), node.encode()):
+                        log.info("re-created the missing claim of %s for node %s", cidr, node)
+                        snap.claims[cidr] = (node, 0)
+                        repaired += 1
+                        owner = node
+                    else:
+                        kv = await self.store.get(claim_key(cidr))
+                        owner = kv.value.decode(errors="replace") if kv else None
+                if owner == node:
+                    keep.append(cidr)
+                else:
+                    msg = (f"pod CIDR {cidr} of node {node} is claimed by "
+                           f"{owner or 'a reserved range'}; assigning {node} another one")
+                    log.error("%s", msg)
+                    errors.append(msg)
+            if len(keep) == len(cidrs) and cidrs:
+                continue
+            key = podcidrs_key(node)
+            ok = (await self.store.compare_and_swap(key, rev, encode_podcidrs(keep)) if keep
+                  else await self.store.compare_and_delete(key, rev))
+            if ok:
+                repaired += 1
+                if keep:
+                    snap.podcidrs[node] = (tuple(keep), 0)
+                else:
+                    del snap.podcidrs[node]
+        return repaired, errors
+
+    async def _drop_stale_claims(self, snap: _Snapshot) -> int:
+        """Delete claims of nodes whose podcidrs exist but do not list them (left by an
+        operator that lost the podcidrs race and crashed before undoing its claim)."""
+        dropped = 0
+        for cidr, (node, rev) in sorted(snap.claims.items()):
+            entry = snap.podcidrs.get(node)
+            if entry is None or cidr in entry[0] or rev == 0:
+                continue
+            if await self.store.compare_and_delete(claim_key(cidr), rev):
+                log.info("dropped stale claim of %s by node %s", cidr, node)
+                del snap.claims[cidr]
+                dropped += 1
+        return dropped
+
+    async def _assign(
+        self, snap: _Snapshot, nodes: dict[str, NodeEntry | None], errors: list[str]
+    ) -> list[tuple[str, IPv4Network]]:
+        claimed: set[int] = set()
+        for cidr in snap.claims:
+            claimed.update(self._indices(cidr))
+        for reserved in RESERVED_RANGES:  # never hand out a reserved range
+            claimed.update(self._indices(reserved))
+        cursor = 0
+        assigned: list[tuple[str, IPv4Network]] = []
+        for node, entry in sorted(nodes.items()):
+            if node in snap.podcidrs:
+                continue
+            # Our own earlier claims first, then the node's wishes, then the lowest free.
+            candidates = [c for c, (owner, _) in sorted(snap.claims.items()) if owner == node]
+            hints = [c for c in (entry.pod_cidrs if entry else ()) if self._assignable(c)]
+            got: IPv4Network | None = None
+            for cidr in candidates:
+                if await self._publish(node, cidr, snap):
+                    got = cidr
+                    break
+            for cidr in hints if got is None else ():
+                if not any(i in claimed for i in self._indices(cidr)):
+                    claimed.update(self._indices(cidr))
+                    if await self._claim_and_publish(node, cidr, snap):
+                        got = cidr
+                        break
+            while got is None and node not in snap.podcidrs:
+                while cursor < self.subnet_count and cursor in claimed:
+                    cursor += 1
+                if cursor >= self.subnet_count:
+                    msg = (f"cluster CIDR {self.cluster} has no free /{self.node_mask} left "
+                           f"for node {node}; widen --cluster-cidr or remove nodes")
+                    log.error("%s", msg)
+                    errors.append(msg)
+                    return assigned
+                cidr = self.subnet(cursor)
+                claimed.add(cursor)
+                if await self._claim_and_publish(node, cidr, snap):
+                    got = cidr
+            if got is not None:
+                log.info("assigned pod CIDR %s to node %s", got, node)
+                assigned.append((node, got))
+        return assigned
+
+    async def _claim_and_publish(self, node: str, cidr: IPv4Network, snap: _Snapshot) -> bool:
+        """Claim ``cidr`` for ``node`` and publish it; False when someone else holds it
+        or the node got another CIDR meanwhile (``snap`` then says which)."""
+        if not await self.store.create(claim_key(cidr), node.encode()):
+            kv = await self.store.get(claim_key(cidr))
+            if kv is None or kv.value.decode(errors="replace") != node:
+                return False  # another node's: keep searching
+        return await self._publish(node, cidr, snap)
+
+    async def _publish(self, node: str, cidr: IPv4Network, snap: _Snapshot) -> bool:
+        """Write ``podcidrs/<node>`` = [cidr] if absent; undo our claim if we lost."""
+        key = podcidrs_key(node)
+        if await self.store.compare_and_swap(key, 0, encode_podcidrs([cidr])):
+            snap.podcidrs[node] = ((cidr,), 0)
+            snap.claims[cidr] = (node, 0)
+            return True
+        kv = await self.store.get(key)
+        current: tuple[IPv4Network, ...] = ()
+        if kv is not None:
+            with contextlib.suppress(IPAMError):
+                current = decode_podcidrs(kv.value)
+            snap.podcidrs[node] = (current, kv.mod_revision)
+        if cidr not in current:
+            claim = await self.store.get(claim_key(cidr))
+            if claim is not None and claim.value == node.encode():
+                await self.store.compare_and_delete(claim_key(cidr), claim.mod_revision)
+            snap.claims.pop(cidr, None)
+            return False
+        return True
+
+    async def _reclaim(
+        self, snap: _Snapshot, nodes: dict[str, NodeEntry | None], now: float
+    ) -> tuple[list[tuple[str, IPv4Network]], float | None]:
+        holders = set(snap.podcidrs) | {owner for owner, _ in snap.claims.values()}
+        for node in list(self._absent_since):
+            if node in nodes or node not in holders:
+                del self._absent_since[node]
+        reclaimed: list[tuple[str, IPv4Network]] = []
+        deadline: float | None = None
+        for node in sorted(holders - set(nodes)):
+            since = self._absent_since.setdefault(node, now)
+            due = since + self.grace_period_s
+            if now < due:
+                deadline = due if deadline is None else min(deadline, due)
+                continue
+            if await self.store.get(node_key(node)) is not None:
+                continue  # back already; the watch will tell us
+            entry = snap.podcidrs.get(node)
+            if entry is not None and not await self.store.compare_and_delete(
+                    podcidrs_key(node), entry[1]):
+                continue  # changed under us: the next pass looks again
+            snap.podcidrs.pop(node, None)
+            for cidr, (owner, rev) in sorted(snap.claims.items()):
+                if owner == node and await self.store.compare_and_delete(claim_key(cidr), rev):
+                    del snap.claims[cidr]
+                    reclaimed.append((node, cidr))
+            log.info("reclaimed %s from node %s (gone for %.0f s)",
+                     ", ".join(str(c) for n, c in reclaimed if n == node) or "nothing",
+                     node, now - since)
+            del self._absent_since[node]
+        return reclaimed, deadline
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        resync_interval_s: float = 300.0,
+        backoff: BackoffPolicy = RESYNC_BACKOFF,
+        rng: UniformSource | None = None,
+    ) -> None:
+        """Follow nodes and ``ipam/v1/`` and reconcile after each burst of changes, at
+        each reclaim deadline and every ``resync_interval_s``; runs until cancelled.
+        A failing pass is retried with full-jitter backoff."""
+        wake = asyncio.Event()
+        nodes = PrefixSync(self.store, NODES_PREFIX, backoff=backoff, rng=rng)
+        ipam = PrefixSync(self.store, IPAM_PREFIX, backoff=backoff, rng=rng)
+
+        async def follow_nodes() -> None:
+            async with aclosing(aiter(nodes)) as events:
+                async for ev in events:
+                    self.observe_node(ev.key, None if ev.type is EventType.DELETE else ev.value)
+                    wake.set()
+
+        async def follow_ipam() -> None:
+            async with aclosing(aiter(ipam)) as events:
+                async for _ in events:
+                    wake.set()
+
+        retry = Backoff(backoff, rng=rng)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(follow_nodes(), name="villi-operator nodes")
+            tasks.create_task(follow_ipam(), name="villi-operator ipam")
+            await nodes.synced.wait()
+            await ipam.synced.wait()
+            while True:
+                wake.clear()
+                try:
+                    result = await self.reconcile()
+                except StoreError as exc:
+                    log.warning("pod CIDR reconcile failed: %s; retrying", exc)
+                    if not await retry.failed():
+                        raise
+                    continue
+                retry.reset()
+                timeout = resync_interval_s
+                if result.next_deadline is not None:
+                    timeout = min(timeout, max(0.0, result.next_deadline - self._clock()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await wake.wait()
