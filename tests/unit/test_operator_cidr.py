@@ -23,7 +23,12 @@ from villi.ipam.keys import (
     podcidrs_key,
 )
 from villi.kvstore import EmbeddedStore, Store
-from villi.operator import ClusterCIDRAllocator, OperatorSettings, validate_cluster_cidr
+from villi.operator import (
+    ClusterCIDRAllocator,
+    OperatorSettings,
+    SubnetSpace,
+    validate_cluster_cidr,
+)
 from villi.operator.cidr import _Snapshot
 
 N = IPv4Network
@@ -308,3 +313,28 @@ def test_default_cluster_cidr_is_accepted() -> None:
 def test_bad_cidr_or_mask_refused(cidr: str, mask: int) -> None:
     with pytest.raises(IPAMError):
         validate_cluster_cidr(cidr, mask)
+
+
+def test_subnet_space_arithmetic() -> None:
+    space = SubnetSpace.parse("10.64.0.0/10", 24)
+    assert space.count == 16384
+    assert space.subnet(0) == N("10.64.0.0/24") and space.subnet(16383) == N("10.127.255.0/24")
+    assert space.indices(N("10.64.2.0/23")) == range(2, 4)
+    assert space.indices(N("10.64.5.128/25")) == range(5, 6)
+    assert space.indices(N("10.0.0.0/8")) == range(0, 16384)
+    assert space.indices(N("192.168.0.0/16")) == range(0)
+    assert space.reserved_indices() == set()
+    assert space.assignable(N("10.64.9.0/24")) and not space.assignable(N("10.64.9.0/25"))
+    with pytest.raises(IndexError):
+        space.subnet(16384)
+
+
+async def test_claims_of_another_size_block_what_they_overlap(store) -> None:
+    await store.put(claim_key(N("10.64.0.0/23")), b"old")  # an operator with --node-mask 23
+    await store.put(podcidrs_key("old"), encode_podcidrs([N("10.64.0.0/23")]))
+    alloc = ClusterCIDRAllocator(store)
+    await add_node(store, alloc, "old")
+    await add_node(store, alloc, "new")
+    await alloc.reconcile()
+    assert await podcidrs(store, "new") == (N("10.64.2.0/24"),)
+    assert await podcidrs(store, "old") == (N("10.64.0.0/23"),)

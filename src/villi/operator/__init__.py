@@ -6,20 +6,21 @@
 
 from __future__ import annotations
 
-from villi.operator.cidr import (
+from villi.operator.cidr import ClusterCIDRAllocator, PassResult
+from villi.operator.main import Operator, OperatorSettings, run_operator
+from villi.operator.subnets import (
     DEFAULT_CLUSTER_CIDR,
     DEFAULT_NODE_MASK,
     RESERVED_RANGES,
-    ClusterCIDRAllocator,
-    PassResult,
+    SubnetSpace,
     validate_cluster_cidr,
 )
-from villi.operator.main import Operator, OperatorSettings, run_operator
 
 __all__ = [
     "DEFAULT_CLUSTER_CIDR",
     "DEFAULT_NODE_MASK",
     "RESERVED_RANGES",
+    "SubnetSpace",
     "ClusterCIDRAllocator",
     "Operator",
     "OperatorSettings",

@@ -47,35 +47,19 @@ from villi.ipam.keys import (
     encode_podcidrs,
     node_key,
     node_of_key,
-    parse_cidr,
     podcidrs_key,
 )
 from villi.kvstore.backoff import Backoff, BackoffPolicy, UniformSource
 from villi.kvstore.store import EventType, Store
 from villi.kvstore.sync import RESYNC_BACKOFF, PrefixSync
+from villi.operator.subnets import (
+    DEFAULT_CLUSTER_CIDR,
+    DEFAULT_NODE_MASK,
+    RESERVED_RANGES,
+    SubnetSpace,
+)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLUSTER_CIDR = "10.64.0.0/10"
-DEFAULT_NODE_MASK = 24
-#: Ranges no pod CIDR may overlap: this machine's resolver lives in 10.255.0.0/16.
-RESERVED_RANGES = (IPv4Network("10.255.0.0/16"),)
-
-
-def validate_cluster_cidr(cidr: str | IPv4Network, node_mask: int) -> IPv4Network:
-    """The cluster CIDR as a network; IPAMError when it or the node mask is unusable."""
-    net = cidr if isinstance(cidr, IPv4Network) else parse_cidr(cidr)
-    for reserved in RESERVED_RANGES:
-        if net.overlaps(reserved):
-            raise IPAMError(
-                f"cluster CIDR {net} overlaps {reserved}, which is reserved (this machine's "
-                f"DNS resolver lives there); choose a range outside it, e.g. "
-                f"{DEFAULT_CLUSTER_CIDR} (10.64.0.0-10.127.255.255)")
-    if not net.prefixlen <= node_mask <= 30:
-        raise IPAMError(f"node mask /{node_mask} must be between the cluster CIDR's "
-                        f"/{net.prefixlen} and /30")
-    return net
-
 
 @dataclass(frozen=True, slots=True)
 class PassResult:
@@ -118,8 +102,7 @@ class ClusterCIDRAllocator:
         if grace_period_s < 0:
             raise ValueError(f"grace period must be >= 0 s, got {grace_period_s}")
         self.store = store
-        self.cluster = validate_cluster_cidr(cluster_cidr, node_mask)
-        self.node_mask = node_mask
+        self.space = SubnetSpace.parse(cluster_cidr, node_mask)
         self.grace_period_s = grace_period_s
         self._clock = clock
         self.nodes: dict[str, NodeEntry | None] = {}
@@ -127,31 +110,6 @@ class ClusterCIDRAllocator:
         #: node -> its pod CIDRs, as of the last pass.
         self.assignments: dict[str, tuple[IPv4Network, ...]] = {}
         self.passes = 0
-
-    # --- subnet arithmetic --------------------------------------------------------------------
-
-    @property
-    def subnet_count(self) -> int:
-        return 1 << (self.node_mask - self.cluster.prefixlen)
-
-    def subnet(self, index: int) -> IPv4Network:
-        size = 1 << (32 - self.node_mask)
-        return IPv4Network((int(self.cluster.network_address) + index * size, self.node_mask))
-
-    def _indices(self, cidr: IPv4Network) -> range:
-        """Indices of the node subnets ``cidr`` overlaps (empty outside the cluster)."""
-        if not cidr.overlaps(self.cluster):
-            return range(0)
-        size = 1 << (32 - self.node_mask)
-        base = int(self.cluster.network_address)
-        lo = max(int(cidr.network_address), base)
-        hi = min(int(cidr.broadcast_address), int(self.cluster.broadcast_address))
-        return range((lo - base) // size, (hi - base) // size + 1)
-
-    def _assignable(self, cidr: IPv4Network) -> bool:
-        """True for a subnet this allocator may hand out (a hint from a node entry)."""
-        return (cidr.prefixlen == self.node_mask and cidr.subnet_of(self.cluster)
-                and not any(cidr.overlaps(r) for r in RESERVED_RANGES))
 
     # --- node view ------------------------------------------------------------------------------
 
@@ -258,11 +216,10 @@ class ClusterCIDRAllocator:
     async def _assign(
         self, snap: _Snapshot, nodes: dict[str, NodeEntry | None], errors: list[str]
     ) -> list[tuple[str, IPv4Network]]:
-        claimed: set[int] = set()
+        space = self.space
+        claimed = space.reserved_indices()  # never hand out a reserved range
         for cidr in snap.claims:
-            claimed.update(self._indices(cidr))
-        for reserved in RESERVED_RANGES:  # never hand out a reserved range
-            claimed.update(self._indices(reserved))
+            claimed.update(space.indices(cidr))
         cursor = 0
         assigned: list[tuple[str, IPv4Network]] = []
         for node, entry in sorted(nodes.items()):
@@ -270,28 +227,28 @@ class ClusterCIDRAllocator:
                 continue
             # Our own earlier claims first, then the node's wishes, then the lowest free.
             candidates = [c for c, (owner, _) in sorted(snap.claims.items()) if owner == node]
-            hints = [c for c in (entry.pod_cidrs if entry else ()) if self._assignable(c)]
+            hints = [c for c in (entry.pod_cidrs if entry else ()) if space.assignable(c)]
             got: IPv4Network | None = None
             for cidr in candidates:
                 if await self._publish(node, cidr, snap):
                     got = cidr
                     break
             for cidr in hints if got is None else ():
-                if not any(i in claimed for i in self._indices(cidr)):
-                    claimed.update(self._indices(cidr))
+                if not any(i in claimed for i in space.indices(cidr)):
+                    claimed.update(space.indices(cidr))
                     if await self._claim_and_publish(node, cidr, snap):
                         got = cidr
                         break
             while got is None and node not in snap.podcidrs:
-                while cursor < self.subnet_count and cursor in claimed:
+                while cursor < space.count and cursor in claimed:
                     cursor += 1
-                if cursor >= self.subnet_count:
-                    msg = (f"cluster CIDR {self.cluster} has no free /{self.node_mask} left "
+                if cursor >= space.count:
+                    msg = (f"cluster CIDR {space.cluster} has no free /{space.node_mask} left "
                            f"for node {node}; widen --cluster-cidr or remove nodes")
                     log.error("%s", msg)
                     errors.append(msg)
                     return assigned
-                cidr = self.subnet(cursor)
+                cidr = space.subnet(cursor)
                 claimed.add(cursor)
                 if await self._claim_and_publish(node, cidr, snap):
                     got = cidr

@@ -24,10 +24,10 @@ from villi.identity.allocator import IdentityGC
 from villi.kvstore.backoff import BackoffPolicy, SleepFn, UniformSource
 from villi.kvstore.store import Store
 from villi.kvstore.sync import RESYNC_BACKOFF
-from villi.operator.cidr import (
+from villi.operator.cidr import ClusterCIDRAllocator
+from villi.operator.subnets import (
     DEFAULT_CLUSTER_CIDR,
     DEFAULT_NODE_MASK,
-    ClusterCIDRAllocator,
     validate_cluster_cidr,
 )
 
