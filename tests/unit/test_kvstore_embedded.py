@@ -4,6 +4,7 @@ file, bounded history, lease expiry on its own clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import textwrap
 from contextlib import aclosing
@@ -92,6 +93,54 @@ async def test_other_process_writes_reach_watch(tmp_path: Path) -> None:
         (DELETE, "villi/resources/policy/default/a", b""),
     ]
     assert events[-1].revision == last
+
+
+WATCHER = """
+import asyncio, json, sys
+from contextlib import aclosing
+from villi.kvstore import EmbeddedStore
+
+async def main(path, start, count):
+    async with EmbeddedStore(path) as store:
+        async with aclosing(store.watch("villi/state/", int(start))) as events:
+            print("ready", flush=True)
+            out = []
+            async for event in events:
+                out.append([event.type.value, event.key, event.value.decode()])
+                if len(out) == int(count):
+                    break
+        print(json.dumps(out), flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_watch_in_other_process_sees_our_writes(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    async with EmbeddedStore(path) as cli:
+        start = await cli.revision() + 1
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WATCHER, str(path), str(start), "3",
+            stdout=asyncio.subprocess.PIPE)
+        try:
+            assert agent.stdout is not None
+            # Write once the other process is up: the changes reach it through its
+            # cross-process poll (or, if it is slower, through the replay from `start`).
+            assert await asyncio.wait_for(agent.stdout.readline(), 20) == b"ready\n"
+            lease = await cli.grant_lease(60)
+            await cli.put("villi/state/nodes/v1/default/n1", b"n1", lease=lease)
+            await cli.put("villi/state/ip/v1/default/10.64.0.5", b"ep", lease=lease)
+            await cli.revoke_lease(lease)
+            out, _ = await asyncio.wait_for(agent.communicate(), 20)
+        finally:
+            if agent.returncode is None:
+                agent.kill()
+                await agent.wait()
+    assert json.loads(out) == [
+        ["put", "villi/state/nodes/v1/default/n1", "n1"],
+        ["put", "villi/state/ip/v1/default/10.64.0.5", "ep"],
+        ["delete", "villi/state/ip/v1/default/10.64.0.5", ""],  # revoke: sorted by key
+    ]
 
 
 async def test_concurrent_create_from_two_processes(tmp_path: Path) -> None:
