@@ -13,6 +13,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from villi.errors import IPAMError
+from villi.ipam.capacity import IPAMUsage
 from villi.ipam.keys import (
     IPAM_PREFIX,
     NodeEntry,
@@ -338,3 +339,26 @@ async def test_claims_of_another_size_block_what_they_overlap(store) -> None:
     await alloc.reconcile()
     assert await podcidrs(store, "new") == (N("10.64.2.0/24"),)
     assert await podcidrs(store, "old") == (N("10.64.0.0/23"),)
+
+
+def test_only_membership_and_wish_changes_need_a_pass() -> None:
+    alloc = ClusterCIDRAllocator(EmbeddedStore(None))
+    key = node_key("n1")
+    usage_only = [NodeEntry("n1", None, (), IPAMUsage(k, 254)).encode() for k in range(2)]
+    assert alloc.observe_node(key, usage_only[0]) is True  # new node
+    assert alloc.observe_node(key, usage_only[1]) is False  # usage changed only
+    assert alloc.observe_node(key, NodeEntry("n1", None, (N("10.64.3.0/24"),)).encode())
+    assert alloc.observe_node(key, None) is True
+    assert alloc.observe_node(key, None) is False
+    assert alloc.observe_node(key, b"junk") is True
+    assert alloc.observe_node("villi/state/nodes/v1/x/y", b"{}") is False
+
+
+async def test_claims_naming_no_valid_node_are_dropped(store) -> None:
+    await store.put(claim_key(N("10.64.0.0/24")), b"bad/name")
+    await store.put(claim_key(N("10.64.1.0/24")), b" spaced ")
+    alloc = ClusterCIDRAllocator(store)
+    await add_node(store, alloc, "n1")
+    result = await alloc.reconcile()
+    assert result.repaired == 2
+    assert await check_consistent(store, {"n1"}) == {"n1": N("10.64.0.0/24")}  # freed

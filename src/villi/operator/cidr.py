@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from villi.errors import IPAMError, StoreError
@@ -78,6 +78,8 @@ class _Snapshot:
 
     podcidrs: dict[str, tuple[tuple[IPv4Network, ...], int]]
     claims: dict[IPv4Network, tuple[str, int]]
+    #: claims whose value is no valid node name (no node can ever own them).
+    bad_claims: dict[IPv4Network, int] = field(default_factory=dict)
 
 
 class ClusterCIDRAllocator:
@@ -113,19 +115,27 @@ class ClusterCIDRAllocator:
 
     # --- node view ------------------------------------------------------------------------------
 
-    def observe_node(self, key: str, value: bytes | None) -> None:
-        """Apply one node entry change (``value`` None: the entry was deleted)."""
+    def observe_node(self, key: str, value: bytes | None) -> bool:
+        """Apply one node entry change (``value`` None: the entry was deleted).
+
+        Returns whether a pass is needed: a node appeared or went, or changed the pod
+        CIDRs it asks for. Agents rewrite their entries every few seconds with new
+        usage numbers; those need no pass."""
         name = node_of_key(key, NODES_PREFIX)
         if name is None:
-            return
+            return False
         if value is None:
-            self.nodes.pop(name, None)
-            return
+            return self.nodes.pop(name, False) is not False
         try:
-            self.nodes[name] = NodeEntry.decode(value, key=key)
+            entry: NodeEntry | None = NodeEntry.decode(value, key=key)
         except IPAMError as exc:
             log.warning("node entry %s is unreadable (%s); assigning a pod CIDR anyway", key, exc)
-            self.nodes[name] = None
+            entry = None
+        known = name in self.nodes
+        before = self.nodes.get(name)
+        self.nodes[name] = entry
+        return not known or (before.pod_cidrs if before else ()) != (
+            entry.pod_cidrs if entry else ())
 
     # --- the pass ------------------------------------------------------------------------------
 
@@ -156,7 +166,11 @@ class ClusterCIDRAllocator:
                 continue
             cidr = cidr_of_claim_key(kv.key)
             if cidr is not None:
-                snap.claims[cidr] = (kv.value.decode(errors="replace"), kv.mod_revision)
+                owner = kv.value.decode(errors="replace")
+                if node_of_key(NODES_PREFIX + owner, NODES_PREFIX) == owner:
+                    snap.claims[cidr] = (owner, kv.mod_revision)
+                else:
+                    snap.bad_claims[cidr] = kv.mod_revision
             elif kv.key.startswith(CLAIMS_PREFIX):
                 log.warning("ignoring malformed CIDR claim %s", kv.key)
         return snap
@@ -201,8 +215,13 @@ class ClusterCIDRAllocator:
 
     async def _drop_stale_claims(self, snap: _Snapshot) -> int:
         """Delete claims of nodes whose podcidrs exist but do not list them (left by an
-        operator that lost the podcidrs race and crashed before undoing its claim)."""
+        operator that lost the podcidrs race and crashed before undoing its claim), and
+        claims naming no valid node (hand-written or corrupt)."""
         dropped = 0
+        for cidr, rev in sorted(snap.bad_claims.items()):
+            if await self.store.compare_and_delete(claim_key(cidr), rev):
+                log.warning("dropped claim of %s by an invalid node name", cidr)
+                dropped += 1
         for cidr, (node, rev) in sorted(snap.claims.items()):
             entry = snap.podcidrs.get(node)
             if entry is None or cidr in entry[0] or rev == 0:
@@ -338,8 +357,9 @@ class ClusterCIDRAllocator:
         async def follow_nodes() -> None:
             async with aclosing(aiter(nodes)) as events:
                 async for ev in events:
-                    self.observe_node(ev.key, None if ev.type is EventType.DELETE else ev.value)
-                    wake.set()
+                    value = None if ev.type is EventType.DELETE else ev.value
+                    if self.observe_node(ev.key, value):
+                        wake.set()
 
         async def follow_ipam() -> None:
             async with aclosing(aiter(ipam)) as events:
