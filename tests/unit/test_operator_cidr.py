@@ -362,3 +362,16 @@ async def test_claims_naming_no_valid_node_are_dropped(store) -> None:
     result = await alloc.reconcile()
     assert result.repaired == 2
     assert await check_consistent(store, {"n1"}) == {"n1": N("10.64.0.0/24")}  # freed
+
+
+async def test_podcidrs_overlapping_another_nodes_wider_claim_is_a_conflict(store) -> None:
+    await store.put(claim_key(N("10.64.0.0/23")), b"wide")
+    await store.put(podcidrs_key("wide"), encode_podcidrs([N("10.64.0.0/23")]))
+    await store.put(podcidrs_key("narrow"), encode_podcidrs([N("10.64.1.0/24")]))  # no claim
+    alloc = ClusterCIDRAllocator(store)
+    await add_node(store, alloc, "wide")
+    await add_node(store, alloc, "narrow")
+    result = await alloc.reconcile()
+    assert "pod CIDR 10.64.1.0/24 of node narrow is claimed by wide" in result.errors[0]
+    assert await podcidrs(store, "narrow") == (N("10.64.2.0/24"),)
+    assert await store.get(claim_key(N("10.64.1.0/24"))) is None

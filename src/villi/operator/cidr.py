@@ -184,6 +184,9 @@ class ClusterCIDRAllocator:
             keep: list[IPv4Network] = []
             for cidr in cidrs:
                 owner = snap.claims.get(cidr, (None, 0))[0]
+                if owner is None:  # a claim of another size may cover it
+                    owner = next((o for c, (o, _) in snap.claims.items() if c.overlaps(cidr)),
+                                 None)
                 if owner is None and not any(cidr.overlaps(r) for r in RESERVED_RANGES):
                     if await self.store.create(claim_key(cidr), node.encode()):
                         log.info("re-created the missing claim of %s for node %s", cidr, node)
