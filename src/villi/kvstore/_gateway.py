@@ -186,7 +186,7 @@ class Gateway:
             raise _Retry(describe(exc), sent=False) from exc
         except httpx.TransportError as exc:
             raise _Retry(describe(exc), sent=True) from exc
-        # Streaming endpoints (lease keep-alive) answer JSON lines; the first one is ours.
+        # Streaming endpoints answer JSON lines; the first one is ours.
         text = resp.text.strip().split("\n", 1)[0]
         try:
             payload = json.loads(text) if text else {}
@@ -206,7 +206,9 @@ class Gateway:
                 raise _Retry(message, sent="no leader" not in message)
             raise GatewayError(f"{self.where}: {path}: {message}", code)
         assert isinstance(payload, dict)
-        return payload.get("result", payload) if path == "/v3/lease/keepalive" else payload
+        # Streaming endpoints (lease keep-alive) wrap their answer in "result".
+        result = payload.get("result", payload)
+        return result if isinstance(result, dict) else payload
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}

@@ -97,6 +97,14 @@ def _kv(raw: dict[str, Any]) -> KeyValue:
     )
 
 
+def _put(key: str, value: bytes, lease: LeaseID | None) -> dict[str, Any]:
+    """A PutRequest, for /v3/kv/put and inside transactions."""
+    request: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(bytes(value))}
+    if lease:
+        request["lease"] = str(lease)
+    return request
+
+
 def _revision(answer: dict[str, Any]) -> int:
     return int(answer.get("header", {}).get("revision", 0))
 
@@ -163,10 +171,7 @@ class EtcdStore(Store):
         return _kv(kvs[0]) if kvs else None
 
     async def put(self, key: str, value: bytes, lease: LeaseID | None = None) -> int:
-        body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(bytes(value))}
-        if lease:
-            body["lease"] = str(lease)
-        return _revision(await self._call("/v3/kv/put", body))
+        return _revision(await self._call("/v3/kv/put", _put(key, value, lease)))
 
     async def delete(self, key: str) -> bool:
         answer = await self._call("/v3/kv/deleterange", {"key": _b64(key.encode())})
@@ -196,38 +201,35 @@ class EtcdStore(Store):
                 body["key"] = _b64(page[-1].key.encode() + b"\0")
                 body["revision"] = str(revision)
 
-    async def _txn(self, compare: dict[str, Any], success: dict[str, Any]) -> bool:
+    async def _txn_if(
+        self, key: str, target: str, revision: int, then: dict[str, Any]
+    ) -> bool:
+        """Run ``then`` only if ``key``'s ``target`` revision (CREATE or MOD) equals
+        ``revision``; True when it ran."""
+        field = "create_revision" if target == "CREATE" else "mod_revision"
+        compare = {"key": _b64(key.encode()), "target": target, "result": "EQUAL",
+                   field: str(revision)}
         answer = await self._call(
-            "/v3/kv/txn", {"compare": [compare], "success": [success]}, repeatable=False)
+            "/v3/kv/txn", {"compare": [compare], "success": [then]}, repeatable=False)
         return bool(answer.get("succeeded", False))
 
-    def _put_op(self, key: str, value: bytes, lease: LeaseID | None) -> dict[str, Any]:
-        op: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(bytes(value))}
-        if lease:
-            op["lease"] = str(lease)
-        return {"request_put": op}
-
     async def create(self, key: str, value: bytes, lease: LeaseID | None = None) -> bool:
-        compare = {"key": _b64(key.encode()), "target": "CREATE", "result": "EQUAL",
-                   "create_revision": "0"}
-        return await self._txn(compare, self._put_op(key, value, lease))
+        return await self._txn_if(key, "CREATE", 0, {"request_put": _put(key, value, lease)})
 
     async def compare_and_swap(
         self, key: str, expected_mod_revision: int, value: bytes, lease: LeaseID | None = None
     ) -> bool:
         if expected_mod_revision == 0:
             return await self.create(key, value, lease)
-        compare = {"key": _b64(key.encode()), "target": "MOD", "result": "EQUAL",
-                   "mod_revision": str(expected_mod_revision)}
-        return await self._txn(compare, self._put_op(key, value, lease))
+        return await self._txn_if(
+            key, "MOD", expected_mod_revision, {"request_put": _put(key, value, lease)})
 
     async def compare_and_delete(self, key: str, expected_mod_revision: int) -> bool:
         if expected_mod_revision == 0:
             return False  # "delete if absent" never deletes anything
-        compare = {"key": _b64(key.encode()), "target": "MOD", "result": "EQUAL",
-                   "mod_revision": str(expected_mod_revision)}
-        return await self._txn(
-            compare, {"request_delete_range": {"key": _b64(key.encode())}})
+        return await self._txn_if(
+            key, "MOD", expected_mod_revision,
+            {"request_delete_range": {"key": _b64(key.encode())}})
 
     async def grant_lease(self, ttl_seconds: int) -> LeaseID:
         if ttl_seconds < 1:
