@@ -17,14 +17,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from villi._nsenter import in_netns
 from villi.datapath import abi
-from villi.policy.mapstate import MapKey as Key
-from villi.policy.mapstate import MapValue as Val
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import EndpointManager
 from villi.lab.probe import ping, tcp_connect, udp_roundtrip
+from villi.policy.mapstate import MapKey as Key
+from villi.policy.mapstate import MapValue as Val
 from villi.testing.topology import SingleNode
-from villi._nsenter import in_netns
 
 pytestmark = pytest.mark.e2e
 

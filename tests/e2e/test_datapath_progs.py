@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from villi.datapath import abi
-from villi.policy.mapstate import MapKey as Key
-from villi.policy.mapstate import MapValue as Val
 from villi.datapath.compiler import NodeConfig, compile_program
 from villi.datapath.loader import BpfObject
 from villi.datapath.node import NodeDatapath
@@ -23,6 +21,8 @@ from villi.datapath.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, run
 from villi.endpoint.manager import ip_be
 from villi.endpoint.policymap import kernel_key, kernel_value
 from villi.errors import LoadError
+from villi.policy.mapstate import MapKey as Key
+from villi.policy.mapstate import MapValue as Val
 from villi.testing import packets as pk
 
 pytestmark = pytest.mark.e2e

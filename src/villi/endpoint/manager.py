@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -82,6 +82,8 @@ class EndpointManager:
         self.endpoints: dict[int, Endpoint] = {}
         # The map state last written per endpoint, to diff the next change against.
         self._map_state: dict[int, dict] = {}
+        # The endpoints-map entry last written per endpoint (skip identical rewrites).
+        self._written: dict[int, tuple] = {}
 
     # --- create / delete --------------------------------------------------------------
     def create(self, *, endpoint_id: int, ipv4: str, netns: str, identity: int,
@@ -100,7 +102,7 @@ class EndpointManager:
             self._write_endpoint_entry(ep)
             self._write_ipcache(ep)
             self.datapath.attach(link.host_ifindex, self.node_netns)
-            self._save(ep)
+            self.save(ep)
         except BaseException:
             self._remove_kernel_state(ep)
             delete_link(host_ifname, self.node_netns)
@@ -121,6 +123,7 @@ class EndpointManager:
         return True
 
     def _remove_kernel_state(self, ep: Endpoint) -> None:
+        self._written.pop(ep.id, None)
         self.datapath.endpoints.delete(abi.EndpointKey(addr=ip_be(ep.ipv4)))
         self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ep.ipv4)))
         policymap.delete_all(self.datapath.policy, ep.id)
@@ -133,28 +136,48 @@ class EndpointManager:
         self._write_endpoint_entry(ep)
         self._write_ipcache(ep)
         self.endpoints[ep.id] = ep
-        self._save(ep)
+        self.save(ep)
         return ep
 
     def set_policy(self, endpoint_id: int, *, ingress_enforced: bool, egress_enforced: bool,
                    map_state: Mapping) -> tuple[int, int]:
-        """Install a new policy map state for an endpoint, as a diff of the old one.
+        """Install a new full policy map state for an endpoint, as a diff of the old one.
 
-        Turning enforcement on happens after the new entries are in; turning it off
-        happens before entries are removed, so no packet sees a half-applied policy.
+        Used at start-up (against what the kernel held) and by tests; the agent's
+        steady state goes through :meth:`apply_policy_diff`.
+        """
+        old_state = self._map_state.get(endpoint_id, {})
+        upserts = {k: v for k, v in map_state.items() if old_state.get(k) != v}
+        deletes = [k for k in old_state if k not in map_state]
+        return self.apply_policy_diff(endpoint_id, ingress_enforced=ingress_enforced,
+                                      egress_enforced=egress_enforced, upserts=upserts,
+                                      deletes=deletes)
+
+    def apply_policy_diff(self, endpoint_id: int, *, ingress_enforced: bool,
+                          egress_enforced: bool, upserts: Mapping, deletes: Iterable
+                          ) -> tuple[int, int]:
+        """Apply a map diff (from the policy engine) to the kernel and the record.
+
+        Order: enforcement is relaxed first, then denies, allows and removals are
+        written, and enforcement is tightened last, so no packet meets a policy that is
+        stricter or looser than both the old and the new one.
         """
         ep = self._get(endpoint_id)
+        deletes = list(deletes)
+        state = self._map_state.setdefault(endpoint_id, {})
+        before = _lookup_dirs(state)
+        relaxed = replace(ep, ingress_enforced=ep.ingress_enforced and ingress_enforced,
+                          egress_enforced=ep.egress_enforced and egress_enforced)
+        self._write_endpoint_entry(relaxed, lookups=before | _lookup_dirs(upserts))
+        counts = policymap.apply_changes(self.datapath.policy, endpoint_id, upserts, deletes)
+        for k in deletes:
+            state.pop(k, None)
+        state.update(upserts)
         new_ep = replace(ep, ingress_enforced=ingress_enforced, egress_enforced=egress_enforced)
-        old_state = self._map_state.get(endpoint_id, {})
-        loosening = replace(ep, ingress_enforced=ep.ingress_enforced and ingress_enforced,
-                            egress_enforced=ep.egress_enforced and egress_enforced)
-        self._write_endpoint_entry(loosening, lookups=_lookup_dirs(old_state) |
-                                   _lookup_dirs(map_state))
-        counts = policymap.apply_diff(self.datapath.policy, endpoint_id, old_state, map_state)
-        self._map_state[endpoint_id] = dict(map_state)
-        self._write_endpoint_entry(new_ep, lookups=_lookup_dirs(map_state))
+        self._write_endpoint_entry(new_ep, lookups=_lookup_dirs(state))
         self.endpoints[endpoint_id] = new_ep
-        self._save(new_ep)
+        if (ep.ingress_enforced, ep.egress_enforced) != (ingress_enforced, egress_enforced):
+            self.save(new_ep)
         return counts
 
     def map_state(self, endpoint_id: int) -> dict:
@@ -220,17 +243,22 @@ class EndpointManager:
             flags |= abi.EP_F_INGRESS_LOOKUP
         if abi.Dir.EGRESS in lookups:
             flags |= abi.EP_F_EGRESS_LOOKUP
+        cache_key = (ep.ipv4, ep.host_ifindex, ep.identity, flags)
+        if self._written.get(ep.id) == cache_key:
+            return
         value = abi.EndpointValue(ifindex=ep.host_ifindex, identity=ep.identity,
                                   endpoint_id=ep.id, flags=flags)
         value.pod_mac[:] = list(mac_bytes(ep.pod_mac))
         value.host_mac[:] = list(mac_bytes(ep.host_mac))
         self.datapath.endpoints.update(abi.EndpointKey(addr=ip_be(ep.ipv4)), value)
+        self._written[ep.id] = cache_key
 
     def _write_ipcache(self, ep: Endpoint) -> None:
         self.datapath.ipcache.update(abi.IpcacheKey(prefixlen=32, addr=ip_be(ep.ipv4)),
                                      abi.IpcacheValue(identity=ep.identity))
 
-    def _save(self, ep: Endpoint) -> None:
+    def save(self, ep: Endpoint) -> None:
+        """Persist the endpoint record (atomic replace)."""
         tmp = self.state_dir / f".{ep.id}.json.tmp"
         tmp.write_text(ep.to_json())
         os.replace(tmp, self.state_dir / f"{ep.id}.json")
@@ -238,7 +266,12 @@ class EndpointManager:
 
 def _lookup_dirs(map_state: Mapping) -> frozenset[int]:
     """Directions in which an endpoint has entries the datapath must look up."""
-    return frozenset(int(k.direction) for k in map_state)
+    dirs: set[int] = set()
+    for k in map_state:
+        dirs.add(int(k.direction))
+        if len(dirs) == 2:
+            break
+    return frozenset(dirs)
 
 
 __all__ = ["Endpoint", "EndpointManager", "VilliError", "host_ifname_for", "ip_be"]

@@ -11,7 +11,7 @@ allows, then removals.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from villi.datapath import abi
@@ -70,6 +70,22 @@ def apply_diff(
     for k in removed:
         policy_map.delete(kernel_key(endpoint_id, k))
     return len(changed), len(removed)
+
+
+def apply_changes(
+    policy_map: TypedMap[abi.PolicyKey, abi.PolicyValue],
+    endpoint_id: int,
+    upserts: Mapping[MapKeyLike, MapValueLike],
+    deletes: Iterable[MapKeyLike],
+) -> tuple[int, int]:
+    """Write a precomputed diff: denies, then allows, then removals."""
+    ordered = sorted(upserts.items(), key=lambda kv: not kv[1].deny)
+    for k, v in ordered:
+        policy_map.update(kernel_key(endpoint_id, k), kernel_value(k, v))
+    n = 0
+    for k in deletes:
+        n += policy_map.delete(kernel_key(endpoint_id, k))
+    return len(ordered), n
 
 
 def delete_all(policy_map: TypedMap[abi.PolicyKey, abi.PolicyValue], endpoint_id: int) -> int:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
-
-from pyroute2 import IPRoute, netns
+import subprocess
 
 from villi._nsenter import in_netns, netns_path
 from villi.errors import NetnsError
+from villi.netns._ipr import ipr_in
+
+
+def _ip(*args: str) -> None:
+    """``ip`` from iproute2 (namespace creation forks and mounts: let iproute2 do it)."""
+    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {res.stderr.strip()}")
 
 
 def netns_exists(name: str) -> bool:
@@ -23,8 +30,8 @@ def create_netns(name: str, *, forwarding: bool = False) -> None:
     """
     try:
         if not netns_exists(name):
-            netns.create(name)
-        with IPRoute(netns=name) as ipr:
+            _ip("netns", "add", name)
+        with ipr_in(name) as ipr:
             ipr.link("set", index=1, state="up")
         set_sysctl(name, "net/ipv6/conf/all/disable_ipv6", "1")
         set_sysctl(name, "net/ipv6/conf/default/disable_ipv6", "1")
@@ -39,7 +46,7 @@ def delete_netns(name: str) -> bool:
     if not netns_exists(name):
         return False
     try:
-        netns.remove(name)
+        _ip("netns", "delete", name)
     except OSError as e:
         raise NetnsError(f"cannot delete network namespace {name}: {e}") from e
     return True

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute  # noqa: F401 (type of ipr_in)
 from pyroute2.netlink.exceptions import NetlinkError
 
 from villi.errors import NetnsError
+from villi.netns._ipr import ipr_in
 
 RTN_UNREACHABLE = 7
 #: The machine's resolver lives here: no route of villi's may cover it.
@@ -37,7 +38,7 @@ def ensure_unreachable(cidr: str, netns: str | None = None) -> None:
     """Install ``unreachable <cidr>`` (idempotent)."""
     net = check_safe_cidr(cidr)
     try:
-        with IPRoute(netns=netns, flags=0) as ipr:
+        with ipr_in(netns) as ipr:
             ipr.route("replace", dst=str(net), type=RTN_UNREACHABLE)
     except NetlinkError as e:
         raise NetnsError(f"cannot add unreachable route {net}: {e}") from e
@@ -47,7 +48,7 @@ def replace_route(cidr: str, via: str, netns: str | None = None) -> None:
     """Route ``cidr`` via the node IP ``via`` (idempotent)."""
     net = check_safe_cidr(cidr)
     try:
-        with IPRoute(netns=netns, flags=0) as ipr:
+        with ipr_in(netns) as ipr:
             ipr.route("replace", dst=str(net), gateway=via)
     except NetlinkError as e:
         raise NetnsError(f"cannot route {net} via {via}: {e}") from e
@@ -55,7 +56,7 @@ def replace_route(cidr: str, via: str, netns: str | None = None) -> None:
 
 def delete_route(cidr: str, netns: str | None = None) -> bool:
     try:
-        with IPRoute(netns=netns, flags=0) as ipr:
+        with ipr_in(netns) as ipr:
             ipr.route("del", dst=cidr)
             return True
     except NetlinkError:
@@ -65,7 +66,7 @@ def delete_route(cidr: str, netns: str | None = None) -> bool:
 def routes(netns: str | None = None) -> list[tuple[str, str | None, int]]:
     """(dst, gateway, type) of the main table's IPv4 routes (for tests and status)."""
     out = []
-    with IPRoute(netns=netns, flags=0) as ipr:
+    with ipr_in(netns) as ipr:
         for r in ipr.get_routes(family=2, table=254):
             dst = r.get("RTA_DST") or "0.0.0.0"
             out.append((f"{dst}/{r['dst_len']}", r.get("RTA_GATEWAY"), r["type"]))
@@ -74,7 +75,7 @@ def routes(netns: str | None = None) -> list[tuple[str, str | None, int]]:
 
 def first_ipv4(netns: str | None = None) -> str | None:
     """The first global IPv4 address of the namespace (the node IP when not given)."""
-    with IPRoute(netns=netns, flags=0) as ipr:
+    with ipr_in(netns) as ipr:
         for a in ipr.get_addr(family=2):
             if a["scope"] == 0:
                 return a.get("IFA_ADDRESS")

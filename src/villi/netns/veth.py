@@ -11,14 +11,16 @@ the pod's MAC by ordinary ARP, which the datapath lets through.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute  # noqa: F401 (type of ipr_in)
 from pyroute2.netlink.exceptions import NetlinkError
 
 from villi._nsenter import netns_path
 from villi.errors import NetnsError
+from villi.netns._ipr import ipr_in
 from villi.netns.namespaces import set_sysctl
 
 GATEWAY_IPV4 = "169.254.1.1"
@@ -62,14 +64,18 @@ def create_pod_link(
     except OSError as e:
         raise NetnsError(f"{ipv4!r} is not an IPv4 address") from e
     try:
-        with IPRoute(netns=host_netns) as host, IPRoute(netns=pod_netns, flags=0) as pod:
+        with ipr_in(host_netns) as host, ipr_in(pod_netns) as pod:
             tmp_name = f"{host_ifname[:11]}_p"
             host.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
                       peer={"ifname": tmp_name, "mtu": mtu})
             try:
                 host_idx = host.link_lookup(ifname=host_ifname)[0]
                 peer_idx = host.link_lookup(ifname=tmp_name)[0]
-                host.link("set", index=peer_idx, net_ns_fd=netns_path(pod_netns))
+                ns_fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+                try:
+                    host.link("set", index=peer_idx, net_ns_fd=ns_fd)
+                finally:
+                    os.close(ns_fd)
                 pod_idx = pod.link_lookup(ifname=tmp_name)[0]
                 pod.link("set", index=pod_idx, ifname=pod_ifname)
                 host_mac = _mac(host, host_idx)
@@ -107,7 +113,7 @@ def _delete_quietly(ipr: IPRoute, ifname: str) -> None:
 def delete_link(ifname: str, netns: str | None = None) -> bool:
     """Delete a link (a veth takes its peer with it); False when it did not exist."""
     try:
-        with IPRoute(netns=netns, flags=0) as ipr:
+        with ipr_in(netns) as ipr:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
                 return False
@@ -121,7 +127,7 @@ def delete_link(ifname: str, netns: str | None = None) -> bool:
 
 def link_info(ifname: str, netns: str | None = None) -> tuple[int, str] | None:
     """(ifindex, MAC) of a link, or None when it does not exist."""
-    with IPRoute(netns=netns, flags=0) as ipr:
+    with ipr_in(netns) as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             return None

@@ -1,0 +1,470 @@
+"""The node agent: owns the node's endpoints and datapath, follows the cluster state.
+
+Wiring only — each rule lives in the package that owns it:
+
+    store ──► NodeSync (routes, node IPs)         IdentityCache ──┐
+          ├─► IpcacheSync (remote pods)                            ├─► PolicySync ──► maps
+          ├─► resources (policies, namespaces, pods) ──────────────┘
+    CNI ──► API ──► create_endpoint: IPAM → identity → veth/maps → policy → publish
+
+Start-up never disturbs live traffic: endpoints are re-adopted from the state
+directory and the pinned maps (programs re-attached with REPLACE, policy diffed
+against what the kernel holds), IP allocations come back from disk, and only then
+does the agent reconcile with the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from villi.agent import keys
+from villi.agent.api import ApiError, build_app, serve_unix
+from villi.agent.config import AgentConfig
+from villi.agent.ipam import NodeIPAM
+from villi.agent.policy_sync import PolicySync
+from villi.agent.sync import IpcacheSync, NodeSync
+from villi.datapath.compiler import NodeConfig
+from villi.datapath.node import NodeDatapath
+from villi.endpoint.manager import Endpoint, EndpointManager
+from villi.errors import EndpointError, VilliError
+from villi.identity.allocator import IdentityAllocator, ref_key
+from villi.identity.cache import IdentityCache
+from villi.identity.labels import LabelSet, pod_identity_labels
+from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.netns import routes, set_sysctl
+from villi.netns.veth import GATEWAY_IPV4
+
+log = logging.getLogger("villi.agent")
+MAX_ENDPOINT_ID = 65535
+
+
+def in_root_netns() -> bool:
+    """Whether this process shares init's network namespace (or, where /proc/1 is out
+    of reach, whether it is in no named namespace — villi's nodes always are)."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    try:
+        return own == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        pass
+    try:
+        names = os.listdir("/var/run/netns")
+    except OSError:
+        return True
+    for name in names:
+        try:
+            if os.stat(os.path.join("/var/run/netns", name)).st_ino == own:
+                return False
+        except OSError:
+            continue
+    return True
+
+
+class Agent:
+    """One node's agent. ``await start()``, serve, ``await stop()``."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node = config.node
+        self.store: Store | None = None
+        self.lease: LeaseKeeper | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self._runner: Any = None
+        self._lock = asyncio.Lock()
+        self._held: dict[int, LabelSet] = {}   # endpoint id -> label set it holds
+        self.kvstore_status = "connecting"
+        self.started = asyncio.Event()
+        # pyroute2's synchronous API runs its own event loop, so netlink work cannot
+        # run on ours: it goes to one worker thread, which also keeps it serialised.
+        self._kernel_pool = ThreadPoolExecutor(1, thread_name_prefix="villi-kernel")
+
+    async def kernel(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a netlink-touching call on the kernel thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kernel_pool, partial(fn, *args, **kwargs))
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        if in_root_netns() and not cfg.allow_root_netns:
+            raise VilliError("refusing to run in the machine's root network namespace: villi "
+                             "would add pod routes there. Run the agent inside a node "
+                             "namespace (villi lab does) or pass --allow-root-netns.")
+        state = cfg.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        # The node namespace routes pods; anything else in the cluster range dies here.
+        set_sysctl(None, "net/ipv4/ip_forward", "1")
+        await self.kernel(routes.ensure_unreachable, cfg.cluster_cidr)
+        self.node_ip = cfg.node_ip or await self.kernel(routes.first_ipv4)
+
+        self.datapath = NodeDatapath(cfg.cluster, self.node, NodeConfig(
+            node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
+            host_routing=cfg.host_routing))
+        self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
+        restored = await self.kernel(self.endpoints.restore)
+        log.info("restored %d endpoints from %s", len(restored), state)
+        self.ipam = NodeIPAM(state, self.node)
+        self.ipam.reconcile({ep.ipv4: _owner(ep) for ep in restored})
+
+        self.store = open_store(cfg.kvstore)
+        self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost)
+        await self.lease.start()
+        self.kvstore_status = "ok"
+        self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
+        self.identity_cache = IdentityCache()
+        self.policy = PolicySync(self)
+        self.node_sync = NodeSync(self.store, self.datapath, self.node, kernel=self.kernel)
+        self.ipcache_sync = IpcacheSync(self.store, self.datapath, self.node,
+                                        on_change=self.policy.on_ipcache_change)
+
+        await self._acquire_pod_cidr()
+        self.ipam.start_reporting(self.store, self._publish_node,
+                                  cfg.ipam_node_update_rate)
+        await self._publish_node()
+
+        ready = asyncio.Event()
+        self._spawn(self.identity_cache.run(self.store, ready), "identity-cache")
+        self._spawn(self.node_sync.run(), "node-sync")
+        self._spawn(self.ipcache_sync.run(), "ipcache-sync")
+        self._spawn(self.policy.run(), "policy-sync")
+        await asyncio.wait_for(ready.wait(), timeout=30)
+        await self.policy.wait_synced()
+
+        # Re-take identity references of restored endpoints, then bring policy current.
+        for ep in restored:
+            await self._refresh_identity(ep.id)
+        await self.policy.regenerate_all()
+        for ep in restored:
+            await self._publish_endpoint(ep)
+
+        self._runner = await serve_unix(build_app(self), cfg.api_socket)
+        self.started.set()
+        log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
+                 self.node_ip, self.ipam.cidrs, cfg.api_socket)
+
+    async def stop(self) -> None:
+        """Stop serving and following the store; the datapath keeps enforcing."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for t in self.tasks:
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        if self.lease is not None:
+            # Do not revoke: a restarting agent's pods keep their entries until the TTL.
+            await self.lease.stop(revoke=False)
+        if self.store is not None:
+            await self.store.close()
+        if hasattr(self, "ipam"):
+            await self.ipam.close()
+        if hasattr(self, "datapath"):
+            self.datapath.close()
+        self._kernel_pool.shutdown(wait=True)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"villi-{name}")
+        task.add_done_callback(self._task_done)
+        self.tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent task %s failed: %r", task.get_name(), task.exception())
+            self.kvstore_status = f"error: {task.get_name()} failed: {task.exception()}"
+
+    async def _lease_lost(self, lease: LeaseID) -> None:
+        """The old lease expired: every key that lived under it must be written again."""
+        assert self.store is not None
+        self.identities.lease = lease
+        await self._publish_node()
+        for ep in self.endpoints.endpoints.values():
+            await self._publish_endpoint(ep)
+        for labels in set(self._held.values()):
+            await self.store.put(ref_key(labels, self.node), b"", lease=lease)
+
+    # --- node and IPAM ------------------------------------------------------------------
+    async def _acquire_pod_cidr(self) -> None:
+        """Use the static --pod-cidr, else wait for the operator to hand one out."""
+        assert self.store is not None
+        if self.config.pod_cidr:
+            self.ipam.set_cidrs([self.config.pod_cidr])
+            return
+        key = keys.podcidrs_key(self.node)
+        await self._publish_node()  # the operator allocates for nodes it sees
+        deadline = asyncio.get_running_loop().time() + self.config.cidr_wait_timeout
+        delay = 0.05
+        while True:
+            kv = await self.store.get(key)
+            if kv is not None:
+                cidrs = json.loads(kv.value).get("cidrs", [])
+                if cidrs:
+                    self.ipam.set_cidrs(cidrs)
+                    self._spawn(self._follow_pod_cidrs(key, kv.mod_revision), "podcidrs")
+                    return
+            if asyncio.get_running_loop().time() > deadline:
+                raise VilliError(f"no pod CIDR for node {self.node} after "
+                                 f"{self.config.cidr_wait_timeout:.0f}s: is `villi operator` "
+                                 "running against the same kvstore?")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _follow_pod_cidrs(self, key: str, revision: int) -> None:
+        assert self.store is not None
+        async for event in self.store.watch(key, start_revision=revision + 1):
+            if event.value:
+                self.ipam.set_cidrs(json.loads(event.value).get("cidrs", []))
+                await self._publish_node()
+
+    def node_entry(self) -> dict[str, Any]:
+        return {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
+                "ipam": self.ipam.usage(), "apiSocket": str(self.config.api_socket)}
+
+    async def _publish_node(self) -> None:
+        assert self.store is not None and self.lease is not None
+        await self.store.put(keys.node_key(self.node), json.dumps(self.node_entry()).encode(),
+                             lease=self.lease.lease)
+
+    # --- endpoints ----------------------------------------------------------------------
+    def _find(self, ref: str, ifname: str = "eth0") -> Endpoint | None:
+        if ref.startswith("container-id:"):
+            cid = ref[len("container-id:"):]
+            for ep in self.endpoints.endpoints.values():
+                if ep.container_id == cid and ep.ifname == ifname:
+                    return ep
+            return None
+        if ref.startswith("pod:"):
+            ns, _, name = ref[len("pod:"):].partition("/")
+            for ep in self.endpoints.endpoints.values():
+                if ep.namespace == ns and ep.pod_name == name:
+                    return ep
+            return None
+        try:
+            return self.endpoints.endpoints.get(int(ref))
+        except ValueError:
+            raise ApiError(400, f"bad endpoint id {ref!r}: a number, container-id:<id> or "
+                           "pod:<ns>/<name>") from None
+
+    def get_endpoint(self, ref: str, ifname: str = "eth0") -> dict[str, Any]:
+        ep = self._find(ref, ifname)
+        if ep is None:
+            raise ApiError(404, f"no endpoint {ref} (ifname {ifname}) on node {self.node}")
+        return self.endpoint_view(ep)
+
+    def list_endpoints(self) -> list[dict[str, Any]]:
+        return [self.endpoint_view(ep) for ep in sorted(self.endpoints.endpoints.values(),
+                                                        key=lambda e: e.id)]
+
+    def endpoint_view(self, ep: Endpoint) -> dict[str, Any]:
+        return {
+            "id": ep.id, "containerID": ep.container_id, "ifname": ep.ifname,
+            "netns": ep.netns, "namespace": ep.namespace, "podName": ep.pod_name,
+            "labels": ep.labels, "identity": ep.identity, "ipv4": ep.ipv4,
+            "ipv4Pool": self.ipam.cidr_of(ep.ipv4), "gateway": GATEWAY_IPV4,
+            "mac": ep.pod_mac, "hostIfname": ep.host_ifname, "hostMac": ep.host_mac,
+            "namedPorts": ep.named_ports, "node": self.node,
+            "policy": {"ingress": "enabled" if ep.ingress_enforced else "disabled",
+                       "egress": "enabled" if ep.egress_enforced else "disabled"},
+            "state": ep.state,
+        }
+
+    def _next_endpoint_id(self) -> int:
+        used = set(self.endpoints.endpoints)
+        for i in range(1, MAX_ENDPOINT_ID + 1):
+            if i not in used:
+                return i
+        raise EndpointError("no free endpoint id on this node")
+
+    def identity_labels(self, namespace: str, labels: dict[str, str]) -> LabelSet:
+        return pod_identity_labels(namespace, labels, self.policy.namespace_labels(namespace),
+                                   cluster=self.config.cluster)
+
+    async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """CNI ADD: IP, identity, veth, maps, policy, publish — or nothing at all."""
+        for field in ("containerID", "netns", "ifname"):
+            if not isinstance(req.get(field), str) or not req[field]:
+                raise ApiError(400, f"endpoint request needs a non-empty {field!r}", 4)
+        cid, netns, ifname = req["containerID"], req["netns"], req["ifname"]
+        if not os.path.exists(netns):
+            raise ApiError(400, f"network namespace {netns} does not exist", 3)
+        async with self._lock:
+            existing = self._find(f"container-id:{cid}", ifname)
+            if existing is not None:
+                return False, self.endpoint_view(existing)
+            namespace = req.get("namespace") or "default"
+            pod_name = req.get("podName") or cid[:12]
+            labels = dict(await self.policy.pod_labels(namespace, pod_name))
+            labels.update(req.get("labels") or {})
+            named_ports = {k: [int(v["port"]), str(v.get("protocol", "TCP")).upper()]
+                           for k, v in (req.get("namedPorts") or {}).items()}
+            named_ports.update(await self.policy.pod_named_ports(namespace, pod_name))
+            owner = f"container-id:{cid}/{ifname}"
+            ip = self.ipam.allocate(owner)
+            id_labels = self.identity_labels(namespace, labels)
+            identity: int | None = None
+            held = False
+            ep: Endpoint | None = None
+            try:
+                identity = int(await self.identities.allocate(id_labels))
+                held = True
+                ep = await self.kernel(
+                    self.endpoints.create,
+                    endpoint_id=self._next_endpoint_id(), ipv4=ip, netns=netns, ifname=ifname,
+                    identity=identity, attach_key=owner, namespace=namespace,
+                    pod_name=pod_name, container_id=cid, labels=labels,
+                    named_ports=named_ports)
+                self.identity_cache.upsert(identity, id_labels)
+                await self.policy.endpoint_added(ep)
+                await self._publish_endpoint(ep)
+            except BaseException:
+                if ep is not None:
+                    self.policy.endpoint_removed(ep)
+                    await self.kernel(self.endpoints.delete, ep.id)
+                    await self._unpublish_endpoint(ep.ipv4)
+                if held:
+                    await self._release(id_labels)
+                self.ipam.release(ip)
+                raise
+            self._held[ep.id] = id_labels
+            self.ipam.notify()
+            return True, self.endpoint_view(self.endpoints.endpoints[ep.id])
+
+    async def delete_endpoint(self, ref: str, ifname: str = "eth0") -> bool:
+        """CNI DEL: idempotent; False when there was nothing to delete."""
+        async with self._lock:
+            ep = self._find(ref, ifname)
+            if ep is None:
+                if ref.startswith("container-id:"):
+                    self.ipam.release_owner(f"{ref}/{ifname}")
+                return False
+            self.policy.endpoint_removed(ep)
+            await self.kernel(self.endpoints.delete, ep.id)
+            await self._unpublish_endpoint(ep.ipv4)
+            held = self._held.pop(ep.id, None)
+            if held is not None:
+                await self._release(held)
+            self.ipam.release(ep.ipv4)
+            self.ipam.notify()
+            return True
+
+    async def set_endpoint_labels(self, ref: str, ifname: str, labels: dict[str, str]
+                                  ) -> dict[str, Any]:
+        """Change a running pod's labels: its identity and every policy follow."""
+        async with self._lock:
+            ep = self._find(ref, ifname)
+            if ep is None:
+                raise ApiError(404, f"no endpoint {ref} on node {self.node}")
+            ep.labels = dict(labels)
+            self.endpoints.save(ep)
+            await self._refresh_identity(ep.id)
+            return self.endpoint_view(self.endpoints.endpoints[ep.id])
+
+    async def _refresh_identity(self, ep_id: int) -> None:
+        """Give an endpoint the identity of its current labels and namespace labels.
+
+        Each endpoint holds exactly one reference, on the label set it was last given
+        (kept in ``_held``): the new set is acquired before the old one is released,
+        so an identity shared with other pods never drops to zero in between.
+        """
+        ep = self.endpoints.endpoints[ep_id]
+        new_labels = self.identity_labels(ep.namespace, ep.labels)
+        old_labels = self._held.get(ep_id)
+        if new_labels == old_labels and ep.identity == self.identities.lookup(new_labels):
+            return
+        new_id = int(await self.identities.allocate(new_labels))
+        self._held[ep_id] = new_labels
+        self.identity_cache.upsert(new_id, new_labels)
+        old_id = ep.identity
+        self.endpoints.set_identity(ep_id, new_id, ep.labels)
+        if new_id != old_id:
+            await self._publish_endpoint(self.endpoints.endpoints[ep_id])
+            await self.policy.identity_changed(self.endpoints.endpoints[ep_id], old_id)
+        if old_labels is not None:
+            await self._release(old_labels)
+
+    async def _release(self, labels: LabelSet) -> None:
+        try:
+            await self.identities.release(labels)
+        except VilliError as e:
+            log.warning("releasing identity %s: %s", labels, e)
+
+    async def refresh_namespace(self, namespace: str) -> None:
+        """A namespace's labels changed: identities of its pods follow."""
+        async with self._lock:
+            for ep in list(self.endpoints.endpoints.values()):
+                if ep.namespace == namespace:
+                    await self._refresh_identity(ep.id)
+
+    async def _publish_endpoint(self, ep: Endpoint) -> None:
+        assert self.store is not None and self.lease is not None
+        entry = {"identity": ep.identity, "node": self.node, "nodeIP": self.node_ip,
+                 "namespace": ep.namespace, "podName": ep.pod_name, "endpointID": ep.id,
+                 "labels": ep.labels, "namedPorts": ep.named_ports}
+        await self.store.put(keys.ipcache_key(ep.ipv4), json.dumps(entry).encode(),
+                             lease=self.lease.lease)
+
+    async def _unpublish_endpoint(self, ip: str) -> None:
+        assert self.store is not None
+        await self.store.delete(keys.ipcache_key(ip))
+
+    # --- IPAM API -----------------------------------------------------------------------
+    async def ipam_allocate(self, owner: str) -> dict[str, Any]:
+        ip = self.ipam.allocate(owner)
+        self.ipam.notify()
+        return {"ipv4": {"ip": ip, "cidr": self.ipam.cidr_of(ip), "gateway": GATEWAY_IPV4}}
+
+    async def ipam_release(self, ip: str) -> bool:
+        if any(ep.ipv4 == ip for ep in self.endpoints.endpoints.values()):
+            raise ApiError(409, f"{ip} belongs to a live endpoint; delete the endpoint")
+        released = self.ipam.release(ip)
+        self.ipam.notify()
+        return released
+
+    # --- views --------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        usage = self.ipam.usage()
+        status = "ok" if self.kvstore_status == "ok" else "degraded"
+        return {
+            "status": status, "node": self.node, "nodeIP": self.node_ip,
+            "kvstore": {"status": self.kvstore_status, "url": self.config.kvstore},
+            "datapath": {"status": "ok", "pinned": str(self.datapath.pin_dir)},
+            "ipam": {"status": f"IPv4: {usage['allocated']}/{usage['capacity']} allocated"
+                               f" from {', '.join(self.ipam.cidrs) or 'no CIDR'}",
+                     **usage, "cidrs": self.ipam.cidrs},
+            "endpoints": len(self.endpoints.endpoints),
+        }
+
+    def policy_view(self) -> dict[str, Any]:
+        return self.policy.view()
+
+    def identity_view(self) -> list[dict[str, Any]]:
+        return [{"id": int(i), "labels": [str(lbl) for lbl in labels]}
+                for i, labels in sorted(self.identity_cache.items())]
+
+    def extra_routes(self) -> list[tuple[str, str, Any]]:
+        """Routes contributed by optional parts (observer, services)."""
+        return []
+
+
+def _owner(ep: Endpoint) -> str:
+    return f"container-id:{ep.container_id}/{ep.ifname}" if ep.container_id \
+        else f"endpoint:{ep.id}"
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run an agent until cancelled (SIGTERM/SIGINT in the CLI)."""
+    agent = Agent(config)
+    try:
+        await agent.start()
+        await asyncio.Event().wait()
+    finally:
+        await agent.stop()
+
+
+__all__ = ["Agent", "Path", "run_agent"]

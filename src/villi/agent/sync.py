@@ -1,0 +1,129 @@
+"""Store → kernel loops of the agent: other nodes (routes) and every pod (ipcache).
+
+Each loop follows one prefix with list-then-watch (``villi.kvstore.sync``), keeps the
+last state it applied, and turns each change into the smallest kernel change: a route
+replaced or deleted, an ipcache entry written or removed. A node whose lease expires
+disappears from the store, and with it from every other node's routes and ipcache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from villi.agent import keys
+from villi.datapath import abi
+from villi.datapath.node import NodeDatapath
+from villi.endpoint.manager import ip_be
+from villi.errors import NetnsError
+from villi.kvstore import EventType, Store, WatchEvent
+from villi.kvstore.sync import PrefixSync
+from villi.netns import routes
+
+log = logging.getLogger(__name__)
+
+
+def _json(event: WatchEvent) -> dict | None:
+    if event.type is EventType.DELETE:
+        return None
+    try:
+        data = json.loads(event.value)
+    except ValueError:
+        log.warning("ignoring malformed JSON at %s", event.key)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class NodeSync:
+    """Routes to other nodes' pod CIDRs and ipcache entries for node IPs."""
+
+    def __init__(self, store: Store, datapath: NodeDatapath, self_name: str,
+                 on_change: Callable[[], None] | None = None,
+                 kernel: Callable[..., Awaitable[Any]] | None = None) -> None:
+        self.kernel = kernel
+        self.store = store
+        self.datapath = datapath
+        self.self_name = self_name
+        self.nodes: dict[str, dict] = {}
+        self._routes: dict[str, list[str]] = {}   # node -> pod CIDRs routed via it
+        self.on_change = on_change
+        self.sync = PrefixSync(store, keys.NODES)
+
+    async def run(self) -> None:
+        async for event in self.sync:
+            if self.kernel is not None:
+                await self.kernel(self.apply, event)
+            else:
+                self.apply(event)
+
+    def apply(self, event: WatchEvent) -> None:
+        """Runs on the agent's kernel thread (routes go through netlink)."""
+        name = event.key[len(keys.NODES):]
+        data = _json(event)
+        old = self.nodes.pop(name, None)
+        if old and old.get("ipv4"):
+            self._set_node_ip(old["ipv4"], None)
+        for cidr in self._routes.pop(name, []):
+            routes.delete_route(cidr)
+        if data is not None:
+            self.nodes[name] = data
+            ip = data.get("ipv4")
+            if ip:
+                ident = abi.ReservedIdentity.HOST if name == self.self_name \
+                    else abi.ReservedIdentity.REMOTE_NODE
+                self._set_node_ip(ip, int(ident))
+            if name != self.self_name and ip:
+                for cidr in data.get("podCIDRs", []):
+                    try:
+                        routes.replace_route(cidr, ip)
+                        self._routes.setdefault(name, []).append(cidr)
+                    except NetnsError as e:
+                        log.warning("route to node %s: %s", name, e)
+
+    def _set_node_ip(self, ip: str, identity: int | None) -> None:
+        key = abi.IpcacheKey(prefixlen=32, addr=ip_be(ip))
+        if identity is None:
+            self.datapath.ipcache.delete(key)
+        else:
+            self.datapath.ipcache.update(key, abi.IpcacheValue(identity=identity))
+
+
+class IpcacheSync:
+    """Every pod's IP → identity, from the store into this node's ipcache map.
+
+    Local endpoints are written by the endpoint manager directly (no round trip through
+    the store); entries of other nodes come from here.
+    """
+
+    def __init__(self, store: Store, datapath: NodeDatapath, self_name: str,
+                 on_change: Callable[[str, dict | None], None] | None = None) -> None:
+        self.store = store
+        self.datapath = datapath
+        self.self_name = self_name
+        self.entries: dict[str, dict] = {}
+        self.on_change = on_change
+        self.sync = PrefixSync(store, keys.IPCACHE)
+
+    async def run(self) -> None:
+        async for event in self.sync:
+            self.apply(event)
+
+    def apply(self, event: WatchEvent) -> None:
+        ip = event.key[len(keys.IPCACHE):]
+        data = _json(event)
+        old = self.entries.pop(ip, None)
+        if data is None:
+            if old is not None and old.get("node") != self.self_name:
+                self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)))
+        else:
+            self.entries[ip] = data
+            if data.get("node") != self.self_name:
+                node_ip = data.get("nodeIP")
+                self.datapath.ipcache.update(
+                    abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)),
+                    abi.IpcacheValue(identity=int(data.get("identity", 2)),
+                                     node_ip=ip_be(node_ip) if node_ip else 0))
+        if self.on_change:
+            self.on_change(ip, data)

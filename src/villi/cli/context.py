@@ -1,0 +1,45 @@
+"""Where the CLI's commands go: which kvstore, which agents.
+
+Precedence: explicit flags, then the environment (``VILLI_KVSTORE``,
+``VILLI_AGENT_SOCKET``), then a running lab (its state file names its etcd, the
+namespace to reach it from and every node's agent socket), then the single-node
+defaults. So while ``villi lab up`` is running, ``villi apply/get/status/observe``
+talk to the lab with no extra flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_KVSTORE = "embedded:///var/lib/villi/kvstore.db"
+DEFAULT_SOCKET = "/var/run/villi/villi.sock"
+LAB_STATE = Path(os.environ.get("VILLI_LAB_STATE", "/var/run/villi/lab/state.json"))
+
+
+@dataclass
+class Target:
+    kvstore: str
+    kvstore_netns: str | None = None
+    agents: dict[str, str] = field(default_factory=dict)   # node name -> socket path
+    lab: bool = False
+
+
+def load_lab_state() -> dict | None:
+    try:
+        return json.loads(LAB_STATE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve(kvstore: str | None = None, socket: str | None = None) -> Target:
+    lab = load_lab_state()
+    kv = kvstore or os.environ.get("VILLI_KVSTORE")
+    sock = socket or os.environ.get("VILLI_AGENT_SOCKET")
+    if lab and not kv and not sock:
+        return Target(kvstore=lab["kvstore"], kvstore_netns=lab.get("kvstore_netns"),
+                      agents={n["name"]: n["socket"] for n in lab.get("nodes", [])}, lab=True)
+    return Target(kvstore=kv or DEFAULT_KVSTORE,
+                  agents={"local": sock or DEFAULT_SOCKET})

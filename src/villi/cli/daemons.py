@@ -1,0 +1,51 @@
+"""``villi agent`` and ``villi operator``: long-running daemons, stopped by SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+
+def _run_until_signal(make: Callable[[], Awaitable[None]]) -> int:
+    async def runner() -> None:
+        task = asyncio.ensure_future(make())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(runner())
+    return 0
+
+
+def run_agent_command(args: argparse.Namespace) -> int:
+    from villi.agent.config import from_args
+    from villi.agent.daemon import run_agent
+
+    config = from_args(args)
+    return _run_until_signal(lambda: run_agent(config))
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    from villi.cli.context import resolve
+    from villi.kvstore import open_store
+    from villi.operator.main import OperatorSettings, run_operator
+
+    target = resolve(args.kvstore)
+    settings = OperatorSettings(cluster_cidr=args.cluster_cidr, node_mask=args.node_cidr_mask,
+                                grace_period_s=args.reclaim_grace,
+                                identity_gc_interval_s=args.identity_gc_interval)
+
+    async def run() -> None:
+        store = open_store(target.kvstore)
+        try:
+            await run_operator(store, settings)
+        finally:
+            await store.close()
+
+    return _run_until_signal(run)

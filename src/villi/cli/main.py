@@ -1,0 +1,89 @@
+"""``villi``: the command line. Each subcommand's module is imported only when used,
+so ``villi --help`` and quick commands stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from villi.errors import VilliError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="villi", description="eBPF networking, security and "
+                                 "observability for containers")
+    ap.add_argument("--kvstore", help="kvstore URL (default: the running lab, else "
+                    "embedded:///var/lib/villi/kvstore.db)")
+    ap.add_argument("--agent-socket", help="agent API socket (default: the lab's agents, "
+                    "else /var/run/villi/villi.sock)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    from villi.agent.config import add_arguments
+    p = sub.add_parser("agent", help="run the node agent")
+    add_arguments(p)
+
+    p = sub.add_parser("operator", help="run the cluster operator (pod CIDRs, identity GC)")
+    p.add_argument("--cluster-cidr", default="10.64.0.0/10")
+    p.add_argument("--node-cidr-mask", type=int, default=24)
+    p.add_argument("--reclaim-grace", type=float, default=30.0,
+                   help="seconds a vanished node keeps its pod CIDR")
+    p.add_argument("--identity-gc-interval", type=float, default=900.0)
+
+    for name, verb in (("apply", "store"), ("delete", "remove")):
+        p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")
+        p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE")
+
+    p = sub.add_parser("get", help="list endpoints, identities, policies, services, nodes")
+    p.add_argument("what", choices=["endpoints", "identities", "policies", "services", "nodes"])
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--no-headers", action="store_true")
+
+    p = sub.add_parser("status", help="agent, kvstore, datapath and IPAM health")
+    p.add_argument("--brief", action="store_true", help="one line: OK or the first error")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    sub.add_parser("demo", help="the main demonstration (see README)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "agent":
+            from villi.cli.daemons import run_agent_command
+            return run_agent_command(args)
+        if args.command == "operator":
+            from villi.cli.daemons import run_operator_command
+            return run_operator_command(args)
+        if args.command in ("apply", "delete"):
+            from villi.cli.resources import apply_command
+            return apply_command(args, delete=args.command == "delete")
+        if args.command == "get":
+            from villi.cli.get import get_command
+            return get_command(args)
+        if args.command == "status":
+            from villi.cli.status import status_command
+            return status_command(args)
+        if args.command == "demo":
+            from villi.cli.demo import demo_command
+            return demo_command(args)
+    except VilliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    ap.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``villi apply -f`` / ``villi delete -f``: validate every file first, then write.
+
+A file with any bad document changes nothing: loading validates all documents of all
+files before the first write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from villi import resources
+from villi._nsenter import in_netns
+from villi.cli.context import resolve
+
+
+def load(paths: list[str]) -> list:
+    from villi.policy.loader import load_files
+
+    return load_files(paths)
+
+
+async def _write(url: str, items: list, delete: bool) -> list[str]:
+    from villi.kvstore import open_store
+
+    done = []
+    async with open_store(url) as store:
+        for res in items:
+            key = resources.key_of(res)
+            if delete:
+                existed = await store.delete(key)
+                done.append(f"{_describe(res)} {'deleted' if existed else 'not found'}")
+            else:
+                old = await store.get(key)
+                raw = resources.encode(res)
+                if old is not None and old.value == raw:
+                    done.append(f"{_describe(res)} unchanged")
+                    continue
+                await store.put(key, raw)
+                done.append(f"{_describe(res)} {'configured' if old else 'created'}")
+    return done
+
+
+def _describe(res: object) -> str:
+    kind = getattr(res, "kind", "resource").lower()
+    ns = getattr(res, "namespace", None)
+    name = res.metadata.name  # type: ignore[attr-defined]
+    return f"{kind}/{name}" + (f" (namespace {ns})" if ns else "")
+
+
+def apply_command(args: argparse.Namespace, delete: bool) -> int:
+    items = load(args.filename)
+    target = resolve(args.kvstore)
+    with in_netns(target.kvstore_netns):
+        lines = asyncio.run(_write(target.kvstore, items, delete))
+    for line in lines:
+        print(line)
+    return 0

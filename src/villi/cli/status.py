@@ -1,0 +1,49 @@
+"""``villi status``: health of every agent this CLI talks to."""
+
+from __future__ import annotations
+
+import argparse
+
+from villi.cli.client import AgentClient
+from villi.cli.context import resolve
+from villi.cli.output import dump_json
+from villi.errors import AgentUnavailable, VilliError
+
+
+def status_command(args: argparse.Namespace) -> int:
+    target = resolve(args.kvstore, args.agent_socket)
+    results = {}
+    for node, sock in target.agents.items():
+        try:
+            with AgentClient(sock) as c:
+                results[node] = c.get("/v1/healthz")
+        except (AgentUnavailable, VilliError) as e:
+            results[node] = {"status": "error", "error": str(e)}
+    if args.output == "json":
+        dump_json(results)
+        return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
+    if args.brief:
+        for node, r in results.items():
+            if r.get("status") != "ok":
+                part = "agent" if "error" in r else next(
+                    (k for k in ("kvstore", "datapath") if r[k]["status"] != "ok"), "agent")
+                msg = r.get("error") or r.get(part, {}).get("status")
+                print(f"error in {part} ({node}): {msg}")
+                return 1
+        print("OK")
+        return 0
+    bad = False
+    for node, r in results.items():
+        if "error" in r:
+            print(f"Node {node}:\n  Agent:       error: {r['error']}")
+            bad = True
+            continue
+        bad |= r["status"] != "ok"
+        print(f"Node {node} ({r.get('nodeIP') or 'no node IP'}):")
+        print(f"  KVStore:     {r['kvstore']['status']}   {r['kvstore'].get('url', '')}")
+        print(f"  Datapath:    {r['datapath']['status']}   maps pinned at "
+              f"{r['datapath'].get('pinned')}")
+        print(f"  IPAM:        {r['ipam']['status']}")
+        print(f"  Endpoints:   {r['endpoints']}")
+        print(f"  Status:      {r['status'].upper()}")
+    return 1 if bad else 0
