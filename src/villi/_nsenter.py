@@ -52,3 +52,17 @@ def in_netns(netns: str | None) -> Iterator[None]:
             _setns(own)
     finally:
         os.close(own)
+
+
+def enter_netns_for_good(netns: str) -> None:
+    """Move the calling thread into ``netns`` for the rest of its life.
+
+    Daemons (agents in lab nodes) use this at start instead of ``ip netns exec``,
+    which would also give them a private mount namespace with its own /sys — and so
+    a private bpffs, where pinned maps would vanish with the process.
+    """
+    fd = os.open(netns_path(netns), os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)

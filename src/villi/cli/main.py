@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
                     "embedded:///var/lib/villi/kvstore.db)")
     ap.add_argument("--agent-socket", help="agent API socket (default: the lab's agents, "
                     "else /var/run/villi/villi.sock)")
+    ap.add_argument("--netns", help="run inside this network namespace (name or path); "
+                    "unlike `ip netns exec` it keeps the machine's /sys/fs/bpf")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.netns:
+            from villi._nsenter import enter_netns_for_good
+
+            enter_netns_for_good(args.netns)
         if args.command == "agent":
             from villi.cli.daemons import run_agent_command
             return run_agent_command(args)

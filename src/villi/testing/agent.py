@@ -49,7 +49,8 @@ class AgentProcess:
                 raise
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "villi.cli.main", "agent", "--node", self.node,
+        cmd = [sys.executable, "-m", "villi.cli.main", "--netns", self.netns, "agent",
+               "--node", self.node,
                "--cluster", self.cluster, "--kvstore", self.kvstore,
                "--api-socket", str(self.socket), "--state-dir", str(self.state_dir),
                "--metrics-port", "0", "--hubble-metrics-port", "0", "--lease-ttl", "5",
@@ -60,7 +61,7 @@ class AgentProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.command()],
+        self.proc = subprocess.Popen(self.command(),
                                      stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
