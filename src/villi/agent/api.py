@@ -84,18 +84,18 @@ def build_app(agent: Agent) -> web.Application:
         created, ep = await agent.create_endpoint(body)
         return web.json_response(ep, status=201 if created else 200)
 
-    @routes.put("/v1/endpoint/{id}")
+    @routes.put("/v1/endpoint/{id:.+}")
     async def put_endpoint(request: web.Request) -> web.Response:
         body = await request.json()
         body.setdefault("endpointID", request.match_info["id"])
         created, ep = await agent.create_endpoint(body)
         return web.json_response(ep, status=201 if created else 200)
 
-    @routes.get("/v1/endpoint/{id}")
+    @routes.get("/v1/endpoint/{id:.+}")
     async def get_endpoint(request: web.Request) -> web.Response:
         return web.json_response(agent.get_endpoint(*_endpoint_ref(request)))
 
-    @routes.patch("/v1/endpoint/{id}")
+    @routes.patch("/v1/endpoint/{id:.+}")
     async def patch_endpoint(request: web.Request) -> web.Response:
         body = await request.json()
         if not isinstance(body.get("labels"), dict):
@@ -103,7 +103,7 @@ def build_app(agent: Agent) -> web.Application:
         return web.json_response(await agent.set_endpoint_labels(*_endpoint_ref(request),
                                                                  body["labels"]))
 
-    @routes.delete("/v1/endpoint/{id}")
+    @routes.delete("/v1/endpoint/{id:.+}")
     async def delete_endpoint(request: web.Request) -> web.Response:
         deleted = await agent.delete_endpoint(*_endpoint_ref(request))
         if not deleted:
