@@ -45,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--brief", action="store_true", help="one line: OK or the first error")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
-    sub.add_parser("demo", help="the main demonstration (see README)")
+    sub.add_parser("demo", help="the main demonstration: the Star Wars scenario in a lab")
+
+    # Subcommand families with their own modules register their parsers themselves.
+    from villi.cli import lab as lab_cli
+    from villi.cli import observe as observe_cli
+
+    lab_cli.add_parsers(sub)
+    observe_cli.add_parsers(sub)
     return ap
 
 
@@ -82,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from villi.cli.demo import demo_command
             return demo_command(args)
+        if args.command in ("lab", "connectivity"):
+            from villi.cli import lab as lab_cli
+            return lab_cli.run(args)
+        if args.command == "observe":
+            from villi.cli import observe as observe_cli
+            return observe_cli.run(args)
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
