@@ -28,6 +28,7 @@ from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
 from villi.agent.ipam import NodeIPAM
+from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
 from villi.agent.sync import IpcacheSync, NodeSync
 from villi.datapath.compiler import NodeConfig
@@ -143,6 +144,10 @@ class Agent:
         for ep in restored:
             await self._publish_endpoint(ep)
 
+        self.metrics = AgentMetrics(self)
+        self.observer, self.flow_context = build_observer(self)
+        self.observer.start()
+        start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
         self.started.set()
         log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
@@ -153,6 +158,8 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if hasattr(self, "observer"):
+            await self.observer.stop()
         for t in self.tasks:
             t.cancel()
         if self.tasks:
@@ -343,6 +350,7 @@ class Agent:
                 if ref.startswith("container-id:"):
                     self.ipam.release_owner(f"{ref}/{ifname}")
                 return False
+            self.flow_context.forget(ep.ipv4, self.flow_context.pod_of(ep.ipv4))
             self.policy.endpoint_removed(ep)
             await self.kernel(self.endpoints.delete, ep.id)
             await self._unpublish_endpoint(ep.ipv4)
@@ -449,7 +457,11 @@ class Agent:
 
     def extra_routes(self) -> list[tuple[str, str, Any]]:
         """Routes contributed by optional parts (observer, services)."""
-        return []
+        return flow_routes(self)
+
+    def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
+        """(namespace, name) of the service a backend address serves, when known."""
+        return None
 
 
 def _owner(ep: Endpoint) -> str:

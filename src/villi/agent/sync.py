@@ -8,6 +8,7 @@ disappears from the store, and with it from every other node's routes and ipcach
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,8 @@ class IpcacheSync:
         self.datapath = datapath
         self.self_name = self_name
         self.entries: dict[str, dict] = {}
+        # Recently removed entries, so flows of departed pods still carry names.
+        self.departed: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.on_change = on_change
         self.sync = PrefixSync(store, keys.IPCACHE)
 
@@ -114,6 +117,10 @@ class IpcacheSync:
         ip = event.key[len(keys.IPCACHE):]
         data = _json(event)
         old = self.entries.pop(ip, None)
+        if old is not None and data is None:
+            self.departed[ip] = old
+            while len(self.departed) > 1024:
+                self.departed.popitem(last=False)
         if data is None:
             if old is not None and old.get("node") != self.self_name:
                 self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)))

@@ -44,19 +44,27 @@ def _serve_tcp_conn(conn: socket.socket) -> None:
                 return
 
 
-def serve_tcp(port: int) -> None:
+def bind_tcp(port: int) -> socket.socket:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", port))
     srv.listen(512)
+    return srv
+
+
+def bind_udp(port: int) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", port))
+    return srv
+
+
+def serve_tcp(srv: socket.socket) -> None:
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_serve_tcp_conn, args=(conn,), daemon=True).start()
 
 
-def serve_udp(port: int) -> None:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("0.0.0.0", port))
+def serve_udp(srv: socket.socket) -> None:
     while True:
         data, peer = srv.recvfrom(65536)
         srv.sendto(data, peer)
@@ -68,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     specs = [parse_port(p) for p in args.ports]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    for port, proto in specs:
-        target = serve_tcp if proto == "tcp" else serve_udp
-        threading.Thread(target=target, args=(port,), daemon=True).start()
+    # Bind every socket before saying "ready": a probe right after must not race the
+    # listener threads.
+    bound = [(bind_tcp(p), serve_tcp) if proto == "tcp" else (bind_udp(p), serve_udp)
+             for p, proto in specs]
+    for srv, serve in bound:
+        threading.Thread(target=serve, args=(srv,), daemon=True).start()
     print("ready", flush=True)
     threading.Event().wait()
     return 0

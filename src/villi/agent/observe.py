@@ -1,0 +1,225 @@
+"""The agent's observability: flow context, flow API routes, Prometheus endpoints."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from villi.observer.context import PodInfo, PolicyRef
+from villi.observer.filters import FilterError, FilterSpec
+from villi.observer.metrics import HubbleMetrics
+from villi.observer.observer import Observer
+from villi.observer.vocab import DIRECTIONS, drop_reason_name
+
+if TYPE_CHECKING:
+    from villi.agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+
+class AgentFlowContext:
+    """Names for flows, from the agent's live state (plus recently departed pods)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.gone: collections.OrderedDict[str, PodInfo] = collections.OrderedDict()
+
+    def forget(self, ip: str, info: PodInfo | None) -> None:
+        if info is None:
+            return
+        self.gone[ip] = info
+        while len(self.gone) > 1024:
+            self.gone.popitem(last=False)
+
+    def node_name(self) -> str:
+        return self.agent.node
+
+    def identity_labels(self, identity: int) -> list[str]:
+        labels = self.agent.identity_cache.get(identity)
+        return [str(lbl) for lbl in labels] if labels is not None else []
+
+    def _local(self) -> dict[str, PodInfo]:
+        return {ep.ipv4: PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
+                                 ep.pod_mac, ep.host_mac)
+                for ep in self.agent.endpoints.endpoints.values()}
+
+    def _remote(self) -> dict[str, PodInfo]:
+        sync = self.agent.ipcache_sync
+        return {ip: _pod_info(d) for ip, d in {**sync.departed, **sync.entries}.items()}
+
+    def pod_of(self, ip: str) -> PodInfo | None:
+        for ep in self.agent.endpoints.endpoints.values():
+            if ep.ipv4 == ip:
+                return PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
+                               ep.pod_mac, ep.host_mac)
+        sync = self.agent.ipcache_sync
+        d = sync.entries.get(ip) or sync.departed.get(ip)
+        if d is not None:
+            return _pod_info(d)
+        return self.gone.get(ip)
+
+    def all_pods(self) -> dict[str, PodInfo]:
+        return {**self.gone, **self._remote(), **self._local()}
+
+    def all_identities(self) -> dict[int, list[str]]:
+        return {int(i): [str(lbl) for lbl in labels]
+                for i, labels in self.agent.identity_cache.items()}
+
+    def policy_of(self, cookie: int) -> PolicyRef | None:
+        info = self.agent.policy.resolver.cookie_info(cookie)
+        if info is None:
+            return None
+        return PolicyRef(info.kind, info.namespace, info.name, info.direction, info.rule_index)
+
+    def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
+        return self.agent.service_of(ip, port)
+
+
+def _pod_info(d: dict) -> PodInfo:
+    return PodInfo(d.get("namespace", ""), d.get("podName", ""), int(d.get("endpointID", 0)),
+                   d.get("node", ""))
+
+
+class DatapathCollector:
+    """Reads the datapath's counters at scrape time (no polling in between)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Any:
+        drops = GaugeMetricFamily("villi_datapath_drop_total",
+                                  "Packets dropped by the datapath (since the maps were made)",
+                                  labels=["reason", "direction"])
+        fwd = GaugeMetricFamily("villi_datapath_forward_total",
+                                "Packets forwarded by the datapath", labels=["direction"])
+        try:
+            totals = self.agent.datapath.metrics_totals()
+        except Exception:  # noqa: BLE001 - a scrape must not crash on a closing agent
+            totals = {}
+        for (reason, direction), (pkts, _bytes) in sorted(totals.items()):
+            d = DIRECTIONS.get(direction, str(direction)).lower()
+            if reason:
+                drops.add_metric([drop_reason_name(reason), d], pkts)
+            else:
+                fwd.add_metric([d], pkts)
+        yield drops
+        yield fwd
+        usage = self.agent.ipam.usage()
+        ips = GaugeMetricFamily("villi_ipam_ips", "Pod IPs by state", labels=["type"])
+        ips.add_metric(["allocated"], usage["allocated"])
+        ips.add_metric(["available"], usage["free"])
+        yield ips
+        cap = GaugeMetricFamily("villi_ipam_capacity", "Pod IPs this node can allocate")
+        cap.add_metric([], usage["capacity"])
+        yield cap
+        eps = GaugeMetricFamily("villi_endpoint_count", "Local endpoints")
+        eps.add_metric([], len(self.agent.endpoints.endpoints))
+        yield eps
+        pressure = GaugeMetricFamily("villi_bpf_map_pressure",
+                                     "Fill level of BPF maps (entries / max entries)",
+                                     labels=["map_name"])
+        for name, tm in (("villi_endpoints", self.agent.datapath.endpoints),
+                         ("villi_ipcache", self.agent.datapath.ipcache)):
+            try:
+                n = sum(1 for _ in tm.map.keys_raw())
+                pressure.add_metric([name], n / max(1, tm.map.max_entries))
+            except Exception:  # noqa: BLE001
+                continue
+        yield pressure
+        lost = GaugeMetricFamily("villi_events_lost_total",
+                                 "Flow events the datapath could not queue (ringbuf full)")
+        lost.add_metric([], self.agent.datapath.events_lost())
+        yield lost
+
+
+class AgentMetrics:
+    def __init__(self, agent: Agent) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.regenerations = Counter("villi_endpoint_regenerations_total",
+                                     "Endpoint policy regenerations", ["outcome"], registry=r)
+        self.regeneration_seconds = Histogram(
+            "villi_policy_regeneration_seconds", "Time from a policy input change to its "
+            "map diff written", registry=r,
+            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.kvstore_ops = Histogram(
+            "villi_kvstore_operations_duration_seconds", "Duration of kvstore operations",
+            ["action", "outcome"], registry=r,
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        r.register(DatapathCollector(agent))
+
+
+def build_observer(agent: Agent) -> tuple[Observer, AgentFlowContext]:
+    cfg = agent.config
+    ctx = AgentFlowContext(agent)
+    export_filter = FilterSpec.from_json(cfg.extra.get("flow_export_filter"))
+    obs = Observer(ctx, events=agent.datapath.events, capacity=cfg.flows_capacity,
+                   metrics=HubbleMetrics(), kernel_lost=agent.datapath.events_lost,
+                   export_path=cfg.flow_export, export_filter=export_filter)
+    return obs, ctx
+
+
+def start_metrics_servers(agent: Agent) -> None:
+    """Prometheus on TCP (in the agent's network namespace): 9962 agent, 9965 flows."""
+    cfg = agent.config
+    for port, registry in ((cfg.metrics_port, agent.metrics.registry),
+                           (cfg.hubble_metrics_port, agent.observer.metrics.registry)):
+        if port:
+            try:
+                start_http_server(port, registry=registry)
+            except OSError as e:
+                log.warning("metrics port %d: %s", port, e)
+
+
+def _int(q: Any, name: str) -> int | None:
+    v = q.get(name)
+    if v in (None, ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"{name} must be an integer",
+                                                  "code": 0}),
+                                 content_type="application/json") from None
+
+
+def flow_routes(agent: Agent) -> list[tuple[str, str, Any]]:
+    async def flows(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            spec = FilterSpec.from_json(json.loads(q.get("filter", "[]")))
+        except (ValueError, FilterError) as e:
+            return web.json_response({"error": f"bad filter: {e}", "code": 0}, status=400)
+        last, first = _int(q, "last"), _int(q, "first")
+        since, until = _int(q, "since"), _int(q, "until")
+        follow = q.get("follow") in ("1", "true")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            if follow:
+                async for flow in agent.observer.follow(spec, last=last or 0):
+                    await resp.write((json.dumps(flow) + "\n").encode())
+            else:
+                out = agent.observer.query(spec, last=20 if last is None else last,
+                                           first=first, since_ns=since, until_ns=until)
+                await resp.write("".join(json.dumps(f) + "\n" for f in out).encode())
+        except (ConnectionResetError, FilterError) as e:
+            log.debug("flow stream ended: %s", e)
+        await resp.write_eof()
+        return resp
+
+    async def flow_status(request: web.Request) -> web.Response:
+        return web.json_response(agent.observer.status())
+
+    return [("GET", "/v1/flows", flows), ("GET", "/v1/flows/status", flow_status)]
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,52 @@
+"""The same filters evaluated on flow dicts (for flows read back from the export file)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from villi.observer.filters import FilterSpec, Predicate, _label_matches, _split
+
+
+def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
+    side, base = _split(p.field)
+    sides = {"": ("source", "destination"), "from": ("source",), "to": ("destination",)}[side]
+    ok = False
+    for v in p.values:
+        for s in sides:
+            ep = flow.get(s) or {}
+            ip = flow["IP"][s]
+            l4 = next(iter((flow.get("l4") or {}).values()), {})
+            if base == "pod":
+                ns, _, name = v.rpartition("/")
+                ok |= ep.get("namespace") == (ns or "default") and \
+                    str(ep.get("pod_name", "")).startswith(name)
+            elif base == "namespace":
+                ok |= ep.get("namespace") == v
+            elif base == "label":
+                ok |= all(_label_matches(ep.get("labels", []), part) for part in v.split(","))
+            elif base == "identity":
+                ok |= int(ep.get("identity", -1)) == int(v)
+            elif base == "ip":
+                ok |= ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(v, strict=False)
+            elif base == "port":
+                ok |= l4.get(f"{s}_port") == int(v)
+        if base == "verdict":
+            ok |= flow.get("verdict") == v.upper()
+        elif base == "protocol":
+            ok |= v.lower() in (k.lower().replace("v4", "") for k in (flow.get("l4") or {}))
+        elif base == "traffic-direction":
+            ok |= flow.get("traffic_direction") == v.upper()
+        elif base == "drop-reason-desc":
+            ok |= flow.get("drop_reason_desc") == v.upper()
+        elif base == "type":
+            kind = v.partition(":")[0]
+            ok |= (kind == "drop" and flow.get("verdict") == "DROPPED") or \
+                  (kind == "trace" and flow.get("verdict") == "FORWARDED")
+        elif base == "node":
+            ok |= flow.get("node_name", "").startswith(v.rstrip("*"))
+    return not ok if p.negate else ok
+
+
+def flow_matches(spec: FilterSpec, flow: dict[str, Any]) -> bool:
+    return all(_pred(p, flow) for p in spec.predicates)
