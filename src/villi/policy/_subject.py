@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from villi.identity.labels import LabelSet
-from villi.policy.entry import EndpointID, IdentityID, PolicyEntry, Protocol
+from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry, Protocol
 from villi.policy.mapstate import EndpointMapState, MapKey, MapValue
-from villi.policy.rules import RuleKey
+from villi.policy.rules import RuleKey, Section
 
 PortsSig = tuple[tuple[str, int, int], ...]
 SubjectKey = tuple[LabelSet, PortsSig]
@@ -150,3 +150,56 @@ class Snapshot:
     state: dict[MapKey, MapValue]
     enforced: tuple[bool, bool]
     deleted: bool = False
+
+
+@dataclass(slots=True)
+class PodRecord:
+    """A pod anywhere in the cluster, for ipBlock matching and egress named ports."""
+
+    identity: int
+    ips: frozenset[int]
+    ports: PortsSig
+
+
+@dataclass(slots=True)
+class Batch:
+    """Collects several changes into one flush; ``update`` is set when the block exits."""
+
+    update: PolicyUpdate = field(default_factory=PolicyUpdate)
+
+
+def section_entries(section: Section, ids: set[int], own_ports: Mapping[str, tuple[int, int]],
+                    identity_ports: Mapping[int, Mapping[str, set[tuple[int, int]]]]
+                    ) -> frozenset[PolicyEntry]:
+    """The entries one rule section yields for a subject.
+
+    ``ids`` are the selected peer identities ({0} for the wildcard). Named ports
+    resolve against the destination: on ingress the subject's own ports; on egress each
+    peer identity's pods (a name that maps to different numbers on different peers
+    yields per-identity entries). An egress named port with the wildcard peer becomes
+    entries for every identity that declares the name, so it never matches world.
+    """
+    if not ids:
+        return EMPTY
+    d, deny, cookie = section.direction, section.deny, section.cookie
+    if section.ports is None:
+        return frozenset(PolicyEntry(IdentityID(i), d, Protocol.ANY, 0, 0, deny, cookie)
+                         for i in ids)
+    out: set[PolicyEntry] = set()
+    for spec in section.ports:
+        if spec.name is None:
+            out.update(PolicyEntry(IdentityID(i), d, spec.protocol, spec.port, spec.end_port,
+                                   deny, cookie) for i in ids)
+        elif d is Direction.INGRESS:
+            declared = own_ports.get(spec.name)
+            if declared and spec.protocol in (Protocol.ANY, declared[1]):
+                out.update(PolicyEntry(IdentityID(i), d, Protocol(declared[1]), declared[0], 0,
+                                       deny, cookie) for i in ids)
+        else:
+            peers = ids if 0 not in ids else set(identity_ports)
+            for i in peers:
+                for port, proto in identity_ports.get(i, {}).get(spec.name, ()):
+                    if spec.protocol in (Protocol.ANY, proto):
+                        out.add(PolicyEntry(IdentityID(i), d, Protocol(proto), port, 0, deny,
+                                            cookie))
+    return frozenset(out)

@@ -18,24 +18,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 from villi.identity.labels import LabelSet, cidr_labels, namespace_labels
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import ReservedIdentity, reserved_identities
 from villi.policy._subject import (
     EMPTY,
+    Batch,
     Endpoint,
     EndpointPolicy,
     EndpointPolicyDiff,
+    PodRecord,
     PolicyUpdate,
     Snapshot,
     Subject,
     SubjectKey,
     ports_signature,
+    section_entries,
 )
 from villi.policy.cidr import ip_to_int
-from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry, Protocol
+from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry
 from villi.policy.mapstate import diff_map_state
 from villi.policy.models import Namespace, Resource, resource_key
 from villi.policy.rules import (
@@ -59,20 +61,6 @@ ResourceKey = tuple[str, str | None, str]
 
 _HOST_ALLOW = frozenset({PolicyEntry(IdentityID(int(ReservedIdentity.HOST)), Direction.INGRESS,
                                      cookie=LOCALHOST_COOKIE)})
-
-
-@dataclass(slots=True)
-class _Pod:
-    identity: int
-    ips: frozenset[int]
-    ports: tuple[tuple[str, int, int], ...]
-
-
-@dataclass(slots=True)
-class Batch:
-    """Collects several changes into one flush; ``update`` is set when the block exits."""
-
-    update: PolicyUpdate = field(default_factory=PolicyUpdate)
 
 
 class PolicyResolver:
@@ -99,7 +87,7 @@ class PolicyResolver:
         self._subjects: dict[SubjectKey, Subject] = {}
         self._subjects_by_ns: dict[str | None, set[SubjectKey]] = {}
         self._endpoints: dict[EndpointID, tuple[Endpoint, SubjectKey]] = {}
-        self._pods: dict[str, _Pod] = {}
+        self._pods: dict[str, PodRecord] = {}
         self._identity_pods: dict[int, set[str]] = {}
         self._identity_ports: dict[int, dict[str, set[tuple[int, int]]]] = {}
         self._dirty: set[SubjectKey] = set()
@@ -313,32 +301,7 @@ class PolicyResolver:
             ids = set()
             for peer in section.peers:
                 ids |= self.selectors.selections(peer)
-        if not ids:
-            return EMPTY
-        d, deny, cookie = section.direction, section.deny, section.cookie
-        out: set[PolicyEntry] = set()
-        if section.ports is None:
-            return frozenset(PolicyEntry(IdentityID(i), d, Protocol.ANY, 0, 0, deny, cookie)
-                             for i in ids)
-        for spec in section.ports:
-            if spec.name is None:
-                out.update(PolicyEntry(IdentityID(i), d, spec.protocol, spec.port, spec.end_port,
-                                       deny, cookie) for i in ids)
-            elif d is Direction.INGRESS:
-                declared = own_ports.get(spec.name)
-                if declared and spec.protocol in (Protocol.ANY, declared[1]):
-                    out.update(PolicyEntry(IdentityID(i), d, Protocol(declared[1]), declared[0],
-                                           0, deny, cookie) for i in ids)
-            else:
-                # Egress named ports resolve against each peer's pods; the wildcard peer
-                # becomes every identity that declares the name (so world never matches).
-                peers = ids if 0 not in ids else set(self._identity_ports)
-                for i in peers:
-                    for port, proto in self._identity_ports.get(i, {}).get(spec.name, ()):
-                        if spec.protocol in (Protocol.ANY, proto):
-                            out.add(PolicyEntry(IdentityID(i), d, Protocol(proto), port, 0,
-                                                deny, cookie))
-        return frozenset(out)
+        return section_entries(section, ids, own_ports, self._identity_ports)
 
     def _recompute(self, cookies: Iterable[int]) -> None:
         for cookie in cookies:
@@ -375,7 +338,7 @@ class PolicyResolver:
     def upsert_pod(self, key: str, identity: int, ips: Iterable[str] = (),
                    named_ports: Mapping[str, tuple[int, int]] | None = None) -> PolicyUpdate:
         """A pod anywhere in the cluster: its IPs (for ipBlock) and named ports (egress)."""
-        self._set_pod(key, _Pod(identity, frozenset(ip_to_int(ip) for ip in ips),
+        self._set_pod(key, PodRecord(identity, frozenset(ip_to_int(ip) for ip in ips),
                                 ports_signature(named_ports or {})))
         return self._done()
 
@@ -383,7 +346,7 @@ class PolicyResolver:
         self._set_pod(key, None)
         return self._done()
 
-    def _set_pod(self, key: str, pod: _Pod | None) -> None:
+    def _set_pod(self, key: str, pod: PodRecord | None) -> None:
         old = self._pods.pop(key, None)
         if pod is not None:
             self._pods[key] = pod
@@ -423,7 +386,7 @@ class PolicyResolver:
     def upsert_endpoint(self, endpoint: Endpoint) -> PolicyUpdate:
         """Add or update a local endpoint (a label change moves it to another subject)."""
         ports = {n: (int(p), int(pr)) for n, (p, pr) in endpoint.named_ports.items()}
-        self._set_pod(f"endpoint:{endpoint.id}", _Pod(
+        self._set_pod(f"endpoint:{endpoint.id}", PodRecord(
             endpoint.identity, frozenset([ip_to_int(endpoint.ipv4)] if endpoint.ipv4 else []),
             ports_signature(ports)))
         key: SubjectKey = (endpoint.labels, ports_signature(ports))
