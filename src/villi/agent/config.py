@@ -38,6 +38,7 @@ class AgentConfig:
     flows_capacity: int = 4095
     flow_export: Path | None = None
     cidr_wait_timeout: float = 60.0
+    events_ringbuf_size: int = 8 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +79,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hubble-metrics-port", type=int, help="flow metrics port (9965, 0 = off)")
     ap.add_argument("--flows-capacity", type=int, help="flows kept in memory (4095)")
     ap.add_argument("--flow-export", type=Path, help="write flows as JSON lines to this file")
+    ap.add_argument("--flow-export-filter", help="only export flows matching this filter, "
+                    "e.g. verdict=DROPPED (FIELD=VALUE[,FIELD=VALUE...], fields as in "
+                    "villi observe)")
+    ap.add_argument("--events-ringbuf-size", type=int,
+                    help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 
 
 def from_args(args: argparse.Namespace) -> AgentConfig:
@@ -97,6 +103,14 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
+    filt = getattr(args, "flow_export_filter", None)
+    if filt:
+        preds: dict[str, list[str]] = {}
+        for part in filt.split(","):
+            field, _, value = part.partition("=")
+            preds.setdefault(field.strip(), []).append(value.strip())
+        values.setdefault("extra", {})["flow_export_filter"] = [
+            {"field": f, "values": v, "negate": False} for f, v in preds.items()]
     for p in ("api_socket", "state_dir", "flow_export"):
         if isinstance(values.get(p), str):
             values[p] = Path(values[p])

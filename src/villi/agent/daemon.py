@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -106,7 +107,8 @@ class Agent:
 
         self.datapath = NodeDatapath(cfg.cluster, self.node, NodeConfig(
             node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
-            host_routing=cfg.host_routing))
+            host_routing=cfg.host_routing,
+            defines={"EVENTS_RINGBUF_SIZE": str(cfg.events_ringbuf_size)}))
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
         restored = await self.kernel(self.endpoints.restore)
         log.info("restored %d endpoints from %s", len(restored), state)
@@ -119,6 +121,7 @@ class Agent:
         self.kvstore_status = "ok"
         self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
         self.identity_cache = IdentityCache()
+        self.metrics = AgentMetrics(self)
         self.policy = PolicySync(self)
         self.node_sync = NodeSync(self.store, self.datapath, self.node, kernel=self.kernel)
         self.ipcache_sync = IpcacheSync(self.store, self.datapath, self.node,
@@ -144,7 +147,6 @@ class Agent:
         for ep in restored:
             await self._publish_endpoint(ep)
 
-        self.metrics = AgentMetrics(self)
         self.observer, self.flow_context = build_observer(self)
         self.observer.start()
         start_metrics_servers(self)
@@ -233,10 +235,25 @@ class Agent:
         return {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
                 "ipam": self.ipam.usage(), "apiSocket": str(self.config.api_socket)}
 
+    async def _timed(self, action: str, coro: Any) -> Any:
+        """Run a kvstore operation, recording its duration and outcome."""
+        t0 = time.perf_counter()
+        outcome = "success"
+        try:
+            return await coro
+        except BaseException:
+            outcome = "fail"
+            raise
+        finally:
+            if hasattr(self, "metrics"):
+                self.metrics.kvstore_ops.labels(action, outcome).observe(
+                    time.perf_counter() - t0)
+
     async def _publish_node(self) -> None:
         assert self.store is not None and self.lease is not None
-        await self.store.put(keys.node_key(self.node), json.dumps(self.node_entry()).encode(),
-                             lease=self.lease.lease)
+        await self._timed("update", self.store.put(
+            keys.node_key(self.node), json.dumps(self.node_entry()).encode(),
+            lease=self.lease.lease))
 
     # --- endpoints ----------------------------------------------------------------------
     def _find(self, ref: str, ifname: str = "eth0") -> Endpoint | None:
@@ -414,12 +431,12 @@ class Agent:
         entry = {"identity": ep.identity, "node": self.node, "nodeIP": self.node_ip,
                  "namespace": ep.namespace, "podName": ep.pod_name, "endpointID": ep.id,
                  "labels": ep.labels, "namedPorts": ep.named_ports}
-        await self.store.put(keys.ipcache_key(ep.ipv4), json.dumps(entry).encode(),
-                             lease=self.lease.lease)
+        await self._timed("update", self.store.put(
+            keys.ipcache_key(ep.ipv4), json.dumps(entry).encode(), lease=self.lease.lease))
 
     async def _unpublish_endpoint(self, ip: str) -> None:
         assert self.store is not None
-        await self.store.delete(keys.ipcache_key(ip))
+        await self._timed("delete", self.store.delete(keys.ipcache_key(ip)))
 
     # --- IPAM API -----------------------------------------------------------------------
     async def ipam_allocate(self, owner: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from villi import resources
@@ -54,6 +55,7 @@ class PolicySync:
         await self.sync.synced.wait()
 
     def _on_resource(self, event: WatchEvent) -> None:
+        t0 = time.perf_counter()
         parsed = resources.parse_resource_key(event.key)
         if parsed is None:
             return
@@ -67,7 +69,7 @@ class PolicySync:
                 self._pods[(ns or "", name)] = res
                 return
             update = self.resolver.upsert_resource(res)
-        self.apply(update)
+        self.apply(update, t0)
         if kind == "Namespace":
             asyncio.get_running_loop().create_task(self.agent.refresh_namespace(name))
 
@@ -117,9 +119,12 @@ class PolicySync:
             self.regenerations += 1
 
     # --- output ---------------------------------------------------------------------------
-    def apply(self, update: PolicyUpdate) -> None:
+    def apply(self, update: PolicyUpdate, started: float | None = None) -> None:
+        """Write a resolver update to the kernel; ``started`` is when its input
+        changed (for the regeneration-time histogram)."""
         if not update:
             return
+        t0 = started if started is not None else time.perf_counter()
         self._apply_cidrs(update)
         mgr = self.agent.endpoints
         for eid, diff in update.endpoints.items():
@@ -129,6 +134,8 @@ class PolicySync:
                                   egress_enforced=diff.egress_enforced,
                                   upserts=diff.map_upserts, deletes=diff.map_deletes)
             self.regenerations += 1
+            self.agent.metrics.regenerations.labels("success").inc()
+        self.agent.metrics.regeneration_seconds.observe(time.perf_counter() - t0)
 
     def _apply_cidrs(self, update: PolicyUpdate) -> None:
         ipcache = self.agent.datapath.ipcache

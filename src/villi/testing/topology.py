@@ -97,6 +97,7 @@ def start_echo(netns: str, ports: tuple[str, ...]) -> subprocess.Popen:
                              "villi.lab.echo", *ports], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
+    proc.stdout.close()  # the server prints nothing after "ready"
     if line.strip() != "ready":
         proc.kill()
         raise RuntimeError(f"echo server in {netns} did not start")
