@@ -1,15 +1,203 @@
-"""``villi lab …`` and ``villi connectivity test`` (being built: see issue 5)."""
+"""``villi lab …`` and ``villi connectivity test``: the command line of ``villi.lab``.
+
+Exit codes: 0 success; 1 failure (a clear message on stderr, never a traceback);
+``lab probe`` exits 0 when connected and 1 when blocked; ``lab exec`` passes the
+command's code through; ``lab down`` with nothing up says so and exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from villi.errors import VilliError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("lab", help="local multi-node lab in network namespaces")
-    sub.add_parser("connectivity", help="built-in connectivity test suite against the lab")
+    lab = sub.add_parser("lab", help="local multi-node lab in network namespaces",
+                         description="A cluster of villi nodes on this machine: an underlay "
+                         "namespace with a bridge and etcd, one namespace per node with its "
+                         "agent, one per pod. Nothing is added to the root namespace.")
+    ls = lab.add_subparsers(dest="lab_cmd", metavar="COMMAND")
+
+    p = ls.add_parser("up", help="create the lab and wait until every agent is healthy")
+    p.add_argument("--nodes", type=int, default=2, help="number of nodes (2)")
+    p.add_argument("--kvstore", dest="lab_kvstore", choices=["etcd", "embedded"],
+                   default="etcd", help="etcd on the underlay (default) or one embedded "
+                   "store file shared by the agents")
+    p.add_argument("--lease-ttl", type=int, default=int(os.environ.get("VILLI_LAB_LEASE_TTL",
+                   "15")), help="agents' node lease TTL in seconds (15; env "
+                   "VILLI_LAB_LEASE_TTL): how fast a dead node disappears")
+    p.add_argument("--underlay", default="172.30.0.0/24", help="underlay subnet (inside the "
+                   "lab's namespaces only)")
+    p.add_argument("--cluster-cidr", default="10.64.0.0/10")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for agents")
+
+    ls.add_parser("down", help="remove the lab: processes, namespaces, pins, files")
+    p = ls.add_parser("status", help="nodes, agents, health and pods")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    pod = ls.add_parser("pod", help="add, delete or relabel pods")
+    ps = pod.add_subparsers(dest="pod_cmd", metavar="COMMAND")
+    p = ps.add_parser("add", help="create a pod through villi-cni")
+    p.add_argument("pod", metavar="NS/NAME")
+    p.add_argument("--node", help="node index (1..N) or name (default: the least loaded)")
+    p.add_argument("--labels", help="k=v,k2=v2")
+    p.add_argument("--serve", help="echo server ports: 80/tcp,81/udp,web=8080/tcp "
+                   "(declared as named ports serve-<port>-<proto> or the given name)")
+    p = ps.add_parser("del", aliases=["delete"], help="delete a pod through villi-cni")
+    p.add_argument("pod", metavar="NS/NAME")
+    p = ps.add_parser("label", help="change a running pod's labels (its identity follows)")
+    p.add_argument("pod", metavar="NS/NAME")
+    p.add_argument("labels", nargs="?", default="", metavar="k=v[,k2=v2]")
+    p.add_argument("--remove", default="", metavar="k,...", help="label keys to remove")
+    p = ps.add_parser("list", help="pods of the lab")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    p = ls.add_parser("exec", help="run a command in a pod's network namespace")
+    p.add_argument("pod", metavar="NS/NAME")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    p = ls.add_parser("probe", help="connect from one pod to another; exit 0 connected, "
+                      "1 blocked")
+    p.add_argument("src", metavar="NS/FROM")
+    p.add_argument("dst", metavar="NS/TO", help="a pod or an IP address")
+    p.add_argument("port", metavar="PORT[/tcp|/udp]")
+    p.add_argument("--timeout", type=float, default=2.0)
+
+    conn = sub.add_parser("connectivity", help="built-in connectivity test suite against "
+                          "the lab")
+    cs = conn.add_subparsers(dest="conn_cmd", metavar="COMMAND")
+    p = cs.add_parser("test", help="run the scenarios; exit 1 on any failure")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds per connection "
+                   "attempt (1)")
+    p.add_argument("--settle", type=float, default=8.0, help="seconds an expected outcome "
+                   "may take to appear (policy propagation; 8)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("villi lab is not built yet")
+    try:
+        if args.command == "connectivity":
+            if args.conn_cmd != "test":
+                print("usage: villi connectivity test [--timeout S]", file=sys.stderr)
+                return 2
+            from villi.lab._view import connectivity_test
+            return connectivity_test(args)
+        cmd = getattr(args, "lab_cmd", None)
+        if cmd is None:
+            print("usage: villi lab {up,down,status,pod,exec,probe} ... (see villi lab -h)",
+                  file=sys.stderr)
+            return 2
+        return _COMMANDS[cmd](args)
+    except VilliError as e:
+        from villi.lab._view import console_err
+
+        console_err().print(f"[bold red]error:[/] {e}", highlight=False)
+        return 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    from villi.lab._view import lab_up
+
+    return lab_up(args)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from villi.lab._view import lab_down
+
+    return lab_down(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from villi.lab._view import lab_status
+
+    return lab_status(args)
+
+
+def _pod(args: argparse.Namespace) -> int:
+    from villi.lab import pods
+    from villi.lab._view import console
+
+    c = console()
+    if args.pod_cmd == "add":
+        t0 = time.monotonic()
+        rec = pods.add(args.pod, node=args.node, labels=pods.parse_labels(args.labels),
+                       serve=pods.parse_serve(args.serve))
+        serving = ", ".join(f"{p['port']}/{p['protocol']} ({p['name']})" for p in rec["serve"])
+        c.print(f"pod [bold]{rec['namespace']}/{rec['name']}[/] created on {rec['node']}: "
+                f"IP [cyan]{rec['ip']}[/]" + (f", serving {serving}" if serving else "")
+                + f"  [dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+        return 0
+    if args.pod_cmd in ("del", "delete"):
+        rec = pods.delete(args.pod)
+        c.print(f"pod {rec['namespace']}/{rec['name']} deleted", highlight=False)
+        return 0
+    if args.pod_cmd == "label":
+        labels = pods.parse_labels(args.labels)
+        remove = [k.strip() for k in args.remove.split(",") if k.strip()]
+        if not labels and not remove:
+            c.print("nothing to change: give k=v[,k2=v2] and/or --remove k,...")
+            return 2
+        view = pods.relabel(args.pod, labels, remove)
+        lbl = ", ".join(f"{k}={v}" for k, v in sorted(view.get("labels", {}).items()))
+        c.print(f"pod {args.pod}: labels {lbl or '(none)'} → identity "
+                f"[bold]{view.get('identity')}[/]", highlight=False)
+        return 0
+    if args.pod_cmd == "list":
+        from villi.lab import _state
+        from villi.lab._view import pods_table
+
+        state = _state.require()
+        if args.output == "json":
+            print(json.dumps(list(state["pods"].values()), indent=2, sort_keys=True))
+        else:
+            c.print(pods_table(state))
+        return 0
+    print("usage: villi lab pod {add,del,label,list} NS/NAME ...", file=sys.stderr)
     return 2
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from villi.lab import pods
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    argv = pods.exec_argv(args.pod, cmd)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        raise VilliError(f"cannot run {argv[0]}: {e}") from e
+    return 127  # not reached
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from villi.lab import _state, pods
+    from villi.lab.probe import probe_detail
+
+    port_s, _, proto = args.port.partition("/")
+    proto = (proto or "tcp").lower()
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise VilliError(f"bad port {args.port!r}: PORT, PORT/tcp or PORT/udp") from None
+    if proto not in ("tcp", "udp") or not 1 <= port <= 65535:
+        raise VilliError(f"bad port {args.port!r}: 1-65535, protocol tcp or udp")
+    state = _state.require()
+    src = pods.get(args.src, state)
+    ip, key = pods.target_ip(state, args.dst)
+    ok, why = probe_detail(src["netns"], ip, port, proto, args.timeout)
+    target = f"{key} ({ip})" if key else ip
+    verdict = why if ok else f"blocked ({why})"
+    print(f"{src['namespace']}/{src['name']} → {target}:{port}/{proto}: {verdict}")
+    return 0 if ok else 1
+
+
+_COMMANDS: dict[str, Any] = {"up": _up, "down": _down, "status": _status, "pod": _pod,
+                             "exec": _exec, "probe": _probe}

@@ -1,7 +1,9 @@
 """A tiny echo server for lab pods: TCP accept + echo, UDP echo, on several ports.
 
 Run inside a pod's namespace (``ip netns exec POD python -m villi.lab.echo 80/tcp
-81/udp``). TCP connections echo each line back (and can stay open for long-lived
+81/udp``, or ``python -m villi.lab.echo --netns POD 80/tcp``, which enters the namespace
+itself and so keeps the namespace's name in its command line, where ``villi lab down``
+finds it). TCP connections echo each line back (and can stay open for long-lived
 connection tests); UDP datagrams are echoed to their sender. One thread per listener,
 one per TCP connection: lab traffic is small.
 """
@@ -72,9 +74,14 @@ def serve_udp(srv: socket.socket) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--netns", help="network namespace (name or path) to serve in")
     ap.add_argument("ports", nargs="+", help="PORT/tcp or PORT/udp")
     args = ap.parse_args(argv)
     specs = [parse_port(p) for p in args.ports]
+    if args.netns:
+        from villi._nsenter import enter_netns_for_good
+
+        enter_netns_for_good(args.netns)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Bind every socket before saying "ready": a probe right after must not race the
     # listener threads.

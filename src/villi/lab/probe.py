@@ -57,3 +57,35 @@ def probe(netns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1
     if proto == "icmp":
         return ping(netns, ip, timeout)
     return tcp_connect(netns, ip, port, timeout)
+
+
+def probe_detail(netns: str | None, ip: str, port: int, proto: str = "tcp",
+                 timeout: float = 1.0) -> tuple[bool, str]:
+    """Like :func:`probe`, with why it failed: ``connected``/``reply``, ``timeout``
+    (dropped on the way), ``refused`` (reached, nothing listens), ``reset`` ..."""
+    if proto == "icmp":
+        ok = ping(netns or "", ip, timeout) if netns else False
+        return ok, "reply" if ok else "no reply"
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with in_netns(netns):
+        s = socket.socket(socket.AF_INET, kind)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        if proto == "udp":
+            s.send(b"villi")
+            ok = s.recv(64) == b"villi"
+            return ok, "reply" if ok else "unexpected reply"
+        s.sendall(b"villi\n")
+        ok = s.recv(16) == b"villi\n"
+        return ok, "connected" if ok else "connected, but no echo"
+    except TimeoutError:
+        return False, "timeout" if proto == "tcp" else "no reply (timeout)"
+    except ConnectionRefusedError:
+        return False, "refused"
+    except ConnectionResetError:
+        return False, "reset"
+    except OSError as e:
+        return False, e.strerror or str(e)
+    finally:
+        s.close()

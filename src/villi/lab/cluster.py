@@ -1,0 +1,400 @@
+"""Bring a lab up, tear it down, report on it.
+
+``up()`` builds, in this order: the state file and registry entry (so that a crash at
+any later point leaves something ``down()`` can follow), the underlay namespace with
+its bridge, one namespace per node wired to it, etcd on the underlay (or an embedded
+store file), the operator, and one agent per node started with ``villi --netns``
+(never ``ip netns exec``: that would give the agent a private /sys and so a private
+bpffs, and its pinned maps would vanish). It then waits until every agent is healthy
+and has a pod CIDR. Any failure tears down what was built and raises ``LabError``
+with the failing component's log.
+
+``down()`` is idempotent and works without a state file: it finds a lab's processes by
+command line, its namespaces by name, its pins under ``/sys/fs/bpf/villi/lab-<id>`` and
+its directory, and removes them all. Labs that another live state file still claims
+are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from villi._nsenter import in_netns
+from villi.lab import _network, _procs, _state
+from villi.lab._api import healthz, node_entries
+from villi.lab._state import PREFIX, LabError
+
+ETCD = "/usr/bin/etcd"
+ETCD_PORT = 2379
+DEFAULT_CLUSTER_CIDR = "10.64.0.0/10"
+PIN_BASE = Path("/sys/fs/bpf/villi")
+NETNS_DIR = Path("/var/run/netns")
+
+#: progress(component, status, detail): status is "start", "ok" or "fail".
+Progress = Callable[[str, str, str], None]
+
+
+def _quiet(component: str, status: str, detail: str = "") -> None:
+    pass
+
+
+def villi_cmd(*args: str) -> list[str]:
+    """``villi ARGS`` run by this interpreter (works from a venv without PATH)."""
+    return [sys.executable, "-m", "villi.cli.main", *args]
+
+
+# --- up --------------------------------------------------------------------------------------
+
+def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 15,
+       underlay_cidr: str = _network.DEFAULT_UNDERLAY,
+       cluster_cidr: str = DEFAULT_CLUSTER_CIDR, timeout: float = 120.0,
+       progress: Progress = _quiet) -> dict[str, Any]:
+    """Create a lab and return its state; LabError when one is already running."""
+    if not 1 <= nodes <= 64:
+        raise LabError(f"--nodes must be between 1 and 64, not {nodes}")
+    if kvstore not in ("etcd", "embedded"):
+        raise LabError(f"--kvstore must be etcd or embedded, not {kvstore!r}")
+    if kvstore == "etcd" and not os.access(ETCD, os.X_OK):
+        raise LabError(f"{ETCD} is missing: install etcd (apt-get install etcd-server) or "
+                       "use --kvstore embedded")
+    underlay = _network.check_underlay(underlay_cidr, cluster_cidr)
+    if nodes > underlay.max_nodes:
+        raise LabError(f"the underlay {underlay_cidr} has room for {underlay.max_nodes} nodes")
+
+    with _state.locked():
+        old = _state.load()
+        if old is not None:
+            if any(_procs.alive(p, f"{PREFIX}{old['id']}") for p in all_pids(old)):
+                raise LabError(
+                    f"a lab is already running (id {old['id']}, {len(old['nodes'])} nodes, "
+                    f"state {_state.state_path()}); run `villi lab down` first")
+            progress("previous lab", "start", f"removing crashed lab {old['id']}")
+            teardown(old["id"])
+            _state.remove()
+            progress("previous lab", "ok", f"removed crashed lab {old['id']}")
+        lab_id = _new_id()
+        state = _initial_state(lab_id, nodes, kvstore, lease_ttl, underlay.cidr, cluster_cidr)
+        _state.register(lab_id)
+        _state.save(state)
+    try:
+        _build(state, timeout, progress)
+    except BaseException as e:
+        progress("teardown", "start", "removing what was built")
+        teardown(state["id"])
+        _state.remove()
+        progress("teardown", "ok", "")
+        if isinstance(e, LabError):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise LabError(f"lab up failed: {e}") from e
+    return state
+
+
+def _new_id() -> str:
+    while True:
+        lab_id = secrets.token_hex(3)
+        if not any(n.startswith(f"{PREFIX}{lab_id}") for n in _netns_names()):
+            return lab_id
+
+
+def _initial_state(lab_id: str, n: int, kvstore: str, lease_ttl: int, underlay_cidr: str,
+                   cluster_cidr: str) -> dict[str, Any]:
+    names = _state.names(lab_id)
+    d = _state.lab_dir(lab_id)
+    underlay = _network.Underlay(names["underlay"], underlay_cidr)
+    if kvstore == "etcd":
+        url, kv_ns = f"http://{underlay.gateway}:{ETCD_PORT}", underlay.netns
+    else:
+        url, kv_ns = f"embedded://{d}/kvstore.db", None
+    return {
+        "id": lab_id, "cluster": names["cluster"], "status": "starting",
+        "created": time.time(), "dir": str(d), "kvstore": url, "kvstore_kind": kvstore,
+        "kvstore_netns": kv_ns, "cluster_cidr": cluster_cidr, "lease_ttl": lease_ttl,
+        "underlay": {"netns": underlay.netns, "cidr": underlay_cidr,
+                     "gateway": underlay.gateway, "world_ip": underlay.world_ip,
+                     "bridge": _network.BRIDGE},
+        "processes": {},
+        "nodes": [{"name": f"node{i}", "index": i,
+                   "netns": _state.node_netns(lab_id, i), "ip": underlay.node_ip(i),
+                   "socket": str(d / f"node{i}.sock"), "state_dir": str(d / f"node{i}"),
+                   "log": str(d / f"node{i}.log"), "pid": None}
+                  for i in range(1, n + 1)],
+        "pods": {},
+    }
+
+
+def _underlay(state: dict[str, Any]) -> _network.Underlay:
+    return _network.Underlay(state["underlay"]["netns"], state["underlay"]["cidr"])
+
+
+def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
+    d = Path(state["dir"])
+    d.mkdir(parents=True, exist_ok=True)
+    underlay = _underlay(state)
+    marker = f"{PREFIX}{state['id']}"
+
+    progress("underlay", "start", f"{underlay.netns}, bridge {_network.BRIDGE}")
+    _network.create_underlay(underlay, state["cluster_cidr"])
+    for node in state["nodes"]:
+        _network.attach_node(underlay, node["index"], node["netns"])
+    progress("underlay", "ok", f"{underlay.cidr} · {len(state['nodes'])} node namespaces "
+             "wired to the bridge")
+
+    if state["kvstore_kind"] == "etcd":
+        progress("etcd", "start", state["kvstore"])
+        pid = _procs.spawn(_etcd_cmd(state), d / "etcd.log")
+        state["processes"]["etcd"] = {"pid": pid, "log": str(d / "etcd.log")}
+        _state.save(state)
+        _wait_etcd(state, pid, min(timeout, 30.0))
+        progress("etcd", "ok", f"{state['kvstore']} in {underlay.netns}")
+    else:
+        progress("etcd", "ok", f"embedded store {state['kvstore']}")
+
+    progress("operator", "start", "")
+    op_cmd = villi_cmd("--kvstore", state["kvstore"], "--netns", underlay.netns, "operator",
+                       "--cluster-cidr", state["cluster_cidr"])
+    pid = _procs.spawn(op_cmd, d / "operator.log")
+    state["processes"]["operator"] = {"pid": pid, "log": str(d / "operator.log")}
+    _state.save(state)
+    progress("operator", "ok", f"pid {pid}")
+
+    for node in state["nodes"]:
+        progress(node["name"], "start", "starting agent")
+        node["pid"] = _procs.spawn(_agent_cmd(state, node), Path(node["log"]))
+    _state.save(state)
+
+    deadline = time.monotonic() + timeout
+    pending = {n["name"]: n for n in state["nodes"]}
+    while pending:
+        for name, node in list(pending.items()):
+            if not _procs.alive(node["pid"], marker):
+                raise LabError(f"the agent of {name} exited during start-up:\n"
+                               f"{log_tail(node['log'])}")
+            h = healthz(node["socket"], timeout=1.0)
+            if h and h.get("status") == "ok" and h.get("ipam", {}).get("cidrs"):
+                node["pod_cidrs"] = h["ipam"]["cidrs"]
+                progress(name, "ok", f"{node['ip']} · pods {', '.join(node['pod_cidrs'])}")
+                del pending[name]
+        for proc, info in state["processes"].items():
+            if not _procs.alive(info["pid"], marker):
+                raise LabError(f"{proc} exited during start-up:\n{log_tail(info['log'])}")
+        if pending and time.monotonic() > deadline:
+            name, node = next(iter(pending.items()))
+            raise LabError(f"the agent of {name} is not healthy after {timeout:.0f}s:\n"
+                           f"{log_tail(node['log'])}")
+        time.sleep(0.1)
+
+    sync_underlay_routes(state)
+    state["status"] = "running"
+    _state.save(state)
+
+
+def _etcd_cmd(state: dict[str, Any]) -> list[str]:
+    gw, name = state["underlay"]["gateway"], f"lab-{state['id']}"
+    peer = "http://127.0.0.1:2380"
+    return ["ip", "netns", "exec", state["underlay"]["netns"], ETCD, "--name", name,
+            "--data-dir", f"{state['dir']}/etcd",
+            "--listen-client-urls", f"http://{gw}:{ETCD_PORT},http://127.0.0.1:{ETCD_PORT}",
+            "--advertise-client-urls", f"http://{gw}:{ETCD_PORT}",
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}",
+            "--initial-cluster-token", f"{PREFIX}{state['id']}",
+            "--initial-cluster-state", "new", "--log-level", "warn"]
+
+
+def _wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    log = state["processes"]["etcd"]["log"]
+    while time.monotonic() < deadline:
+        if not _procs.alive(pid):
+            raise LabError(f"etcd exited during start-up:\n{log_tail(log)}")
+        try:
+            with in_netns(state["underlay"]["netns"]):
+                with urllib.request.urlopen(state["kvstore"] + "/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise LabError(f"etcd is not healthy after {timeout:.0f}s:\n{log_tail(log)}")
+
+
+def _agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
+    return villi_cmd("--netns", node["netns"], "agent", "--node", node["name"],
+                     "--cluster", state["cluster"], "--kvstore", state["kvstore"],
+                     "--api-socket", node["socket"], "--state-dir", node["state_dir"],
+                     "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
+                     "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1")
+
+
+def sync_underlay_routes(state: dict[str, Any]) -> dict[str, str]:
+    """Route every live node's pod CIDRs in the underlay (for pod ↔ "world" replies)."""
+    wanted = {}
+    for entry in node_entries(state).values():
+        for cidr in entry.get("podCIDRs") or []:
+            if entry.get("ipv4"):
+                wanted[cidr] = entry["ipv4"]
+    _network.sync_pod_routes(_underlay(state), wanted)
+    return wanted
+
+
+def log_tail(path: str | Path, lines: int = 25) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
+
+
+def all_pids(state: dict[str, Any]) -> list[int]:
+    pids = [n.get("pid") for n in state.get("nodes", [])]
+    pids += [p.get("pid") for p in state.get("processes", {}).values()]
+    pids += [p.get("server_pid") for p in state.get("pods", {}).values()]
+    return [p for p in pids if p]
+
+
+# --- down ------------------------------------------------------------------------------------
+
+def _netns_names() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except OSError:
+        return []
+
+
+def leftover_ids() -> set[str]:
+    """Ids of every lab that has anything on this machine (namespaces, pins,
+    processes, directories, registry entries)."""
+    ids: set[str] = set()
+    for name in _netns_names():
+        ids.update(_state.ID_RE.findall(name + " "))
+    try:
+        ids.update(p.name[4:] for p in PIN_BASE.iterdir() if p.name.startswith("lab-"))
+    except OSError:
+        pass
+    for pid in _procs.find(PREFIX):
+        ids.update(_state.ID_RE.findall(_procs.cmdline(pid) + " "))
+    try:
+        ids.update(p.stem for p in _state.REGISTRY.glob("*.json"))
+    except OSError:
+        pass
+    state_dir = _state.state_path().parent
+    if state_dir.is_dir():
+        ids.update(p.name[len(PREFIX):] for p in state_dir.glob(f"{PREFIX}*"))
+    return {i for i in ids if len(i) == 6}
+
+
+def leftovers(lab_id: str) -> dict[str, list[str]]:
+    """What of lab ``lab_id`` exists on this machine right now (empty lists: nothing)."""
+    marker = f"{PREFIX}{lab_id}"
+    out: dict[str, list[str]] = {
+        "namespaces": [n for n in _netns_names() if n.startswith(marker + "-")],
+        "processes": [f"{p} {_procs.cmdline(p)[:80]}" for p in _procs.find(marker)],
+        "pins": [str(PIN_BASE / f"lab-{lab_id}")] if (PIN_BASE / f"lab-{lab_id}").exists()
+        else [],
+        "mounts": [],
+        "directories": [str(p) for p in [_state.lab_dir(lab_id)] if p.exists()],
+    }
+    try:
+        with open("/proc/self/mounts") as f:
+            out["mounts"] = [line.split()[1] for line in f if marker in line]
+    except OSError:
+        pass
+    return out
+
+
+def teardown(lab_id: str, progress: Progress = _quiet) -> dict[str, int]:
+    """Remove everything of lab ``lab_id``; returns counts of what was removed."""
+    marker = f"{PREFIX}{lab_id}"
+    counts = {"processes": 0, "namespaces": 0, "pins": 0, "mounts": 0, "directories": 0}
+    # Pods' servers and agents first, the store last (agents shut down against it).
+    pids = _procs.find(marker)
+    etcd = [p for p in pids if "etcd" in _procs.cmdline(p).split(" ", 1)[0]]
+    counts["processes"] += len(_procs.kill([p for p in pids if p not in etcd], marker,
+                                           grace=3.0))
+    counts["processes"] += len(_procs.kill(etcd, marker, grace=3.0))
+    progress("processes", "ok", f"{counts['processes']} stopped")
+    names = [n for n in _netns_names() if n.startswith(marker + "-")]
+    # pods, then nodes, then the underlay (deleting a pod's netns deletes its veth)
+    names.sort(key=lambda n: (n.endswith("-underlay"), "-node" in n[len(marker):]))
+    for name in names:
+        if subprocess_ok(["ip", "netns", "delete", name]):
+            counts["namespaces"] += 1
+    progress("namespaces", "ok", f"{counts['namespaces']} deleted")
+    pins = PIN_BASE / f"lab-{lab_id}"
+    if pins.exists():
+        shutil.rmtree(pins, ignore_errors=True)
+        counts["pins"] += 1
+        try:
+            PIN_BASE.rmdir()   # only when no other cluster pins there
+        except OSError:
+            pass
+    for mount in leftovers(lab_id)["mounts"]:
+        if subprocess_ok(["umount", "-l", mount]):
+            counts["mounts"] += 1
+        if mount.startswith(str(NETNS_DIR) + "/"):
+            Path(mount).unlink(missing_ok=True)
+    d = _state.lab_dir(lab_id)
+    if d.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        counts["directories"] += 1
+    _state.unregister(lab_id)
+    progress("files", "ok", "pins, sockets, logs and data removed")
+    return counts
+
+
+def subprocess_ok(cmd: list[str]) -> bool:
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def down(progress: Progress = _quiet) -> dict[str, Any]:
+    """Tear down this state file's lab, and any crashed lab nobody claims.
+
+    Returns ``{"lab": id or None, "orphans": [ids], "counts": {...}}``."""
+    with _state.locked():
+        state = _state.load()
+        mine = state["id"] if state else None
+        own_path = _state.state_path().resolve()
+        orphans = []
+        for lab_id in sorted(leftover_ids() - {mine} if mine else leftover_ids()):
+            owner = _state.owner_state(lab_id)
+            if owner is None or owner.resolve() == own_path:
+                orphans.append(lab_id)
+        total: dict[str, int] = {}
+        for lab_id in ([mine] if mine else []) + orphans:
+            for k, v in teardown(lab_id, progress).items():
+                total[k] = total.get(k, 0) + v
+        if state is not None:
+            _state.remove()
+    return {"lab": mine, "orphans": orphans, "counts": total}
+
+
+# --- status ----------------------------------------------------------------------------------
+
+def status(state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The lab as it is now: processes alive, agent health, node entries, pods."""
+    state = state or _state.require()
+    marker = f"{PREFIX}{state['id']}"
+    procs = {name: {"pid": info["pid"], "alive": _procs.alive(info["pid"], marker)}
+             for name, info in state.get("processes", {}).items()}
+    nodes = []
+    for node in state["nodes"]:
+        h = healthz(node["socket"], timeout=2.0) if _procs.alive(node["pid"], marker) else None
+        nodes.append({**node, "alive": _procs.alive(node["pid"], marker), "health": h})
+    try:
+        entries = node_entries(state)
+    except Exception as e:   # the store may be down: status must still show the rest
+        entries = {"_error": {"error": str(e)}}
+    return {"state": state, "processes": procs, "nodes": nodes, "entries": entries}
