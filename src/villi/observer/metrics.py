@@ -22,12 +22,25 @@ from villi.observer.vocab import (
 
 
 def _groups(*cols: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
-    """(values, count) of each distinct combination of the given columns."""
+    """(values, count) of each distinct combination of the given columns.
+
+    The columns (each < 2**16) are packed into one uint64 key so the group-by is a
+    single 1-D ``np.unique`` — several times faster than ``np.unique(axis=0)``.
+    """
     if not len(cols[0]):
         return []
-    stacked = np.stack([c.astype(np.int64) for c in cols], axis=1)
-    uniq, counts = np.unique(stacked, axis=0, return_counts=True)
-    return [(tuple(int(x) for x in row), int(c)) for row, c in zip(uniq, counts, strict=True)]
+    key = np.zeros(len(cols[0]), dtype=np.uint64)
+    for c in cols:
+        key = (key << np.uint64(16)) | c.astype(np.uint64)
+    uniq, counts = np.unique(key, return_counts=True)
+    out = []
+    for k, n in zip(uniq.tolist(), counts.tolist(), strict=True):
+        vals = []
+        for _ in cols:
+            vals.append(k & 0xFFFF)
+            k >>= 16
+        out.append((tuple(reversed(vals)), n))
+    return out
 
 
 class HubbleMetrics:
