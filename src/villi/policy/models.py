@@ -110,7 +110,7 @@ class PortProtocol(StrictModel):
         number = self.number
         if number is None:
             try:
-                check_port_name(self.port)
+                check_port_name(self.port.lower())  # Cilium compares names case-insensitively
             except ValueError as exc:
                 raise FieldError(str(exc), "port") from None
             return self
