@@ -65,19 +65,18 @@ def create_pod_link(
         raise NetnsError(f"{ipv4!r} is not an IPv4 address") from e
     try:
         with ipr_in(host_netns) as host, ipr_in(pod_netns) as pod:
-            tmp_name = f"{host_ifname[:11]}_p"
-            host.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
-                      peer={"ifname": tmp_name, "mtu": mtu})
+            # The peer is created directly inside the pod's namespace under its final
+            # name: moving a device between namespaces waits for an RCU grace period
+            # (~16 ms here), creating it there does not (<1 ms).
+            ns_fd = os.open(netns_path(pod_netns), os.O_RDONLY)
+            try:
+                host.link("add", ifname=host_ifname, kind="veth", mtu=mtu,
+                          peer={"ifname": pod_ifname, "mtu": mtu, "net_ns_fd": ns_fd})
+            finally:
+                os.close(ns_fd)
             try:
                 host_idx = host.link_lookup(ifname=host_ifname)[0]
-                peer_idx = host.link_lookup(ifname=tmp_name)[0]
-                ns_fd = os.open(netns_path(pod_netns), os.O_RDONLY)
-                try:
-                    host.link("set", index=peer_idx, net_ns_fd=ns_fd)
-                finally:
-                    os.close(ns_fd)
-                pod_idx = pod.link_lookup(ifname=tmp_name)[0]
-                pod.link("set", index=pod_idx, ifname=pod_ifname)
+                pod_idx = pod.link_lookup(ifname=pod_ifname)[0]
                 host_mac = _mac(host, host_idx)
                 pod_mac = _mac(pod, pod_idx)
                 set_sysctl(host_netns, f"net/ipv6/conf/{host_ifname}/disable_ipv6", "1")
