@@ -88,3 +88,10 @@ def test_vocabulary_matches_c() -> None:
         assert c[name] == getattr(abi, name), name
     for reason in abi.DropReason:
         assert reason.value in abi.DROP_REASON_TEXT
+
+
+def test_reserved_identities_agree_with_identity_package() -> None:
+    """The pure identity layer keeps its own copy (it may not import the datapath)."""
+    from villi.identity.reserved import ReservedIdentity as Pure
+
+    assert {m.name: m.value for m in Pure} == {m.name: m.value for m in abi.ReservedIdentity}
