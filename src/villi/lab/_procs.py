@@ -53,6 +53,15 @@ def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
     return proc.pid
 
 
+def exit_status(pid: int) -> str:
+    """How a child of this process ended (``exit code 1``, ``killed by SIGKILL``)."""
+    for proc in _children:
+        if proc.pid == pid and proc.poll() is not None:
+            rc = proc.returncode
+            return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+    return "ended"
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -61,12 +70,26 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def alive(pid: int | None, marker: str | None = None) -> bool:
     """Whether ``pid`` runs (not a zombie) and, with ``marker``, still is ours."""
-    if not pid:
+    if not pid or not _running(pid):
         return False
-    line = cmdline(pid)   # empty for zombies and for processes gone
-    return bool(line) and (marker is None or marker in line)
+    if marker is None:
+        return True
+    for _ in range(3):   # the command line reads empty for an instant during execve
+        line = cmdline(pid)
+        if line:
+            return marker in line
+        time.sleep(0.01)
+    return _running(pid)
 
 
 def _ancestors() -> set[int]:

@@ -77,6 +77,9 @@ def lab_up(args: argparse.Namespace) -> int:
     from villi.lab import cluster
 
     c = console()
+    state = cluster.running()
+    if state is not None:
+        raise cluster.already_running(state)
     steps = Steps("lab up")
     c.print(f"[bold]Bringing up a {args.nodes}-node villi lab[/] "
             f"(kvstore: {args.lab_kvstore}, lease TTL {args.lease_ttl}s)")
@@ -205,7 +208,8 @@ def lab_status(args: argparse.Namespace) -> int:
 def connectivity_test(args: argparse.Namespace) -> int:
     from villi.lab.connectivity import Result, Suite
 
-    c = console()
+    # progress goes to stderr when stdout carries JSON
+    c = console() if args.output != "json" else console_err()
     c.print("[bold]villi connectivity test[/]: deploying test pods and walking through "
             "the scenarios")
     current = {"step": ""}
@@ -230,6 +234,7 @@ def connectivity_test(args: argparse.Namespace) -> int:
              "ok": r.ok, "observed": r.observed, "seconds": round(r.seconds, 3)}
             for r in report.results]}, indent=2))
         return 0 if report.passed else 1
+    c = console()
     t = Table(title="Connectivity test", header_style="bold", title_justify="left")
     for col in ("SCENARIO", "CONNECTION", "EXPECTED", "OBSERVED", "RESULT"):
         t.add_column(col)

@@ -73,10 +73,8 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 15,
     with _state.locked():
         old = _state.load()
         if old is not None:
-            if any(_procs.alive(p, f"{PREFIX}{old['id']}") for p in all_pids(old)):
-                raise LabError(
-                    f"a lab is already running (id {old['id']}, {len(old['nodes'])} nodes, "
-                    f"state {_state.state_path()}); run `villi lab down` first")
+            if running() is not None:
+                raise already_running(old)
             progress("previous lab", "start", f"removing crashed lab {old['id']}")
             teardown(old["id"])
             _state.remove()
@@ -98,6 +96,12 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 15,
             raise
         raise LabError(f"lab up failed: {e}") from e
     return state
+
+
+def already_running(state: dict[str, Any]) -> LabError:
+    return LabError(f"a lab is already running (id {state['id']}, {len(state['nodes'])} "
+                    f"nodes, state {_state.state_path()}); use it, or remove it with "
+                    "`villi lab down` first")
 
 
 def _new_id() -> str:
@@ -178,7 +182,8 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
     while pending:
         for name, node in list(pending.items()):
             if not _procs.alive(node["pid"], marker):
-                raise LabError(f"the agent of {name} exited during start-up:\n"
+                raise LabError(f"the agent of {name} exited during start-up "
+                               f"({_procs.exit_status(node['pid'])}):\n"
                                f"{log_tail(node['log'])}")
             h = healthz(node["socket"], timeout=1.0)
             if h and h.get("status") == "ok" and h.get("ipam", {}).get("cidrs"):
@@ -187,7 +192,8 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
                 del pending[name]
         for proc, info in state["processes"].items():
             if not _procs.alive(info["pid"], marker):
-                raise LabError(f"{proc} exited during start-up:\n{log_tail(info['log'])}")
+                raise LabError(f"{proc} exited during start-up "
+                               f"({_procs.exit_status(info['pid'])}):\n{log_tail(info['log'])}")
         if pending and time.monotonic() > deadline:
             name, node = next(iter(pending.items()))
             raise LabError(f"the agent of {name} is not healthy after {timeout:.0f}s:\n"
@@ -217,7 +223,8 @@ def _wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
     log = state["processes"]["etcd"]["log"]
     while time.monotonic() < deadline:
         if not _procs.alive(pid):
-            raise LabError(f"etcd exited during start-up:\n{log_tail(log)}")
+            raise LabError(f"etcd exited during start-up ({_procs.exit_status(pid)}):\n"
+                           f"{log_tail(log)}")
         try:
             with in_netns(state["underlay"]["netns"]):
                 with urllib.request.urlopen(state["kvstore"] + "/health", timeout=1) as r:
@@ -376,9 +383,17 @@ def down(progress: Progress = _quiet) -> dict[str, Any]:
         for lab_id in ([mine] if mine else []) + orphans:
             for k, v in teardown(lab_id, progress).items():
                 total[k] = total.get(k, 0) + v
-        if state is not None:
-            _state.remove()
+    _state.remove()   # the state file (if any) and the lock file
     return {"lab": mine, "orphans": orphans, "counts": total}
+
+
+def running() -> dict[str, Any] | None:
+    """The state of this state file's lab when any of its processes still runs."""
+    state = _state.load()
+    if state is not None and any(_procs.alive(p, f"{PREFIX}{state['id']}")
+                                 for p in all_pids(state)):
+        return state
+    return None
 
 
 # --- status ----------------------------------------------------------------------------------

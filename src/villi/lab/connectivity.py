@@ -305,10 +305,13 @@ class Suite:
                     apply_text(self.state, sc.yaml, filename=sc.name)
                     self.applied.append(sc.yaml)
                     self.wait_policies(sc.yaml, True)
-                for chk in sc.checks:
-                    r = self.check(sc.name, chk)
-                    report.results.append(r)
-                    self.on_result(r)
+                # the checks of a scenario are independent: run them side by side
+                with ThreadPoolExecutor(len(sc.checks)) as pool:
+                    futures = [pool.submit(self.check, sc.name, c) for c in sc.checks]
+                    for f in futures:
+                        r = f.result()
+                        report.results.append(r)
+                        self.on_result(r)
                 if sc.yaml:
                     apply_text(self.state, sc.yaml, delete=True)
                     self.applied.remove(sc.yaml)
