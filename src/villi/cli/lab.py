@@ -49,6 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="k=v,k2=v2")
     p.add_argument("--serve", help="echo server ports: 80/tcp,81/udp,web=8080/tcp "
                    "(declared as named ports serve-<port>-<proto> or the given name)")
+    p.add_argument("--http-reply", metavar="TEXT", help="what the server answers to HTTP "
+                   "requests (default: villi echo: METHOD PATH)")
     p = ps.add_parser("del", aliases=["delete"], help="delete a pod through villi-cni")
     p.add_argument("pod", metavar="NS/NAME")
     p = ps.add_parser("label", help="change a running pod's labels (its identity follows)")
@@ -127,7 +129,7 @@ def _pod(args: argparse.Namespace) -> int:
     if args.pod_cmd == "add":
         t0 = time.monotonic()
         rec = pods.add(args.pod, node=args.node, labels=pods.parse_labels(args.labels),
-                       serve=pods.parse_serve(args.serve))
+                       serve=pods.parse_serve(args.serve), http_reply=args.http_reply)
         serving = ", ".join(f"{p['port']}/{p['protocol']} ({p['name']})" for p in rec["serve"])
         c.print(f"pod [bold]{rec['namespace']}/{rec['name']}[/] created on {rec['node']}: "
                 f"IP [cyan]{rec['ip']}[/]" + (f", serving {serving}" if serving else "")

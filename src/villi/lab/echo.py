@@ -6,6 +6,11 @@ itself and so keeps the namespace's name in its command line, where ``villi lab 
 finds it). TCP connections echo each line back (and can stay open for long-lived
 connection tests); UDP datagrams are echoed to their sender. One thread per listener,
 one per TCP connection: lab traffic is small.
+
+A TCP connection that starts with an HTTP request line gets one HTTP answer instead
+(``200 OK``, body from ``--http-reply``, default ``villi echo: METHOD PATH``), so
+``curl`` works against any lab pod; the Star Wars demo's deathstar answers
+``Ship landed`` this way.
 """
 
 from __future__ import annotations
@@ -31,8 +36,28 @@ def parse_port(spec: str) -> tuple[int, str]:
     return n, proto
 
 
+HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ")
+_http_reply: str | None = None
+
+
+def _answer_http(conn: socket.socket, data: bytes) -> None:
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        more = conn.recv(65536)
+        if not more:
+            break
+        data += more
+    method, _, rest = data.partition(b"\r\n")[0].decode(errors="replace").partition(" ")
+    path = rest.split(" ", 1)[0]
+    body = (_http_reply if _http_reply is not None else f"villi echo: {method} {path}")
+    raw = (body.rstrip("\n") + "\n").encode()
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(raw)}"
+            "\r\nConnection: close\r\n\r\n").encode()
+    conn.sendall(head + (b"" if method == "HEAD" else raw))
+
+
 def _serve_tcp_conn(conn: socket.socket) -> None:
     with conn:
+        first = True
         while True:
             try:
                 data = conn.recv(65536)
@@ -40,6 +65,13 @@ def _serve_tcp_conn(conn: socket.socket) -> None:
                 return
             if not data:
                 return
+            if first and data.startswith(HTTP_METHODS):
+                try:
+                    _answer_http(conn, data)
+                except OSError:
+                    pass
+                return
+            first = False
             try:
                 conn.sendall(data)
             except OSError:
@@ -75,8 +107,11 @@ def serve_udp(srv: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--netns", help="network namespace (name or path) to serve in")
+    ap.add_argument("--http-reply", help="body of the answer to HTTP requests")
     ap.add_argument("ports", nargs="+", help="PORT/tcp or PORT/udp")
     args = ap.parse_args(argv)
+    global _http_reply
+    _http_reply = args.http_reply
     specs = [parse_port(p) for p in args.ports]
     if args.netns:
         from villi._nsenter import enter_netns_for_good

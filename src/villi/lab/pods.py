@@ -120,7 +120,8 @@ def _node(state: dict[str, Any], node: str | None) -> dict[str, Any]:
 
 
 def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = None,
-        serve: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        serve: list[dict[str, Any]] | None = None, http_reply: str | None = None
+        ) -> dict[str, Any]:
     """Create pod ``ref`` and return its record (ip, node, netns, ...)."""
     ns, name = parse_ref(ref)
     key = f"{ns}/{name}"
@@ -133,7 +134,8 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
             "namespace": ns, "name": name, "node": n["name"], "socket": n["socket"],
             "netns": _state.pod_netns(state["id"], ns, name),
             "container_id": f"lab{state['id']}{uuid.uuid4().hex[:12]}",
-            "labels": labels, "serve": serve, "ip": None, "server_pid": None,
+            "labels": labels, "serve": serve, "http_reply": http_reply, "ip": None,
+            "server_pid": None,
             "status": "creating"}
         state["pods"][key] = record
         lab_dir = Path(state["dir"])
@@ -168,10 +170,11 @@ def _create(record: dict[str, Any], lab_dir: Path) -> None:
     if record["serve"]:
         ports = [f"{p['port']}/{p['protocol']}" for p in record["serve"]]
         log = lab_dir / f"pod-{record['namespace']}.{record['name']}.log"
+        cmd = [sys.executable, "-m", "villi.lab.echo", "--netns", record["netns"]]
+        if record.get("http_reply") is not None:
+            cmd += ["--http-reply", record["http_reply"]]
         try:
-            record["server_pid"] = _procs.spawn(
-                [sys.executable, "-m", "villi.lab.echo", "--netns", record["netns"], *ports],
-                log, ready_line="ready")
+            record["server_pid"] = _procs.spawn([*cmd, *ports], log, ready_line="ready")
         except OSError as e:
             raise LabError(f"echo server in {record['netns']} did not start: {e}") from e
 
@@ -182,7 +185,8 @@ def _destroy(record: dict[str, Any]) -> None:
         _procs.kill([record["server_pid"]], record["netns"], grace=1.0)
     for pid in _procs.find(record["netns"] + " "):   # anything else left in the pod
         _procs.kill([pid], record["netns"], grace=1.0)
-    code, out = 0, {}
+    code: int = 0
+    out: dict[str, Any] = {}
     if healthz(record["socket"]) is not None:   # a dead node's agent cannot answer
         code, out = cni_exec(record["socket"], "DEL", record["container_id"],
                              f"/var/run/netns/{record['netns']}", agent_timeout=10)

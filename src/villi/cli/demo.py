@@ -1,0 +1,331 @@
+"""``villi demo`` (``make demo``): Cilium's Star Wars scenario in a fresh 2-node lab.
+
+The story, as in Cilium's getting-started guide: the Empire's ``deathstar`` (two pods,
+one per node) accepts landing requests on port 80; a ``tiefighter`` (Empire) and an
+``xwing`` (Alliance) both land while no policy exists; then an L3/L4
+CiliumNetworkPolicy (``examples/sw_l3_l4_policy.yaml``, unchanged from Cilium's demo)
+lets only ``org=empire`` in, so the tiefighter still lands and the xwing is dropped;
+the flows of both attempts come from ``villi observe``. The lab stays up to explore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.panel import Panel
+from rich.rule import Rule
+from rich.syntax import Syntax
+from rich.table import Table
+
+POLICY_FILE = "sw_l3_l4_policy.yaml"
+# The same policy as examples/sw_l3_l4_policy.yaml, for installs without the repository.
+POLICY_TEXT = """\
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "rule1"
+spec:
+  description: "L3-L4 policy to restrict deathstar access to empire ships only"
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"""
+PODS = [  # name, node, labels, serves
+    ("deathstar-1", "1", {"org": "empire", "class": "deathstar"}, True),
+    ("deathstar-2", "2", {"org": "empire", "class": "deathstar"}, True),
+    ("tiefighter", "1", {"org": "empire", "class": "tiefighter"}, False),
+    ("xwing", "2", {"org": "alliance", "class": "xwing"}, False),
+]
+SHIPS = ("tiefighter", "xwing")
+TARGETS = ("deathstar-1", "deathstar-2")
+VILLI = [sys.executable, "-m", "villi.cli.main"]
+
+
+def _policy_path() -> tuple[str, str]:
+    """(path to show and apply, its text): the repository's example when present."""
+    repo = Path(__file__).resolve().parents[3] / "examples" / POLICY_FILE
+    if repo.exists():
+        try:
+            shown = str(repo.relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(repo)
+        return shown, repo.read_text()
+    from villi.lab import _state
+
+    tmp = _state.state_path().parent / POLICY_FILE
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(POLICY_TEXT)
+    return str(tmp), POLICY_TEXT
+
+
+class Demo:
+    def __init__(self) -> None:
+        from villi.lab._view import console
+
+        self.c = console()
+        self.step_no = 0
+        self.curl = shutil.which("curl") is not None
+
+    # --- output helpers ---------------------------------------------------------------
+    def step(self, title: str, text: str = "") -> None:
+        self.step_no += 1
+        self.c.print()
+        self.c.print(Rule(f"[bold]{self.step_no}. {title}", align="left", style="cyan"))
+        if text:
+            self.c.print(text)
+
+    def cmd(self, line: str) -> None:
+        self.c.print(f"[dim]$[/] [bold]{line}[/]", highlight=False)
+
+    # --- the story --------------------------------------------------------------------
+    def run(self) -> int:
+        t0 = time.monotonic()
+        self.c.print(Panel.fit(
+            "[bold]villi demo[/] — Cilium's Star Wars scenario, on a real eBPF datapath\n"
+            "A 2-node cluster in network namespaces on this machine: etcd, the operator, "
+            "one agent per node,\npods plugged in by villi-cni. The Empire's deathstar "
+            "accepts landings; who may land is up to policy.",
+            border_style="yellow"))
+        self.bring_up()
+        ips = self.deploy()
+        self.step("No policy yet: every ship may land",
+                  "Without a policy selecting it, a pod accepts all traffic (Kubernetes' "
+                  "default).")
+        self.attempts(ips)
+        path, text = _policy_path()
+        self.step("Only the Empire may land: an L3/L4 CiliumNetworkPolicy",
+                  "The policy from Cilium's demo, unchanged: it selects the deathstar pods "
+                  "and allows ingress from org=empire to TCP port 80.")
+        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        self.cmd(f"villi apply -f {path}")
+        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
+        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
+        if res.returncode != 0:
+            return 1
+        self.wait_policy()
+        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.step("Both ships try again",
+                  "The tiefighter (org=empire) lands; the xwing (org=alliance) is dropped "
+                  "by the datapath on the deathstar's node: its SYN never gets an answer.")
+        results = self.attempts(ips, timeout=2)
+        self.step("What the datapath saw: the flows of both attempts")
+        self.flows(since, ips)
+        ok = all(results[("tiefighter", t)] for t in TARGETS) and \
+            not any(results[("xwing", t)] for t in TARGETS)
+        self.outro(ok, time.monotonic() - t0)
+        return 0 if ok else 1
+
+    def bring_up(self) -> None:
+        from rich.live import Live
+
+        from villi.lab import cluster
+        from villi.lab._view import Steps
+
+        self.step("A fresh 2-node lab")
+        old = cluster.running()
+        if old is not None:
+            self.c.print(f"A lab is already running (id {old['id']}): removing it so the "
+                         "demo starts from scratch.")
+        res = cluster.down()
+        if res["lab"] and old is None:
+            self.c.print(f"Removed the remains of a crashed lab ({res['lab']}).")
+        self.cmd("villi lab up --nodes 2")
+        steps = Steps("lab up")
+        with Live(steps, console=self.c, refresh_per_second=10):
+            try:
+                state = cluster.up(2, "etcd", progress=steps)
+            except BaseException:
+                steps.fail_pending()
+                raise
+        self.state = state
+
+    def deploy(self) -> dict[str, str]:
+        from villi.lab import pods
+
+        self.step("Deploy the Empire and the Alliance",
+                  "Each pod gets its namespace, veth, IP and identity from villi-cni and "
+                  "its node's agent; the deathstar pods serve HTTP on port 80.")
+        for name, node, labels, serves in PODS:
+            lbl = ",".join(f"{k}={v}" for k, v in labels.items())
+            extra = " --serve 80/tcp" if serves else ""
+            self.cmd(f"villi lab pod add default/{name} --node {node} --labels {lbl}{extra}")
+            pods.add(f"default/{name}", node=node, labels=labels,
+                     serve=pods.parse_serve("80/tcp") if serves else [],
+                     http_reply="Ship landed" if serves else None)
+        return self.pod_table()
+
+    def pod_table(self) -> dict[str, str]:
+        from villi.lab import _state, pods
+
+        state = _state.require()
+        t = Table(box=None, header_style="bold", pad_edge=False)
+        for col in ("POD", "NODE", "IPv4", "IDENTITY", "LABELS"):
+            t.add_column(col)
+        ips = {}
+        for name, _, labels, _ in PODS:
+            rec = state["pods"][f"default/{name}"]
+            ident = pods.endpoint(rec).get("identity", "?")
+            ips[name] = rec["ip"]
+            t.add_row(f"default/{name}", rec["node"], rec["ip"], str(ident),
+                      ", ".join(f"{k}={v}" for k, v in labels.items()))
+        self.c.print(t)
+        self.c.print("[dim]Both deathstar pods share one identity: same labels, same "
+                     "security identity, on every node.[/]")
+        return ips
+
+    def land(self, ship: str, target: str, ip: str, timeout: float) -> tuple[bool, str]:
+        """One landing request, as a user would make it: curl inside the ship's pod."""
+        from villi.lab import pods
+        from villi.lab.probe import probe_detail
+
+        if self.curl:
+            res = subprocess.run(
+                pods.exec_argv(f"default/{ship}", ["curl", "-s", "-m", str(timeout),
+                                                   "-XPOST", f"http://{ip}/v1/request-landing"]),
+                capture_output=True, text=True)
+            if res.returncode == 0:
+                return True, res.stdout.strip()
+            return False, "timed out: no answer (dropped)" if res.returncode == 28 else \
+                f"curl exit code {res.returncode}"
+        rec = pods.get(f"default/{ship}")
+        ok, why = probe_detail(rec["netns"], ip, 80, "tcp", timeout)
+        return ok, why
+
+    def attempts(self, ips: dict[str, str], timeout: float = 2) -> dict[tuple[str, str], bool]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(s, t) for s in SHIPS for t in TARGETS]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futs = {j: pool.submit(self.land, j[0], j[1], ips[j[1]], timeout) for j in jobs}
+            out = {j: f.result() for j, f in futs.items()}
+        for (ship, target), (ok, what) in out.items():
+            node = "node" + next(n for name, n, _, _ in PODS if name == target)
+            tool = f"curl -s -XPOST {ips[target]}/v1/request-landing" if self.curl else \
+                f"probe {ips[target]}:80"
+            self.cmd(f"villi lab exec default/{ship} -- {tool}")
+            mark = "[green]✓[/]" if ok else "[red]✗[/]"
+            self.c.print(f"  {mark} {what}   [dim]({ship} → {target} on {node})[/]",
+                         highlight=False)
+        return {k: v[0] for k, v in out.items()}
+
+    def wait_policy(self) -> None:
+        from villi.lab._api import agent_call
+
+        deadline = time.monotonic() + 10
+        for node in self.state["nodes"]:
+            while time.monotonic() < deadline:
+                view = agent_call(node["socket"], "GET", "/v1/policy")
+                if any(r["name"] == "rule1" for r in view["resources"]):
+                    break
+                time.sleep(0.05)
+
+    def flows(self, since: str, ips: dict[str, str]) -> None:
+        help_text = subprocess.run([*VILLI, "observe", "--help"], capture_output=True,
+                                   text=True).stdout
+        if "--last" in help_text and "not built yet" not in help_text:
+            args = ["observe", "--since", since, "--to-pod", "default/deathstar",
+                    "--tcp-flags", "SYN", "--not", "--tcp-flags", "ACK"]
+            self.cmd("villi " + " ".join(args))
+            res = subprocess.run([*VILLI, *args], capture_output=True, text=True, timeout=30)
+            if res.returncode == 0 and res.stdout.strip():
+                self.c.print(res.stdout.rstrip(), highlight=False, soft_wrap=True)
+                self.c.print("[dim]Each SYN is seen leaving the ship's side (from-endpoint, "
+                             "or to-stack towards the other node) and then on the deathstar's "
+                             "side: to-endpoint when delivered, Policy denied DROPPED when the "
+                             "deathstar's ingress policy refuses it — the xwing's SYN is "
+                             "retried and dropped again.[/]")
+                args = ["observe", "--verdict", "DROPPED", "--from-pod",
+                        "default/xwing", "--to-pod", "default/deathstar-1", "--last", "1",
+                        "--explain"]
+                self.c.print()
+                self.c.print("Why was the xwing dropped? Ask for an explanation:")
+                self.cmd("villi " + " ".join(args))
+                res = subprocess.run([*VILLI, *args], capture_output=True, text=True,
+                                     timeout=30)
+                if res.returncode == 0 and res.stdout.strip():
+                    self.c.print(res.stdout.rstrip(), highlight=False, soft_wrap=True)
+                return
+            self.c.print(f"[yellow]villi observe did not answer ({res.returncode}): "
+                         f"{res.stderr.strip()[:300]}[/]")
+        self.c.print("[dim]villi observe is not available; here are the datapath's drop "
+                     "counters instead:[/]")
+        self.c.print(drop_counters(self.state))
+
+    def outro(self, ok: bool, seconds: float) -> None:
+        self.c.print()
+        if ok:
+            self.c.print(f"[bold green]✓ The Empire lands, the Alliance is dropped[/] — "
+                         f"demo finished in {seconds:.0f}s.")
+        else:
+            self.c.print("[bold red]✗ The outcome was not the expected one[/] (see above).")
+        self.c.print(Panel(
+            "The lab is still up. Explore it:\n"
+            "  villi lab status                      nodes, agents, pods\n"
+            "  villi get endpoints                   identities and policy enforcement\n"
+            "  villi observe --follow --pod default/deathstar   live flows (then retry a ship)\n"
+            "  villi lab exec default/xwing -- curl -s -m 2 -XPOST "
+            "<deathstar IP>/v1/request-landing\n"
+            "  villi lab pod label default/xwing org=empire      turn the xwing to the dark "
+            "side\n"
+            "  villi delete -f examples/sw_l3_l4_policy.yaml     lift the policy\n"
+            "  villi connectivity test               the built-in scenario suite\n"
+            "Tear it all down with [bold]villi lab down[/].",
+            title="next", border_style="cyan"))
+
+
+def drop_counters(state: dict[str, Any]) -> Table:
+    """Per node, the datapath's drop counters (read from its pinned metrics map)."""
+    from villi.datapath import abi
+    from villi.datapath.maps import BpfMap, TypedMap
+    from villi.datapath.node import U32
+
+    t = Table(box=None, header_style="bold")
+    for col in ("NODE", "REASON", "DIRECTION", "PACKETS"):
+        t.add_column(col)
+    for node in state["nodes"]:
+        path = f"/sys/fs/bpf/villi/{state['cluster']}/{node['name']}/villi_metrics"
+        try:
+            m = BpfMap.open_pinned(path)
+        except Exception as e:
+            t.add_row(node["name"], f"(cannot read {path}: {e})", "", "")
+            continue
+        try:
+            for key, per_cpu in TypedMap(m, U32, abi.MetricsValue).items_percpu():
+                reason, direction = key.value >> 1, key.value & 1
+                pkts = sum(v.packets for v in per_cpu)
+                if reason and pkts:
+                    text = abi.DROP_REASON_TEXT.get(reason, (str(reason),))[0]
+                    t.add_row(node["name"], text, "egress" if direction else "ingress",
+                              str(pkts))
+        finally:
+            m.close()
+    return t
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from villi.errors import VilliError
+
+    try:
+        return Demo().run()
+    except VilliError as e:
+        from villi.lab._view import console_err
+
+        console_err().print(f"[bold red]demo failed:[/] {e}")
+        console_err().print("Clean up with `villi lab down`.")
+        return 1
