@@ -205,7 +205,8 @@ class BackendIndex:
             ports = []
             for port in info.ports:
                 key = info.key(port)
-                backends = sorted(self.backends.get(key, ()))
+                backends = sorted(self.backends.get(key, ()),
+                                  key=lambda b: (_ip_sort(b.ip), b.port))
                 ports.append({"name": port.name, "port": port.port, "protocol": port.protocol,
                               "targetPort": port.target,
                               "backends": [f"{b.ip}:{b.port}" for b in backends]})
