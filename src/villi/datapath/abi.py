@@ -202,3 +202,44 @@ SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "ct_key": CtKey, "ct_value": CtValue,
     "flow_event": FlowEvent, "metrics_value": MetricsValue,
 }
+
+
+# --- socket load balancing (lb.h) -------------------------------------------------
+LB_SVC_F_AFFINITY = 0x01
+
+
+class LbServiceKey(ctypes.Structure):
+    _fields_ = [("address", c_u32), ("dport", c_u16), ("slot", c_u16), ("protocol", c_u8),
+                ("pad", c_u8 * 3)]
+
+
+class LbServiceValue(ctypes.Structure):
+    _fields_ = [("backend_id", c_u32), ("affinity_timeout", c_u32), ("count", c_u16),
+                ("service_id", c_u16), ("flags", c_u8), ("pad", c_u8 * 3)]
+
+
+class LbBackend(ctypes.Structure):
+    _fields_ = [("address", c_u32), ("port", c_u16), ("service_id", c_u16)]
+
+
+class LbRevnatKey(ctypes.Structure):
+    _fields_ = [("cookie", c_u64), ("address", c_u32), ("port", c_u16), ("pad", c_u16)]
+
+
+class LbRevnatValue(ctypes.Structure):
+    _fields_ = [("address", c_u32), ("port", c_u16), ("service_id", c_u16)]
+
+
+class LbAffinityKey(ctypes.Structure):
+    _fields_ = [("netns_cookie", c_u64), ("service_id", c_u16), ("pad", c_u16 * 3)]
+
+
+class LbAffinityValue(ctypes.Structure):
+    _fields_ = [("last_used_ns", c_u64), ("backend_id", c_u32), ("pad", c_u32)]
+
+
+SHARED_STRUCTS.update({
+    "lb_service_key": LbServiceKey, "lb_service_value": LbServiceValue,
+    "lb_backend": LbBackend, "lb_revnat_key": LbRevnatKey, "lb_revnat_value": LbRevnatValue,
+    "lb_affinity_key": LbAffinityKey, "lb_affinity_value": LbAffinityValue,
+})

@@ -191,4 +191,62 @@ struct metrics_value {
 };
 #define METRICS_SLOTS 512
 
+
+/* --- socket load balancing (lb.h, sock.bpf.c) ------------------------------- */
+#define LB_SVC_F_AFFINITY 0x01  /* ClientIP session affinity (lb_service_value.flags) */
+
+/* lb_services: hash. {VIP, port, protocol, slot 0} is a service port's frontend entry
+ * (backend count, service id, affinity); {…, slot 1..count} map slots to backend ids. */
+struct lb_service_key {
+	__u32 address;          /* VIP, network order */
+	__u16 dport;            /* network order */
+	__u16 slot;             /* 0 = frontend; 1..count = backend slots */
+	__u8  protocol;         /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  pad[3];
+};
+
+struct lb_service_value {
+	__u32 backend_id;       /* slot entries */
+	__u32 affinity_timeout; /* frontend: seconds */
+	__u16 count;            /* frontend: number of backend slots (0 = refuse) */
+	__u16 service_id;       /* frontend and slots: id of the service port */
+	__u8  flags;            /* LB_SVC_F_* */
+	__u8  pad[3];
+};
+
+/* lb_backends: hash, backend id → where connections go. */
+struct lb_backend {
+	__u32 address;          /* network order */
+	__u16 port;             /* network order */
+	__u16 service_id;       /* the service port the backend belongs to */
+};
+
+/* lb_revnat: LRU hash, {socket cookie, backend} → the VIP the application asked for
+ * (recvmsg4 rewrites UDP reply sources, getpeername4 the peer address). */
+struct lb_revnat_key {
+	__u64 cookie;
+	__u32 address;          /* backend, network order */
+	__u16 port;             /* network order */
+	__u16 pad;
+};
+
+struct lb_revnat_value {
+	__u32 address;          /* VIP, network order */
+	__u16 port;             /* network order */
+	__u16 service_id;
+};
+
+/* lb_affinity: LRU hash, {client netns cookie, service id} → its backend. */
+struct lb_affinity_key {
+	__u64 netns_cookie;
+	__u16 service_id;
+	__u16 pad[3];
+};
+
+struct lb_affinity_value {
+	__u64 last_used_ns;     /* bpf_ktime_get_ns() */
+	__u32 backend_id;
+	__u32 pad;
+};
+
 #endif /* __VILLI_COMMON_H */
