@@ -3,30 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket as _socket
 from typing import Any
-
-import httpx
 
 from villi._nsenter import in_netns
 from villi.lab._state import LabError
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (an httpx client costs ~50 ms to build: its TLS
+    context; the lab makes many short calls)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("villi", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def agent_call(socket: str, method: str, path: str, timeout: float = 5.0,
-               **kw: Any) -> Any:
+               json_body: Any = None, **kw: Any) -> Any:
     """One request to an agent; LabError with the agent's message on failure."""
+    body_in = kw.pop("json", json_body)
+    conn = _UnixHTTPConnection(socket, timeout)
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=socket), base_url="http://villi",
-                          timeout=timeout) as c:
-            resp = c.request(method, path, **kw)
-    except httpx.HTTPError as e:
+        payload = json.dumps(body_in).encode() if body_in is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+        status = resp.status
+    except (OSError, http.client.HTTPException) as e:
         raise LabError(f"the agent at {socket} does not answer: {e}") from e
+    finally:
+        conn.close()
     try:
-        body = resp.json()
+        body = json.loads(text)
     except ValueError:
-        body = {"error": resp.text}
-    if resp.status_code >= 400:
-        raise LabError(f"agent {socket}: {body.get('error', resp.text)}")
+        body = {"error": text}
+    if status >= 400:
+        raise LabError(f"agent {socket}: "
+                       f"{body.get('error', text) if isinstance(body, dict) else text}")
     return body
 
 
