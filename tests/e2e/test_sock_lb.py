@@ -338,3 +338,37 @@ def test_reattach_replaces_programs_atomically(lab: Lab) -> None:
         again.close()
     for hook in cgroup.SockHook:
         assert cgroup.query(lab.cgroup_path, hook)
+
+
+def test_service_table_drives_the_maps(lab: Lab) -> None:
+    from villi.service.models import Service
+    from villi.service.table import ServiceTable
+
+    assert lab.dp is not None
+    table = ServiceTable(lab.dp)
+    model = Service.model_validate({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                           {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 8081}]},
+    })
+    table.upsert_service(model, VIP)
+    assert lab.reached("tcp", VIP, 80, 3) == Counter({"errno 111": 3})  # no pods yet
+    for ip in lab.backends:
+        table.upsert_pod(ip, "shop", {"app": "web"}, {"http": [8080, "TCP"]})
+    table.upsert_pod("10.202.9.9", "shop", {"app": "db"}, {"http": [8080, "TCP"]})
+    assert lab.reached("tcp", VIP, 80, 60).keys() == {"b1", "b2", "b3"}
+    assert lab.reached("udp", VIP, 53, 60).keys() == {"b1", "b2", "b3"}
+    table.upsert_pod(lab.backends[0], "shop", {"app": "web"}, {})  # lost its named port
+    assert lab.reached("tcp", VIP, 80, 30).keys() == {"b2", "b3"}
+    assert "b1" in lab.reached("udp", VIP, 53, 60)                  # numeric target port
+    table.delete_pod(lab.backends[1])
+    assert lab.reached("tcp", VIP, 80, 10) == Counter({"b3": 10})
+    assert table.service_of(VIP, 80) == ("shop", "web")
+    assert table.service_of(lab.backends[2], 8080) == ("shop", "web")
+    table.upsert_service(model.model_copy(update={"spec": model.spec.model_copy(
+        update={"session_affinity": "ClientIP"})}), VIP)
+    assert lab.dp.services.lookup(next(k for k, _ in lab.dp.services.items()
+                                       if k.slot == 0)).flags == 1
+    table.delete_service("shop", "web")
+    assert lab.dp.services.items() == [] and lab.dp.backends.items() == []
