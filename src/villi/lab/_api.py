@@ -65,20 +65,25 @@ def healthz(socket: str, timeout: float = 2.0) -> dict[str, Any] | None:
         return None
 
 
-def store_run(state: dict[str, Any], fn: Any) -> Any:
+def store_run(state: dict[str, Any], fn: Any, quick: bool = False) -> Any:
     """Run ``await fn(store)`` against the lab's kvstore, from the namespace that
-    reaches it (etcd listens on the underlay only)."""
-    from villi.kvstore import open_store
+    reaches it (etcd listens on the underlay only). ``quick``: give up after ~3 s
+    (status displays) instead of the client's default retries."""
+    from villi.kvstore import BackoffPolicy, open_store
+
+    options: dict[str, Any] = {}
+    if quick and state.get("kvstore_kind", "etcd") == "etcd":
+        options = {"request_timeout": 1.5, "backoff": BackoffPolicy(max_attempts=2)}
 
     async def go() -> Any:
-        async with open_store(state["kvstore"]) as store:
+        async with open_store(state["kvstore"], **options) as store:
             return await fn(store)
 
     with in_netns(state.get("kvstore_netns")):
         return asyncio.run(go())
 
 
-def node_entries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def node_entries(state: dict[str, Any], quick: bool = False) -> dict[str, dict[str, Any]]:
     """Node name → its entry in the store (only nodes whose lease is alive)."""
     prefix = "villi/state/nodes/v1/"
 
@@ -92,7 +97,7 @@ def node_entries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 continue
         return out
 
-    return store_run(state, fn)
+    return store_run(state, fn, quick)
 
 
 def apply_text(state: dict[str, Any], text: str, *, delete: bool = False,

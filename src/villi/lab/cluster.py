@@ -409,7 +409,7 @@ def status(state: dict[str, Any] | None = None) -> dict[str, Any]:
         h = healthz(node["socket"], timeout=2.0) if _procs.alive(node["pid"], marker) else None
         nodes.append({**node, "alive": _procs.alive(node["pid"], marker), "health": h})
     try:
-        entries = node_entries(state)
+        entries = node_entries(state, quick=True)
     except Exception as e:   # the store may be down: status must still show the rest
         entries = {"_error": {"error": str(e)}}
     return {"state": state, "processes": procs, "nodes": nodes, "entries": entries}

@@ -106,14 +106,21 @@ def cni_exec(socket: str, command: str, container_id: str, netns: str, args: str
 
 def _node(state: dict[str, Any], node: str | None) -> dict[str, Any]:
     nodes = state["nodes"]
+    marker = f"{PREFIX}{state['id']}"
     if node is None:
-        # the least-loaded node, ties to the lowest index: pods spread round-robin
+        # the least-loaded live node, ties to the lowest index: pods spread round-robin
+        live = [n for n in nodes if _procs.alive(n.get("pid"), marker)]
+        if not live:
+            raise LabError("no node of this lab has a running agent (see `villi lab status`)")
         counts = {n["name"]: 0 for n in nodes}
         for pod in state["pods"].values():
             counts[pod["node"]] = counts.get(pod["node"], 0) + 1
-        return min(nodes, key=lambda n: (counts[n["name"]], n["index"]))
+        return min(live, key=lambda n: (counts[n["name"]], n["index"]))
     for n in nodes:
         if node in (n["name"], str(n["index"])):
+            if not _procs.alive(n.get("pid"), marker):
+                raise LabError(f"the agent of {n['name']} is not running (see `villi lab "
+                               "status`); pick another node")
             return n
     raise LabError(f"no node {node!r} in this lab: use 1..{len(nodes)} or one of "
                    f"{', '.join(n['name'] for n in nodes)}")
