@@ -85,6 +85,9 @@ def _root_net() -> tuple[set[str], list[tuple[str, str | None, int]], list[str]]
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab(tmp_path_factory.mktemp("lab") / "state.json")
+    # this process too (cluster.leftovers/teardown look beside the state file)
+    saved = os.environ.get("VILLI_LAB_STATE")
+    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
     t0 = time.monotonic()
     res = lab.run("lab", "up", "--nodes", str(NODES), "--lease-ttl", str(LEASE_TTL))
     lab_id = None
@@ -99,6 +102,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lab.run("lab", "down")
         if lab_id:
             cluster.teardown(lab_id)   # in case `lab down` itself failed
+        if saved is None:
+            os.environ.pop("VILLI_LAB_STATE", None)
+        else:
+            os.environ["VILLI_LAB_STATE"] = saved
 
 
 def test_lab_comes_up_with_three_healthy_nodes_and_nothing_in_root(lab: Lab) -> None:

@@ -81,8 +81,10 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 15,
             progress("previous lab", "ok", f"removed crashed lab {old['id']}")
         lab_id = _new_id()
         state = _initial_state(lab_id, nodes, kvstore, lease_ttl, underlay.cidr, cluster_cidr)
-        _state.register(lab_id)
+        # state first, registry second: a concurrent `lab down` scanning for orphans
+        # must never see this id registered without the state file that owns it
         _state.save(state)
+        _state.register(lab_id)
     try:
         _build(state, timeout, progress)
     except BaseException as e:
