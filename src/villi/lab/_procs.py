@@ -25,7 +25,8 @@ _children: list[subprocess.Popen[bytes]] = []
 
 def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
           ready_line: str | None = None, timeout: float = 15.0) -> int:
-    """Start ``cmd`` detached (new session, stdin from /dev/null, output to ``log``).
+    """Start ``cmd`` detached (new session, stdin from /dev/null, output to ``log``,
+    its pid in ``log`` with the suffix ``.pid``).
 
     With ``ready_line``, stdout is read until that line comes (the echo server prints
     ``ready``); stderr still goes to the log.
@@ -36,6 +37,7 @@ def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
                                 stdout=subprocess.PIPE if ready_line else out, stderr=out,
                                 start_new_session=True, env=env, close_fds=True)
     _children.append(proc)
+    log.with_suffix(".pid").write_text(f"{proc.pid}\n")
     if ready_line is not None:
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), True)

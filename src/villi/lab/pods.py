@@ -177,6 +177,7 @@ def _create(record: dict[str, Any], lab_dir: Path) -> None:
     if record["serve"]:
         ports = [f"{p['port']}/{p['protocol']}" for p in record["serve"]]
         log = lab_dir / f"pod-{record['namespace']}.{record['name']}.log"
+        record["log"] = str(log)
         cmd = [sys.executable, "-m", "villi.lab.echo", "--netns", record["netns"]]
         if record.get("http_reply") is not None:
             cmd += ["--http-reply", record["http_reply"]]
@@ -190,6 +191,8 @@ def _destroy(record: dict[str, Any]) -> None:
     """Undo a pod, whatever state it is in (idempotent)."""
     if record.get("server_pid"):
         _procs.kill([record["server_pid"]], record["netns"], grace=1.0)
+    if record.get("log"):
+        Path(record["log"]).with_suffix(".pid").unlink(missing_ok=True)
     for pid in _procs.find(record["netns"] + " "):   # anything else left in the pod
         _procs.kill([pid], record["netns"], grace=1.0)
     code: int = 0
