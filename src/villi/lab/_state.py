@@ -120,6 +120,7 @@ def locked(path: Path | None = None, timeout: float = 60.0) -> Iterator[None]:
 @contextlib.contextmanager
 def update(path: Path | None = None) -> Iterator[dict[str, Any]]:
     """``with update() as state: state[...] = ...`` — locked, saved on success."""
+    require(path)   # fail fast, without creating a lock file, when there is no lab
     with locked(path):
         state = require(path)
         yield state

@@ -210,7 +210,10 @@ class Suite:
             [sys.executable, "-m", "villi.lab.echo", "--netns", u["netns"],
              f"{WORLD_PORT}/tcp"],
             Path(self.state["dir"]) / "connectivity-world.log", ready_line="ready")
-        nodes = self.state["nodes"]
+        marker = f"{_state.PREFIX}{self.state['id']}"
+        nodes = [n for n in self.state["nodes"] if _procs.alive(n.get("pid"), marker)]
+        if not nodes:
+            raise _state.LabError("no node of this lab has a running agent")
         self.on_step(f"{len(POD_SPECS)} test pods on {min(2, len(nodes))} node(s)")
 
         def add(spec: tuple[str, int, str, str]) -> None:
