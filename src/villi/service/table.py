@@ -115,7 +115,7 @@ class ServiceTable:
 
     def frontends(self) -> list[Frontend]:
         """Every frontend the table wants in the datapath."""
-        out = []
+        out: list[Frontend] = []
         for ref, ip in self.cluster_ips.items():
             out.extend(self._frontend(ip, key) for key, _ in self.index.ports_of(ref))
         return out
