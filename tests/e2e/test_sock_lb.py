@@ -372,3 +372,13 @@ def test_service_table_drives_the_maps(lab: Lab) -> None:
                                        if k.slot == 0)).flags == 1
     table.delete_service("shop", "web")
     assert lab.dp.services.items() == [] and lab.dp.backends.items() == []
+
+
+def test_detach_removes_every_program(lab: Lab) -> None:
+    assert lab.dp is not None
+    _program(lab)
+    lab.dp.detach()
+    assert all(cgroup.query(lab.cgroup_path, hook) == [] for hook in cgroup.SockHook)
+    assert cgroup.detach(lab.cgroup_path, cgroup.SockHook.CONNECT4) is False
+    (r,), _ = lab.ask("tcp", VIP, 80)                  # untranslated: the VIP is nowhere
+    assert "name" not in r

@@ -36,3 +36,14 @@ def test_byte_order_helpers() -> None:
     assert ip_str(ip_be("10.32.0.1")) == "10.32.0.1"
     assert port_host(port_be(8080)) == 8080
     assert port_be(0x1234).to_bytes(2, "little") == b"\x12\x34"
+
+
+def test_lb_flag_matches_c() -> None:
+    import re
+
+    from villi.datapath import abi
+    from villi.datapath.compiler import BPF_SOURCE_DIR
+
+    text = (BPF_SOURCE_DIR / "lib" / "common.h").read_text()
+    m = re.search(r"^#define LB_SVC_F_AFFINITY\s+(0x[0-9a-fA-F]+|\d+)", text, re.M)
+    assert m is not None and int(m.group(1), 0) == abi.LB_SVC_F_AFFINITY
