@@ -39,6 +39,7 @@ class AgentConfig:
     flow_export: Path | None = None
     cidr_wait_timeout: float = 60.0
     events_ringbuf_size: int = 8 * 1024 * 1024
+    service_cgroup: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,6 +83,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--flow-export-filter", help="only export flows matching this filter, "
                     "e.g. verdict=DROPPED (FIELD=VALUE[,FIELD=VALUE...], fields as in "
                     "villi observe)")
+    ap.add_argument("--service-cgroup",
+                    help="cgroup v2 directory whose processes get socket-level service load "
+                    "balancing (default <cgroup2>/villi/<cluster>/<node>; the cgroup2 root "
+                    "for a whole machine; 'none' to disable)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

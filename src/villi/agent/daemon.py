@@ -31,6 +31,7 @@ from villi.agent.config import AgentConfig
 from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
+from villi.agent.services import ServiceSync
 from villi.agent.sync import IpcacheSync, NodeSync
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
@@ -109,6 +110,7 @@ class Agent:
             node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
             host_routing=cfg.host_routing,
             defines={"EVENTS_RINGBUF_SIZE": str(cfg.events_ringbuf_size)}))
+        self.services = ServiceSync(self)
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
         restored = await self.kernel(self.endpoints.restore)
         log.info("restored %d endpoints from %s", len(restored), state)
@@ -125,7 +127,7 @@ class Agent:
         self.policy = PolicySync(self)
         self.node_sync = NodeSync(self.store, self.datapath, self.node, kernel=self.kernel)
         self.ipcache_sync = IpcacheSync(self.store, self.datapath, self.node,
-                                        on_change=self.policy.on_ipcache_change)
+                                        on_change=self._on_pod_change)
 
         await self._acquire_pod_cidr()
         self.ipam.start_reporting(self.store, self._publish_node,
@@ -139,6 +141,8 @@ class Agent:
         self._spawn(self.policy.run(), "policy-sync")
         await asyncio.wait_for(ready.wait(), timeout=30)
         await self.policy.wait_synced()
+        await self.ipcache_sync.sync.synced.wait()
+        self.services.prune()
 
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
@@ -174,6 +178,8 @@ class Agent:
             await self.store.close()
         if hasattr(self, "ipam"):
             await self.ipam.close()
+        if hasattr(self, "services"):
+            self.services.close()
         if hasattr(self, "datapath"):
             self.datapath.close()
         self._kernel_pool.shutdown(wait=True)
@@ -370,6 +376,8 @@ class Agent:
             self.flow_context.forget(ep.ipv4, self.flow_context.pod_of(ep.ipv4))
             self.policy.endpoint_removed(ep)
             await self.kernel(self.endpoints.delete, ep.id)
+            # The address stops being a service backend before it can be reused.
+            self.services.on_pod(ep.ipv4, None)
             await self._unpublish_endpoint(ep.ipv4)
             held = self._held.pop(ep.id, None)
             if held is not None:
@@ -474,11 +482,24 @@ class Agent:
 
     def extra_routes(self) -> list[tuple[str, str, Any]]:
         """Routes contributed by optional parts (observer, services)."""
-        return flow_routes(self)
+        async def services(request: Any) -> Any:
+            from aiohttp import web
+
+            return web.json_response(self.service_view())
+
+        return [*flow_routes(self), ("GET", "/v1/service", services)]
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""
-        return None
+        return self.services.table.service_of(ip, port)
+
+    def _on_pod_change(self, ip: str, data: dict | None) -> None:
+        """A pod anywhere in the cluster appeared, changed or went away."""
+        self.policy.on_ipcache_change(ip, data)
+        self.services.on_pod(ip, data)
+
+    def service_view(self) -> list[dict[str, Any]]:
+        return self.services.table.view()
 
 
 def _owner(ep: Endpoint) -> str:

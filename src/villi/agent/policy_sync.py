@@ -60,6 +60,11 @@ class PolicySync:
         if parsed is None:
             return
         kind, ns, name = parsed
+        if kind == "Service":
+            model = None if event.type is EventType.DELETE else \
+                resources.decode(event.value, event.key)
+            self.agent.services.on_resource(ns or "default", name, model)
+            return
         if event.type is EventType.DELETE:
             update = self.resolver.delete_resource(kind, ns, name)
             self._pods.pop((ns or "", name), None)

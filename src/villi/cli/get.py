@@ -84,6 +84,8 @@ def get_command(args: argparse.Namespace) -> int:
                     f"{n.get('ipam', {}).get('capacity', 0)}"] for n in nodes],
                   no_headers=args.no_headers)
         return 0
+    if what == "services":
+        return _services(target, args)
     kinds = {"policies": ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy",
                           "NetworkPolicy"),
              "services": ("Service",)}[what]
@@ -99,6 +101,26 @@ def get_command(args: argparse.Namespace) -> int:
     else:
         table(["KIND", "NAMESPACE", "NAME"], [[r["kind"], r["namespace"] or "-", r["name"]]
                                              for r in res], no_headers=args.no_headers)
+    return 0
+
+
+def _services(target: Target, args: argparse.Namespace) -> int:
+    """Services with their ClusterIP and backends, as an agent computes them."""
+    answers, missing = _from_agents(target, "/v1/service")
+    services = answers[0][1] if answers else []
+    if args.output == "json":
+        dump_json(services)
+    else:
+        rows = []
+        for svc in services:
+            ports = [f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in svc.get("ports", [])]
+            backends = [b for p in svc.get("ports", [])
+                        for b in p.get("backends", [])]
+            rows.append([svc.get("namespace"), svc.get("name"), svc.get("clusterIP") or "-",
+                         ports or ["-"], backends or ["-"]])
+        table(["NAMESPACE", "NAME", "CLUSTER-IP", "PORTS", "BACKENDS"], rows,
+              no_headers=args.no_headers)
+    _warn_missing(missing)
     return 0
 
 

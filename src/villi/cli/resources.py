@@ -15,8 +15,12 @@ from villi.cli.context import resolve
 
 
 def load(paths: list[str]) -> list:
+    """Validate every document of every file (policies, namespaces, services)."""
     from villi.policy.loader import load_files
+    from villi.policy.models import KINDS
+    from villi.service.models import SERVICE_KINDS
 
+    KINDS.update(SERVICE_KINDS)  # one loader, one error format for every kind
     return load_files(paths)
 
 
@@ -29,15 +33,26 @@ async def _write(url: str, items: list, delete: bool) -> list[str]:
             key = resources.key_of(res)
             if delete:
                 existed = await store.delete(key)
+                if res.kind == "Service":
+                    from villi.service.allocator import release_cluster_ip
+
+                    await release_cluster_ip(store, res.namespace, res.metadata.name)
                 done.append(f"{_describe(res)} {'deleted' if existed else 'not found'}")
             else:
+                extra = ""
+                if res.kind == "Service":
+                    from villi.service.allocator import allocate_cluster_ip
+
+                    ip = await allocate_cluster_ip(store, res.namespace, res.metadata.name,
+                                                   res.spec.cluster_ip or None)
+                    extra = f" (clusterIP {ip})"
                 old = await store.get(key)
                 raw = resources.encode(res)
                 if old is not None and old.value == raw:
-                    done.append(f"{_describe(res)} unchanged")
+                    done.append(f"{_describe(res)} unchanged{extra}")
                     continue
                 await store.put(key, raw)
-                done.append(f"{_describe(res)} {'configured' if old else 'created'}")
+                done.append(f"{_describe(res)} {'configured' if old else 'created'}{extra}")
     return done
 
 

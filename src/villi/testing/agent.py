@@ -23,6 +23,21 @@ from villi.datapath.node import remove_pins
 from villi.netns import create_netns, delete_netns
 
 
+def remove_node_cgroup(cluster: str, node: str) -> None:
+    """Remove the node's service cgroup and its empty parents (villi/<cluster>)."""
+    from villi.agent.services import node_cgroup
+    from villi.datapath.cgroup import remove_cgroup
+
+    path = node_cgroup(cluster, node)
+    if path.exists():
+        remove_cgroup(path)
+    for parent in (path.parent, path.parent.parent):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 class AgentProcess:
     """An agent in its own node namespace. Use as a context manager."""
 
@@ -109,6 +124,7 @@ class AgentProcess:
         self.stop(signal.SIGKILL)
         delete_netns(self.netns)
         remove_pins(pin_root(self.cluster, self.node))
+        remove_node_cgroup(self.cluster, self.node)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
