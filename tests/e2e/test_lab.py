@@ -273,7 +273,7 @@ def test_down_leaves_nothing_behind(lab: Lab) -> None:
     assert f"lab {lab_id} removed" in out
     after = cluster.leftovers(lab_id)
     assert after == {"namespaces": [], "processes": [], "pins": [], "mounts": [],
-                     "directories": []}, after
+                     "directories": [], "cgroups": []}, after
     assert not lab.state_path.exists()
     names, root_routes, _ = _root_net()
     assert not {"br0"} & names

@@ -194,6 +194,7 @@ def _probe(args: argparse.Namespace) -> int:
     state = _state.require()
     src = pods.get(args.src, state)
     ip, key = pods.target_ip(state, args.dst)
+    pods.enter_cgroup(src)   # as the pod's own processes: services apply
     ok, why = probe_detail(src["netns"], ip, port, proto, args.timeout)
     target = f"{key} ({ip})" if key else ip
     verdict = why if ok else f"blocked ({why})"

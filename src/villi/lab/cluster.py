@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from villi._nsenter import in_netns
-from villi.lab import _network, _procs, _state
+from villi.lab import _cgroup, _network, _procs, _state
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
 
@@ -176,6 +176,10 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 
     for node in state["nodes"]:
         progress(node["name"], "start", "starting agent")
+        # the agent attaches its socket programs here; the node's pods run here
+        cg = _cgroup.node_cgroup(state["cluster"], node["name"])
+        _cgroup.ensure(cg)
+        node["cgroup"] = str(cg) if cg else None
         node["pid"] = _procs.spawn(_agent_cmd(state, node), Path(node["log"]))
     _state.save(state)
 
@@ -293,6 +297,10 @@ def leftover_ids() -> set[str]:
         pass
     for pid in _procs.find(PREFIX):
         ids.update(_state.ID_RE.findall(_procs.cmdline(pid) + " "))
+    cg = _cgroup.root()
+    if cg is not None and (cg / "villi").is_dir():
+        ids.update(p.name[4:] for p in (cg / "villi").iterdir()
+                   if p.is_dir() and p.name.startswith("lab-"))
     try:
         ids.update(p.stem for p in _state.REGISTRY.glob("*.json"))
     except OSError:
@@ -313,6 +321,7 @@ def leftovers(lab_id: str) -> dict[str, list[str]]:
         else [],
         "mounts": [],
         "directories": [str(p) for p in [_state.lab_dir(lab_id)] if p.exists()],
+        "cgroups": [str(cg) for cg in [_cgroup.lab_cgroup(lab_id)] if cg and cg.exists()],
     }
     try:
         with open("/proc/self/mounts") as f:
@@ -325,7 +334,8 @@ def leftovers(lab_id: str) -> dict[str, list[str]]:
 def teardown(lab_id: str, progress: Progress = _quiet) -> dict[str, int]:
     """Remove everything of lab ``lab_id``; returns counts of what was removed."""
     marker = f"{PREFIX}{lab_id}"
-    counts = {"processes": 0, "namespaces": 0, "pins": 0, "mounts": 0, "directories": 0}
+    counts = {"processes": 0, "namespaces": 0, "pins": 0, "mounts": 0, "directories": 0,
+              "cgroups": 0}
     # Pods' servers and agents first, the store last (agents shut down against it).
     pids = _procs.find(marker)
     etcd = [p for p in pids if "etcd" in _procs.cmdline(p).split(" ", 1)[0]]
@@ -340,6 +350,8 @@ def teardown(lab_id: str, progress: Progress = _quiet) -> dict[str, int]:
         if subprocess_ok(["ip", "netns", "delete", name]):
             counts["namespaces"] += 1
     progress("namespaces", "ok", f"{counts['namespaces']} deleted")
+    if _cgroup.remove_lab(lab_id):
+        counts["cgroups"] = 1
     pins = PIN_BASE / f"lab-{lab_id}"
     if pins.exists():
         shutil.rmtree(pins, ignore_errors=True)

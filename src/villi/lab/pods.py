@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from villi.lab import _procs, _state
+from villi.lab import _cgroup, _procs, _state
 from villi.lab._api import agent_call, healthz
 from villi.lab._state import PREFIX, LabError
 from villi.netns import create_netns, delete_netns
@@ -139,6 +139,7 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
         n = _node(state, node)
         record: dict[str, Any] = {
             "namespace": ns, "name": name, "node": n["name"], "socket": n["socket"],
+            "cgroup": n.get("cgroup"),
             "netns": _state.pod_netns(state["id"], ns, name),
             "container_id": f"lab{state['id']}{uuid.uuid4().hex[:12]}",
             "labels": labels, "serve": serve, "http_reply": http_reply, "ip": None,
@@ -178,7 +179,9 @@ def _create(record: dict[str, Any], lab_dir: Path) -> None:
         ports = [f"{p['port']}/{p['protocol']}" for p in record["serve"]]
         log = lab_dir / f"pod-{record['namespace']}.{record['name']}.log"
         record["log"] = str(log)
-        cmd = [sys.executable, "-m", "villi.lab.echo", "--netns", record["netns"]]
+        cg = Path(record["cgroup"]) if record.get("cgroup") else None
+        cmd = [*_cgroup.shell_prefix(cg), sys.executable, "-m", "villi.lab.echo",
+               "--netns", record["netns"]]
         if record.get("http_reply") is not None:
             cmd += ["--http-reply", record["http_reply"]]
         try:
@@ -253,12 +256,21 @@ def endpoint(record: dict[str, Any]) -> dict[str, Any]:
                       f"/v1/endpoint/pod:{record['namespace']}/{record['name']}")
 
 
+def enter_cgroup(record: dict[str, Any]) -> None:
+    """Move this process into the cgroup of the pod's node (before it opens sockets),
+    so the node's socket programs (service load balancing) apply to it."""
+    _cgroup.enter(Path(record["cgroup"]) if record.get("cgroup") else None)
+
+
 def exec_argv(ref: str, cmd: list[str]) -> list[str]:
-    """The argv that runs ``cmd`` inside the pod's network namespace."""
+    """The argv that runs ``cmd`` inside the pod's network namespace, in the cgroup of
+    the pod's node (so the node's socket programs apply to it, as to the pod's own
+    processes)."""
     record = get(ref)
     if not cmd:
         raise LabError("nothing to run: villi lab exec NS/NAME -- CMD ...")
-    return ["ip", "netns", "exec", record["netns"], *cmd]
+    cg = Path(record["cgroup"]) if record.get("cgroup") else None
+    return [*_cgroup.shell_prefix(cg), "ip", "netns", "exec", record["netns"], *cmd]
 
 
 def target_ip(state: dict[str, Any], ref: str) -> tuple[str, str | None]:
