@@ -62,9 +62,11 @@ TARGET_PORT = 8080
 SAMPLE_SERVICES = 32
 
 SERVER = textwrap.dedent("""
-    import socket, sys, threading
+    import os, socket, sys
     from villi._nsenter import enter_netns_for_good
     enter_netns_for_good(sys.argv[1])
+    if sys.argv[3] != "-":
+        os.sched_setaffinity(0, {int(sys.argv[3])})
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", int(sys.argv[2])))
@@ -76,9 +78,11 @@ SERVER = textwrap.dedent("""
 """)
 
 CLIENT = textwrap.dedent("""
-    import json, socket, struct, sys, time
+    import json, os, socket, struct, sys, time
     from villi._nsenter import enter_netns_for_good
     enter_netns_for_good(sys.argv[1])
+    if sys.argv[2] != "-":
+        os.sched_setaffinity(0, {int(sys.argv[2])})
     LINGER0 = struct.pack("ii", 1, 0)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -161,8 +165,15 @@ def kube_proxy_rules(n: int, backends: list[str]) -> str:
 
 
 class Bench:
-    def __init__(self, sizes: tuple[int, ...]) -> None:
+    def __init__(self, sizes: tuple[int, ...], pin: bool = True) -> None:
         self.sizes = sizes
+        # Server and clients on different CPUs: otherwise the server's wake-up on the
+        # handshake's last ACK may preempt the client inside connect() on some rounds
+        # and not others, and the medians jump between two modes (~6 and ~13 us here).
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = pin and len(cpus) >= 2
+        self.server_cpu = str(cpus[0]) if pinned else "-"
+        self.client_cpu = str(cpus[1]) if pinned else "-"
         self.suffix = uuid.uuid4().hex[:6]
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
@@ -215,11 +226,11 @@ class Bench:
             raise RuntimeError("a helper process did not start")
 
     def build(self) -> None:
-        server = self._spawn(SERVER, self.server_ns, str(TARGET_PORT))
+        server = self._spawn(SERVER, self.server_ns, str(TARGET_PORT), self.server_cpu)
         self._ready(server)
         villi_ns = self._ns("villi")
         villi_backends = self.link(villi_ns, 0)
-        direct = self._spawn(CLIENT, villi_ns, stdin=True)
+        direct = self._spawn(CLIENT, villi_ns, self.client_cpu, stdin=True)
         self._ready(direct)
         self.clients["direct"] = direct
         self.targets["direct"] = [(villi_backends[i % 2], TARGET_PORT)
@@ -243,7 +254,7 @@ class Bench:
             dp.apply(Frontend(vip(i), PORT, "TCP"), [Backend(ip, TARGET_PORT) for ip in backends])
         self.setup[name] = {"program_seconds": round(time.perf_counter() - t0, 3),
                             "lb_services_entries": len(dp.services.items())}
-        client = self._spawn(CLIENT, netns, stdin=True)
+        client = self._spawn(CLIENT, netns, self.client_cpu, stdin=True)
         cgroup.move_pid(cg, client.pid)
         self._ready(client)
         self.clients[name] = client
@@ -259,7 +270,7 @@ class Bench:
         self._run("ip", "netns", "exec", ns, "iptables-restore", "--noflush", stdin=rules)
         self.setup[name] = {"restore_seconds": round(time.perf_counter() - t0, 3),
                             "rules": rules.count("\n-A ")}
-        client = self._spawn(CLIENT, ns, stdin=True)
+        client = self._spawn(CLIENT, ns, self.client_cpu, stdin=True)
         self._ready(client)
         self.clients[name] = client
         self.targets[name] = [(vip(i), PORT) for i in sample_indices(n)]
@@ -311,7 +322,7 @@ def summarise(samples: list[float]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     load0 = os.getloadavg()
-    bench = Bench(tuple(args.sizes))
+    bench = Bench(tuple(args.sizes), pin=not args.no_pin)
     with ExitStack() as stack:
         stack.callback(bench.close)
         log("building namespaces, programming services ...")
@@ -357,6 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params": {"sizes": list(args.sizes), "rounds": args.rounds,
                    "per_round": args.per_round, "backends_per_service": 2,
                    "sampled_services": SAMPLE_SERVICES, "seed": args.seed,
+                   "pinned_cpus": {"server": bench.server_cpu, "clients": bench.client_cpu},
                    "metric": "connect() latency (SYN to SYN-ACK seen by the client), us"},
         "results": stats,
         "ratios_p50": {k: round(v, 3) for k, v in ratios.items()},
@@ -397,6 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--per-round", type=int, default=400,
                     help="connects per configuration per round")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true",
+                    help="do not pin the server and the clients to two different CPUs")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return ap.parse_args(argv)
 
