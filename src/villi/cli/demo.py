@@ -46,6 +46,22 @@ spec:
       - port: "80"
         protocol: TCP
 """
+SERVICE_FILE = "sw_deathstar_service.yaml"
+SERVICE_TEXT = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: deathstar
+  labels:
+    app.kubernetes.io/name: deathstar
+spec:
+  type: ClusterIP
+  ports:
+  - port: 80
+  selector:
+    org: empire
+    class: deathstar
+"""
 PODS = [  # name, node, labels, serves
     ("deathstar-1", "1", {"org": "empire", "class": "deathstar"}, True),
     ("deathstar-2", "2", {"org": "empire", "class": "deathstar"}, True),
@@ -53,13 +69,12 @@ PODS = [  # name, node, labels, serves
     ("xwing", "2", {"org": "alliance", "class": "xwing"}, False),
 ]
 SHIPS = ("tiefighter", "xwing")
-TARGETS = ("deathstar-1", "deathstar-2")
 VILLI = [sys.executable, "-m", "villi.cli.main"]
 
 
-def _policy_path() -> tuple[str, str]:
+def _example_path(name: str, text: str) -> tuple[str, str]:
     """(path to show and apply, its text): the repository's example when present."""
-    repo = Path(__file__).resolve().parents[3] / "examples" / POLICY_FILE
+    repo = Path(__file__).resolve().parents[3] / "examples" / name
     if repo.exists():
         try:
             shown = str(repo.relative_to(Path.cwd()))
@@ -68,10 +83,22 @@ def _policy_path() -> tuple[str, str]:
         return shown, repo.read_text()
     from villi.lab import _state
 
-    tmp = _state.state_path().parent / POLICY_FILE
+    tmp = _state.state_path().parent / name
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(POLICY_TEXT)
-    return str(tmp), POLICY_TEXT
+    tmp.write_text(text)
+    return str(tmp), text
+
+
+def _policy_path() -> tuple[str, str]:
+    return _example_path(POLICY_FILE, POLICY_TEXT)
+
+
+def _example(name: str, text: str) -> str:
+    return _example_path(name, text)[0]
+
+
+class VilliErrorForDemo(Exception):
+    """The demo could not continue (raised as a VilliError by demo_command)."""
 
 
 class Demo:
@@ -104,10 +131,12 @@ class Demo:
             border_style="yellow"))
         self.bring_up()
         ips = self.deploy()
+        vip = self.service()
         self.step("No policy yet: every ship may land",
                   "Without a policy selecting it, a pod accepts all traffic (Kubernetes' "
-                  "default).")
-        self.attempts(ips)
+                  "default). The ships ask the deathstar service's virtual IP; the "
+                  "socket-level load balancer picks a deathstar pod at connect().")
+        self.attempts(vip)
         path, text = _policy_path()
         self.step("Only the Empire may land: an L3/L4 CiliumNetworkPolicy",
                   "The policy from Cilium's demo, unchanged: it selects the deathstar pods "
@@ -123,11 +152,11 @@ class Demo:
         self.step("Both ships try again",
                   "The tiefighter (org=empire) lands; the xwing (org=alliance) is dropped "
                   "by the datapath on the deathstar's node: its SYN never gets an answer.")
-        results = self.attempts(ips, timeout=2)
+        results = self.attempts(vip, timeout=2)
         self.step("What the datapath saw: the flows of both attempts")
         self.flows(since, ips)
-        ok = all(results[("tiefighter", t)] for t in TARGETS) and \
-            not any(results[("xwing", t)] for t in TARGETS)
+        ok = all(v for (ship, _), v in results.items() if ship == "tiefighter") and \
+            not any(v for (ship, _), v in results.items() if ship == "xwing")
         self.outro(ok, time.monotonic() - t0)
         return 0 if ok else 1
 
@@ -167,8 +196,37 @@ class Demo:
             self.cmd(f"villi lab pod add default/{name} --node {node} --labels {lbl}{extra}")
             pods.add(f"default/{name}", node=node, labels=labels,
                      serve=pods.parse_serve("80/tcp") if serves else [],
-                     http_reply="Ship landed" if serves else None)
+                     http_reply=f"Ship landed ({name} answered)" if serves else None)
         return self.pod_table()
+
+    def service(self) -> str:
+        """Apply the deathstar Service; returns its ClusterIP once agents program it."""
+        from villi.lab._api import agent_call
+
+        path = _example(SERVICE_FILE, SERVICE_TEXT)
+        self.step("A ClusterIP service in front of the deathstar pods",
+                  "A plain Kubernetes Service: villi allocates its virtual IP and every "
+                  "node's socket load balancer spreads connects over both pods, wherever "
+                  "they run.")
+        self.cmd(f"villi apply -f {path}")
+        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
+        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
+        deadline = time.monotonic() + 15
+        vip = ""
+        while time.monotonic() < deadline:
+            views = [agent_call(n["socket"], "GET", "/v1/service") for n in self.state["nodes"]]
+            ready = [s for v in views for s in v if s["name"] == "deathstar"
+                     and s.get("clusterIP") and len(s["ports"][0]["backends"]) == 2]
+            if len(ready) == len(views):
+                vip = ready[0]["clusterIP"]
+                break
+            time.sleep(0.1)
+        self.cmd("villi get services")
+        out = subprocess.run([*VILLI, "get", "services"], capture_output=True, text=True)
+        self.c.print(out.stdout.rstrip(), highlight=False)
+        if not vip:
+            raise VilliErrorForDemo("the deathstar service did not get its backends in time")
+        return vip
 
     def pod_table(self) -> dict[str, str]:
         from villi.lab import _state, pods
@@ -207,21 +265,20 @@ class Demo:
         ok, why = probe_detail(rec["netns"], ip, 80, "tcp", timeout)
         return ok, why
 
-    def attempts(self, ips: dict[str, str], timeout: float = 2) -> dict[tuple[str, str], bool]:
+    def attempts(self, vip: str, timeout: float = 2) -> dict[tuple[str, int], bool]:
+        """Each ship asks for landing twice, through the service's virtual IP."""
         from concurrent.futures import ThreadPoolExecutor
 
-        jobs = [(s, t) for s in SHIPS for t in TARGETS]
+        jobs = [(s, n) for s in SHIPS for n in (1, 2)]
         with ThreadPoolExecutor(len(jobs)) as pool:
-            futs = {j: pool.submit(self.land, j[0], j[1], ips[j[1]], timeout) for j in jobs}
+            futs = {j: pool.submit(self.land, j[0], "deathstar", vip, timeout) for j in jobs}
             out = {j: f.result() for j, f in futs.items()}
-        for (ship, target), (ok, what) in out.items():
-            node = "node" + next(n for name, n, _, _ in PODS if name == target)
-            tool = f"curl -s -XPOST {ips[target]}/v1/request-landing" if self.curl else \
-                f"probe {ips[target]}:80"
+        for (ship, _n), (ok, what) in out.items():
+            tool = f"curl -s -XPOST {vip}/v1/request-landing" if self.curl else \
+                f"probe {vip}:80"
             self.cmd(f"villi lab exec default/{ship} -- {tool}")
             mark = "[green]✓[/]" if ok else "[red]✗[/]"
-            self.c.print(f"  {mark} {what}   [dim]({ship} → {target} on {node})[/]",
-                         highlight=False)
+            self.c.print(f"  {mark} {what}", highlight=False)
         return {k: v[0] for k, v in out.items()}
 
     def wait_policy(self) -> None:
@@ -280,7 +337,8 @@ class Demo:
             "  villi get endpoints                   identities and policy enforcement\n"
             "  villi observe --follow --pod default/deathstar   live flows (then retry a ship)\n"
             "  villi lab exec default/xwing -- curl -s -m 2 -XPOST "
-            "<deathstar IP>/v1/request-landing\n"
+            "<deathstar VIP>/v1/request-landing\n"
+            "  villi get services                    the VIP and its backends\n"
             "  villi lab pod label default/xwing org=empire      turn the xwing to the dark "
             "side\n"
             "  villi delete -f examples/sw_l3_l4_policy.yaml     lift the policy\n"
@@ -323,7 +381,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
     try:
         return Demo().run()
-    except VilliError as e:
+    except (VilliError, VilliErrorForDemo) as e:
         from villi.lab._view import console_err
 
         console_err().print(f"[bold red]demo failed:[/] {e}")
