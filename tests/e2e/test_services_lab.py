@@ -1,0 +1,192 @@
+"""Issue 7 end-to-end: ClusterIP services in a 2-node lab, through the socket LB.
+
+Backends on both nodes, TCP and UDP through the VIP, spreading, scale down/up followed
+within a second, ClientIP affinity, a service without backends refusing at once,
+policy deciding by the backend's identity, and flows naming the service.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
+
+VILLI = [sys.executable, "-m", "villi.cli.main"]
+
+WEB = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+  - {name: echo, port: 82, targetPort: udp-echo, protocol: UDP}
+"""
+STICKY = """\
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports:
+  - {port: 8080, targetPort: 80}
+"""
+EMPTY = """\
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: default}
+spec:
+  selector: {app: nothing-matches}
+  ports:
+  - {port: 80}
+"""
+ONLY_CLIENT = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-only-client, namespace: default}
+spec:
+  endpointSelector:
+    matchLabels: {app: web}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+"""
+
+
+class Lab:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = dict(os.environ, VILLI_LAB_STATE=str(tmp / "state.json"))
+        for var in ("VILLI_KVSTORE", "VILLI_AGENT_SOCKET"):
+            self.env.pop(var, None)
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*VILLI, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def ok(self, *args: str) -> str:
+        res = self.run(*args)
+        assert res.returncode == 0, f"villi {' '.join(args)}: {res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    def apply(self, name: str, text: str, delete: bool = False) -> None:
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text))
+        self.ok("delete" if delete else "apply", "-f", str(path))
+
+    def services(self) -> dict[str, dict]:
+        return {s["name"]: s for s in json.loads(self.ok("get", "services", "-o", "json"))}
+
+    def vip(self, name: str, backends: int) -> str:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            svc = self.services().get(name)
+            if svc and svc.get("clusterIP") and len(svc["ports"][0]["backends"]) == backends:
+                return svc["clusterIP"]
+            time.sleep(0.1)
+        raise AssertionError(f"service {name} did not get {backends} backends: "
+                             f"{self.services().get(name)}")
+
+    def curl(self, pod: str, url: str, timeout: float = 2) -> str | None:
+        res = self.run("lab", "exec", pod, "--", "curl", "-s", "-m", str(timeout), url)
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    def probe(self, src: str, dst: str, port: str, timeout: float = 1.0) -> tuple[bool, str]:
+        res = self.run("lab", "probe", src, dst, port, "--timeout", str(timeout))
+        return res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    tmp = Path(tempfile.mkdtemp(prefix="villi-svc-test-"))
+    lab = Lab(tmp)
+    try:
+        lab.ok("lab", "up", "--nodes", "2")
+        lab.ok("lab", "pod", "add", "default/web-1", "--node", "1", "--labels", "app=web",
+               "--serve", "80/tcp,udp-echo=82/udp", "--http-reply", "web-1")
+        lab.ok("lab", "pod", "add", "default/web-2", "--node", "2", "--labels", "app=web",
+               "--serve", "80/tcp,udp-echo=82/udp", "--http-reply", "web-2")
+        lab.ok("lab", "pod", "add", "default/client", "--node", "1", "--labels", "app=client")
+        lab.ok("lab", "pod", "add", "default/other", "--node", "2", "--labels", "app=other")
+        lab.apply("web", WEB)
+        yield lab
+    finally:
+        lab.run("lab", "down", timeout=120)
+
+
+def test_tcp_spreads_over_backends_on_both_nodes(lab: Lab) -> None:
+    vip = lab.vip("web", 2)
+    for client in ("default/client", "default/other"):   # one on each node
+        seen = collections.Counter(lab.curl(client, f"http://{vip}/") for _ in range(12))
+        assert set(seen) == {"web-1", "web-2"}, seen
+
+
+def test_udp_through_the_vip(lab: Lab) -> None:
+    vip = lab.vip("web", 2)
+    ok, out = lab.probe("default/other", vip, "82/udp")
+    assert ok, out
+
+
+def test_scale_down_and_up_followed_within_a_second(lab: Lab) -> None:
+    vip = lab.vip("web", 2)
+    lab.ok("lab", "pod", "del", "default/web-2")
+    t0 = time.monotonic()
+    while len(lab.services()["web"]["ports"][0]["backends"]) != 1:
+        assert time.monotonic() - t0 < 1.0, "scale-down not followed within 1 s"
+        time.sleep(0.02)
+    assert {lab.curl("default/client", f"http://{vip}/") for _ in range(6)} == {"web-1"}
+    lab.ok("lab", "pod", "add", "default/web-2", "--node", "2", "--labels", "app=web",
+           "--serve", "80/tcp,udp-echo=82/udp", "--http-reply", "web-2")
+    t0 = time.monotonic()
+    while len(lab.services()["web"]["ports"][0]["backends"]) != 2:
+        assert time.monotonic() - t0 < 1.0, "scale-up not followed within 1 s"
+        time.sleep(0.02)
+    seen = {lab.curl("default/client", f"http://{vip}/") for _ in range(12)}
+    assert seen == {"web-1", "web-2"}
+
+
+def test_client_ip_affinity(lab: Lab) -> None:
+    lab.apply("sticky", STICKY)
+    vip = lab.vip("sticky", 2)
+    seen = {lab.curl("default/client", f"http://{vip}:8080/") for _ in range(8)}
+    assert len(seen) == 1 and None not in seen, seen
+    # Without it, web's backends belong to one service only (flows name one service).
+    lab.apply("sticky", STICKY, delete=True)
+
+
+def test_service_without_backends_refuses_at_once(lab: Lab) -> None:
+    lab.apply("nobody", EMPTY)
+    vip = lab.vip("nobody", 0)
+    t0 = time.monotonic()
+    ok, out = lab.probe("default/client", vip, "80/tcp", timeout=5)
+    assert not ok and "refused" in out.lower(), out
+    assert time.monotonic() - t0 < 3.0      # the CLI's own start-up included
+
+
+def test_policy_decides_by_backend_identity_and_flows_name_the_service(lab: Lab) -> None:
+    vip = lab.vip("web", 2)
+    lab.apply("policy", ONLY_CLIENT)
+    deadline = time.monotonic() + 10
+    while lab.curl("default/other", f"http://{vip}/", timeout=1) is not None:
+        assert time.monotonic() < deadline, "policy not enforced through the VIP"
+    assert lab.curl("default/client", f"http://{vip}/") in ("web-1", "web-2")
+    out = lab.ok("observe", "--to-port", "80", "--last", "200", "-o", "json")
+    flows = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    named = [f for f in flows if f.get("destination_service", {}).get("name") == "web"]
+    assert named, "no flow names the service"
+    dropped = [f for f in named if f["verdict"] == "DROPPED"]
+    assert dropped and all(f["source"].get("pod_name") == "other" for f in dropped)
+    lab.apply("policy", ONLY_CLIENT, delete=True)
