@@ -12,7 +12,8 @@ from villi.errors import VilliError
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="villi", description="eBPF networking, security and "
                                  "observability for containers")
-    ap.add_argument("--kvstore", help="kvstore URL (default: the running lab, else "
+    ap.add_argument("--kvstore", "--kvstore-endpoints", dest="kvstore",
+                    help="kvstore URL or etcd endpoints (default: the running lab, else "
                     "embedded:///var/lib/villi/kvstore.db)")
     ap.add_argument("--agent-socket", help="agent API socket (default: the lab's agents, "
                     "else /var/run/villi/villi.sock)")
