@@ -117,6 +117,7 @@ class LabelSet:
     _by_key: dict[str, tuple[Label, ...]] = field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
+    _hash: int = field(init=False, repr=False, compare=False, hash=False, default=0)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(set(self.labels)))
@@ -129,6 +130,19 @@ class LabelSet:
             by_key.setdefault(label.key, []).append(label)
         object.__setattr__(self, "labels", ordered)
         object.__setattr__(self, "_by_key", {k: tuple(v) for k, v in by_key.items()})
+        object.__setattr__(self, "_hash", hash(ordered))
+
+    # Label sets key the policy engine's per-subject state and the identity cache, so
+    # hashing and comparing them must not walk every label each time.
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, LabelSet):
+            return NotImplemented
+        return self._hash == other._hash and self.labels == other.labels
 
     @classmethod
     def of(cls, *labels: str | Label) -> LabelSet:

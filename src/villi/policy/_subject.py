@@ -119,20 +119,36 @@ class Subject:
         old = self.contrib.get(cookie, EMPTY)
         if old is new or old == new:
             return False
+        return self.apply_delta(cookie, new, new - old, old - new)
+
+    def apply_delta(self, cookie: int, new: frozenset[PolicyEntry], plus: frozenset[PolicyEntry],
+                    minus: frozenset[PolicyEntry]) -> bool:
+        """Like :meth:`set_contribution` when the difference is already known (it is
+        computed once per section and shared by every subject holding the same entries).
+
+        Pending changes cancel out (an entry added then removed is no change); the set
+        algebra reuses the hashes the sets already store.
+        """
         if new:
             self.contrib[cookie] = new
         else:
             self.contrib.pop(cookie, None)
-        for entry in new - old:
-            if entry in self._minus:
-                self._minus.discard(entry)
+        if not plus and not minus:
+            return False
+        if plus:
+            if self._minus:
+                back = self._minus & plus
+                self._minus -= back
+                self._plus |= plus - back if back else plus
             else:
-                self._plus.add(entry)
-        for entry in old - new:
-            if entry in self._plus:
-                self._plus.discard(entry)
+                self._plus |= plus
+        if minus:
+            if self._plus:
+                undo = self._plus & minus
+                self._plus -= undo
+                self._minus |= minus - undo if undo else minus
             else:
-                self._minus.add(entry)
+                self._minus |= minus
         return True
 
     def take_pending(self) -> tuple[frozenset[PolicyEntry], frozenset[PolicyEntry]]:
@@ -202,4 +218,4 @@ def section_entries(section: Section, ids: set[int], own_ports: Mapping[str, tup
                     if spec.protocol in (Protocol.ANY, proto):
                         out.add(PolicyEntry(IdentityID(i), d, Protocol(proto), port, 0, deny,
                                             cookie))
-    return frozenset(out)
+    return frozenset(out) if out else EMPTY

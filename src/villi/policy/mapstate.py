@@ -21,7 +21,8 @@ check what the datapath will do without loading it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from villi.policy.entry import PolicyEntry, Protocol
@@ -113,15 +114,22 @@ def port_range_to_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
 
 def entry_keys(entry: PolicyEntry) -> list[MapKey]:
     """The map keys one entry expands to (protocol ANY with ports → TCP, UDP, SCTP)."""
-    identity, direction = int(entry.identity), int(entry.direction)
-    any_port = entry.port == 0 and entry.end_port == 0
-    if entry.protocol == Protocol.ANY and any_port:
-        return [MapKey(identity, direction)]
-    protocols = L4_PROTOCOLS if entry.protocol == Protocol.ANY else (entry.protocol,)
-    end = entry.end_port if entry.end_port else entry.port
-    blocks = port_range_to_prefixes(entry.port, end) if not any_port else [(0, 0)]
-    return [MapKey(identity, direction, int(proto), port, bits)
-            for proto in protocols for port, bits in blocks]
+    return list(_keys(entry.identity, entry.direction, entry.protocol, entry.port,
+                      entry.end_port))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _keys(identity: int, direction: int, protocol: int, port: int,
+          end_port: int) -> tuple[MapKey, ...]:
+    """Cached: endpoints share most (identity, port) rows, and keys are immutable."""
+    identity, direction, protocol = int(identity), int(direction), int(protocol)
+    any_port = port == 0 and end_port == 0
+    if protocol == Protocol.ANY and any_port:
+        return (MapKey(identity, direction),)
+    protocols = L4_PROTOCOLS if protocol == Protocol.ANY else (protocol,)
+    blocks = port_range_to_prefixes(port, end_port or port) if not any_port else [(0, 0)]
+    return tuple(MapKey(identity, direction, int(proto), p, bits)
+                 for proto in protocols for p, bits in blocks)
 
 
 def _covers(deny: MapKey, allow: MapKey) -> bool:
@@ -132,29 +140,47 @@ def _covers(deny: MapKey, allow: MapKey) -> bool:
     return allow.port & _mask(deny.prefix_bits) == deny.port
 
 
-def compute_map_state(entries: Iterable[PolicyEntry]) -> MapState:
+@functools.lru_cache(maxsize=1 << 14)
+def _value(deny: bool, cookie: int) -> MapValue:
+    return MapValue(deny, cookie)
+
+
+def compute_map_state(entries: Collection[PolicyEntry]) -> MapState:
     """Encode entries as map rows: deny wins a shared key; covered allows are pruned.
 
     Two allows (or two denies) on one key keep the lower cookie so the result does not
     depend on iteration order.
     """
+    if len(entries) == 1:  # the common case: one entry per (identity, direction)
+        (entry,) = entries
+        return dict.fromkeys(_keys(entry.identity, entry.direction, entry.protocol,
+                                   entry.port, entry.end_port),
+                             _value(entry.deny, entry.cookie))
     state: MapState = {}
+    get = state.get
+    any_deny = False
     for entry in entries:
-        value = MapValue(entry.deny, entry.cookie)
-        for key in entry_keys(entry):
-            old = state.get(key)
-            if old is None or (value.deny and not old.deny) or (
-                    value.deny == old.deny and value.cookie < old.cookie):
+        deny = entry.deny
+        value = _value(deny, entry.cookie)
+        any_deny = any_deny or deny
+        for key in _keys(entry.identity, entry.direction, entry.protocol, entry.port,
+                         entry.end_port):
+            old = get(key)
+            if old is None or (deny and not old.deny) or (
+                    deny == old.deny and value.cookie < old.cookie):
                 state[key] = value
+    if not any_deny:
+        return state
     denies: dict[tuple[int, int], list[MapKey]] = {}
     for key, value in state.items():
         if value.deny:
             denies.setdefault((key.identity, key.direction), []).append(key)
-    if not denies:
-        return state
-    return {key: value for key, value in state.items()
-            if value.deny or not any(_covers(d, key)
-                                     for d in denies.get((key.identity, key.direction), ()))}
+    pruned = [key for key, value in state.items()
+              if not value.deny and (group := denies.get((key.identity, key.direction)))
+              and any(_covers(d, key) for d in group)]
+    for key in pruned:
+        del state[key]
+    return state
 
 
 def _longest(state: Mapping[MapKey, MapValue], identity: int, direction: int, protocol: int,
@@ -202,42 +228,65 @@ class EndpointMapState:
 
     Deny-wins and pruning only ever compare keys of the same (identity, direction), so
     each such group can be recomputed alone: a policy change that touches three
-    identities costs three small recomputations, not a rebuild of the whole map.
+    identities costs three small recomputations, not a rebuild of the whole map. The
+    rows are stored once (``state``); a group's previous rows are derived from its
+    previous entries when it changes.
     """
 
     def __init__(self) -> None:
         self._groups: dict[tuple[int, int], set[PolicyEntry]] = {}
-        self._group_state: dict[tuple[int, int], MapState] = {}
         self.state: MapState = {}
 
-    def apply(self, added: Iterable[PolicyEntry],
-              removed: Iterable[PolicyEntry]) -> tuple[MapState, set[MapKey]]:
+    def entries(self) -> frozenset[PolicyEntry]:
+        """The entries this map state was computed from (the realized policy)."""
+        out: set[PolicyEntry] = set()
+        for members in self._groups.values():
+            out |= members
+        return frozenset(out)
+
+    def apply(self, added: Collection[PolicyEntry],
+              removed: Collection[PolicyEntry]) -> tuple[MapState, set[MapKey]]:
         """Apply an entry diff; returns the map diff (upserts, deletes)."""
-        touched: set[tuple[int, int]] = set()
-        for entry in removed:
+        groups = self._groups
+        if not groups and not removed:
+            return self._fill(added)
+        touched: dict[tuple[int, int], set[MapKey]] = {}
+        for entry in (*removed, *added):
             group = (int(entry.identity), int(entry.direction))
-            members = self._groups.get(group)
+            if group not in touched:
+                old_keys: set[MapKey] = set()
+                for member in groups.get(group, ()):
+                    old_keys.update(_keys(member.identity, member.direction,
+                                          member.protocol, member.port, member.end_port))
+                touched[group] = old_keys
+        for entry in removed:
+            members = groups.get((int(entry.identity), int(entry.direction)))
             if members is not None:
                 members.discard(entry)
-                touched.add(group)
         for entry in added:
-            group = (int(entry.identity), int(entry.direction))
-            self._groups.setdefault(group, set()).add(entry)
-            touched.add(group)
+            groups.setdefault((int(entry.identity), int(entry.direction)), set()).add(entry)
+        state = self.state
         upserts: MapState = {}
         deletes: set[MapKey] = set()
-        for group in touched:
-            members = self._groups.get(group) or set()
+        for group, old_keys in touched.items():
+            members = groups.get(group)
             new = compute_map_state(members) if members else {}
             if not members:
-                self._groups.pop(group, None)
-            old = self._group_state.pop(group, {})
-            if new:
-                self._group_state[group] = new
-            up, down = diff_map_state(old, new)
-            upserts.update(up)
-            deletes |= down
-        for key in deletes:
-            self.state.pop(key, None)
-        self.state.update(upserts)
+                groups.pop(group, None)
+            for key in old_keys:
+                if key not in new and key in state:
+                    del state[key]
+                    deletes.add(key)
+            for key, value in new.items():
+                if state.get(key) != value:
+                    state[key] = value
+                    upserts[key] = value
         return upserts, deletes
+
+    def _fill(self, added: Collection[PolicyEntry]) -> tuple[MapState, set[MapKey]]:
+        """First fill of an empty state: one pass, no per-group diffing."""
+        groups = self._groups
+        for entry in added:
+            groups.setdefault((int(entry.identity), int(entry.direction)), set()).add(entry)
+        self.state = compute_map_state(added)
+        return dict(self.state), set()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from villi.identity.labels import LabelSet, cidr_labels, namespace_labels
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import ReservedIdentity, reserved_identities
+from villi.policy._repository import Repository
 from villi.policy._subject import (
     EMPTY,
     Batch,
@@ -31,10 +32,8 @@ from villi.policy._subject import (
     PodRecord,
     PolicyUpdate,
     Snapshot,
-    Subject,
     SubjectKey,
     ports_signature,
-    section_entries,
 )
 from villi.policy.cidr import ip_to_int
 from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry
@@ -44,13 +43,9 @@ from villi.policy.rules import (
     LOCALHOST_COOKIE,
     CompiledRule,
     CookieInfo,
-    CookieTable,
-    PeerSelector,
     RuleKey,
-    Section,
     compile_policy,
 )
-from villi.policy.selectorcache import Changes, SelectorCache
 
 __all__ = ["Endpoint", "EndpointPolicy", "EndpointPolicyDiff", "MapWriter", "PolicyResolver",
            "PolicyUpdate"]
@@ -63,34 +58,27 @@ _HOST_ALLOW = frozenset({PolicyEntry(IdentityID(int(ReservedIdentity.HOST)), Dir
                                      cookie=LOCALHOST_COOKIE)})
 
 
-class PolicyResolver:
-    """Policy repository + selector cache + per-endpoint resolution, all incremental."""
+class PolicyResolver(Repository):
+    """Policy repository + selector cache + per-endpoint resolution, all incremental.
+
+    Every mutating method returns the :class:`PolicyUpdate` it caused (empty inside a
+    :meth:`batch`, whose update is delivered when the block exits) and hands each
+    endpoint diff to ``map_writer``.
+    """
 
     def __init__(self, *, map_writer: MapWriter | None = None, allow_localhost: bool = True,
                  local_identities: LocalIdentityAllocator | None = None) -> None:
+        super().__init__()
         self.map_writer = map_writer
         self.allow_localhost = allow_localhost
         self.local = local_identities or LocalIdentityAllocator()
-        self.cookies = CookieTable()
-        self.selectors = SelectorCache()
         self._resources: dict[ResourceKey, Resource] = {}
         self._namespaces: dict[str, dict[str, str]] = {}
-        self._rules: dict[RuleKey, CompiledRule] = {}
         self._resource_rules: dict[ResourceKey, list[RuleKey]] = {}
         self._resource_prefixes: dict[ResourceKey, frozenset[str]] = {}
-        self._rules_by_ns: dict[str | None, set[RuleKey]] = {}
-        self._rule_subjects: dict[RuleKey, set[SubjectKey]] = {}
-        self._sections: dict[int, tuple[RuleKey, Section]] = {}
-        self._section_cache: dict[int, dict[object, frozenset[PolicyEntry]]] = {}
-        self._users: dict[PeerSelector, dict[int, int]] = {}  # selector → cookie → refs
-        self._egress_named: set[int] = set()
-        self._subjects: dict[SubjectKey, Subject] = {}
-        self._subjects_by_ns: dict[str | None, set[SubjectKey]] = {}
         self._endpoints: dict[EndpointID, tuple[Endpoint, SubjectKey]] = {}
         self._pods: dict[str, PodRecord] = {}
         self._identity_pods: dict[int, set[str]] = {}
-        self._identity_ports: dict[int, dict[str, set[tuple[int, int]]]] = {}
-        self._dirty: set[SubjectKey] = set()
         self._moved: dict[EndpointID, Snapshot] = {}
         self._cidr_up: dict[str, IdentityID] = {}
         self._cidr_down: dict[str, IdentityID] = {}
@@ -221,106 +209,6 @@ class PolicyResolver:
         if removed:
             self._apply_changes(self.selectors.update_identities({}, removed))
 
-    def _register_selectors(self, rule: CompiledRule) -> None:
-        for section in rule.sections:
-            for peer in section.peers:
-                self.selectors.add(peer)
-                users = self._users.setdefault(peer, {})
-                users[section.cookie] = users.get(section.cookie, 0) + 1
-
-    def _unregister_selectors(self, rule: CompiledRule) -> None:
-        for section in rule.sections:
-            for peer in section.peers:
-                self.selectors.release(peer)
-                users = self._users[peer]
-                if users[section.cookie] > 1:
-                    users[section.cookie] -= 1
-                    continue
-                del users[section.cookie]
-                if not users:
-                    del self._users[peer]
-
-    def _attach_rule(self, rule: CompiledRule) -> None:
-        self._rules[rule.key] = rule
-        self._rules_by_ns.setdefault(rule.namespace, set()).add(rule.key)
-        for section in rule.sections:
-            self._sections[section.cookie] = (rule.key, section)
-            self._section_cache.pop(section.cookie, None)
-            if section.direction is Direction.EGRESS and section.named_ports:
-                self._egress_named.add(section.cookie)
-        pool = (self._subjects_by_ns.get(rule.namespace, set()) if rule.namespace is not None
-                else self._subjects.keys())
-        matched = {k for k in pool if rule.subject.matches(self._subjects[k].labels)}
-        self._rule_subjects[rule.key] = matched
-        for key in matched:
-            self._attach(self._subjects[key], rule)
-
-    def _attach(self, subject: Subject, rule: CompiledRule) -> None:
-        subject.rules.add(rule.key)
-        for direction in (0, 1):
-            if rule.enforce[direction]:
-                subject.enforcers[direction].add(rule.key)
-        for section in rule.sections:
-            subject.set_contribution(section.cookie, self._contribution(section, subject))
-        self._dirty.add(subject.key)
-
-    def _detach_rule(self, rule: CompiledRule) -> None:
-        for key in self._rule_subjects.pop(rule.key, set()):
-            subject = self._subjects[key]
-            subject.rules.discard(rule.key)
-            for direction in (0, 1):
-                subject.enforcers[direction].discard(rule.key)
-            for section in rule.sections:
-                subject.set_contribution(section.cookie, EMPTY)
-            self._dirty.add(key)
-        self._rules.pop(rule.key, None)
-        bucket = self._rules_by_ns.get(rule.namespace)
-        if bucket is not None:
-            bucket.discard(rule.key)
-        for section in rule.sections:
-            self._sections.pop(section.cookie, None)
-            self._section_cache.pop(section.cookie, None)
-            self._egress_named.discard(section.cookie)
-
-    # -- entries of one section -----------------------------------------------------------
-
-    def _contribution(self, section: Section, subject: Subject) -> frozenset[PolicyEntry]:
-        ingress_named = section.named_ports and section.direction is Direction.INGRESS
-        sig = subject.key[1] if ingress_named else None
-        cache = self._section_cache.setdefault(section.cookie, {})
-        found = cache.get(sig)
-        if found is None:
-            found = cache[sig] = self._compute(section, subject.ports)
-        return found
-
-    def _compute(self, section: Section,
-                 own_ports: Mapping[str, tuple[int, int]]) -> frozenset[PolicyEntry]:
-        if section.wildcard:
-            ids: set[int] = {0}
-        else:
-            ids = set()
-            for peer in section.peers:
-                ids |= self.selectors.selections(peer)
-        return section_entries(section, ids, own_ports, self._identity_ports)
-
-    def _recompute(self, cookies: Iterable[int]) -> None:
-        for cookie in cookies:
-            found = self._sections.get(cookie)
-            if found is None:
-                continue
-            rule_key, section = found
-            self._section_cache.pop(cookie, None)
-            for key in self._rule_subjects.get(rule_key, ()):
-                subject = self._subjects[key]
-                if subject.set_contribution(cookie, self._contribution(section, subject)):
-                    self._dirty.add(key)
-
-    def _apply_changes(self, changes: Changes) -> None:
-        cookies: set[int] = set()
-        for selector in changes:
-            cookies.update(self._users.get(selector, ()))
-        self._recompute(cookies)
-
     # -- identities and pods ------------------------------------------------------------
 
     def update_identities(self, added: Mapping[IdentityID, LabelSet],
@@ -418,37 +306,19 @@ class PolicyResolver:
         if key is None:
             return Snapshot(EMPTY, {}, (False, False))
         subject = self._subjects[key]
-        return Snapshot(subject.entries(), dict(subject.mapstate.state), subject.flushed)
+        return Snapshot(subject.mapstate.entries(), dict(subject.mapstate.state),
+                        subject.flushed)
 
     def _leave(self, eid: EndpointID, key: SubjectKey) -> None:
         subject = self._subjects[key]
         subject.endpoints.discard(eid)
-        if subject.endpoints:
-            return
-        del self._subjects[key]
-        self._subjects_by_ns.get(subject.namespace, set()).discard(key)
-        for rule_key in subject.rules:
-            self._rule_subjects.get(rule_key, set()).discard(key)
-        self._dirty.discard(key)
-
-    def _new_subject(self, key: SubjectKey) -> Subject:
-        subject = Subject(key)
-        self._subjects[key] = subject
-        self._subjects_by_ns.setdefault(subject.namespace, set()).add(key)
-        candidates = set(self._rules_by_ns.get(None, set()))
-        if subject.namespace is not None:
-            candidates |= self._rules_by_ns.get(subject.namespace, set())
-        for rule_key in candidates:
-            rule = self._rules[rule_key]
-            if rule.subject.matches(subject.labels):
-                self._rule_subjects[rule_key].add(key)
-                self._attach(subject, rule)
-        self._dirty.add(key)
-        return subject
+        if not subject.endpoints:
+            self._drop_subject(key)
 
     # -- flush --------------------------------------------------------------------------
 
     def _flush(self) -> PolicyUpdate:
+        self._propagate()
         diffs: dict[EndpointID, EndpointPolicyDiff] = {}
         for key in self._dirty:
             subject = self._subjects.get(key)

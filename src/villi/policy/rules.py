@@ -79,10 +79,14 @@ class Section:
     peers: tuple[PeerSelector, ...]
     wildcard: bool
     ports: tuple[PortSpec, ...] | None
+    named_ports: bool = field(default=False, compare=False)
+    #: entries depend on the subject (ingress named ports resolve against its own ports)
+    per_subject: bool = field(default=False, compare=False)
 
-    @property
-    def named_ports(self) -> bool:
-        return any(p.name is not None for p in self.ports or ())
+    def __post_init__(self) -> None:
+        named = any(p.name is not None for p in self.ports or ())
+        object.__setattr__(self, "named_ports", named)
+        object.__setattr__(self, "per_subject", named and self.direction is Direction.INGRESS)
 
 
 RuleKey = tuple[str, str | None, str, int]  # (kind, namespace, name, spec index)

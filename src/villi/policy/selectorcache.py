@@ -55,6 +55,10 @@ class SelectorCache:
         self._guarded: dict[tuple[str, str, str], set[Selector]] = {}
         self._unguarded: set[Selector] = set()
         self._cidr_selectors: set[CIDRSelector] = set()
+        # CIDR selectors by each of their prefixes, so a new CIDR identity only meets
+        # the selectors with a prefix containing its own; ipBlock ones separately.
+        self._by_net: dict[tuple[int, int], set[CIDRSelector]] = {}
+        self._pod_selectors: set[CIDRSelector] = set()
 
     # -- queries ------------------------------------------------------------------------
 
@@ -81,6 +85,10 @@ class SelectorCache:
             self._selections[selector] = self._evaluate(selector)
             if isinstance(selector, CIDRSelector):
                 self._cidr_selectors.add(selector)
+                for addr, _mask, plen in selector.nets:
+                    self._by_net.setdefault((addr, plen), set()).add(selector)
+                if selector.pods:
+                    self._pod_selectors.add(selector)
             else:
                 guard = _guard(selector)
                 if guard is None:
@@ -100,6 +108,13 @@ class SelectorCache:
         self._selections.pop(selector, None)
         if isinstance(selector, CIDRSelector):
             self._cidr_selectors.discard(selector)
+            self._pod_selectors.discard(selector)
+            for addr, _mask, plen in selector.nets:
+                bucket = self._by_net.get((addr, plen))
+                if bucket is not None:
+                    bucket.discard(selector)
+                    if not bucket:
+                        del self._by_net[(addr, plen)]
             return
         guard = _guard(selector)
         if guard is None:
@@ -164,9 +179,7 @@ class SelectorCache:
         else:
             self._ips.pop(identity, None)
         changes: Changes = {}
-        for selector in self._cidr_selectors:
-            if not selector.pods:
-                continue
+        for selector in self._pod_selectors:
             members = self._selections[selector]
             now = identity in self._labels and self._match(selector, identity)
             if now and identity not in members:
@@ -186,7 +199,18 @@ class SelectorCache:
                 bucket = self._guarded.get((source, lbl.key, lbl.value))
                 if bucket:
                     found |= bucket
-        found |= self._cidr_selectors
+        net = self._cidr.get(identity)
+        if net is not None:
+            addr, _mask, plen = net
+            for length in range(plen + 1):
+                mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+                bucket = self._by_net.get((addr & mask, length))
+                if bucket:
+                    found |= bucket
+        elif identity == ReservedIdentity.WORLD:
+            found |= self._by_net.get((0, 0), set())
+        if identity in self._ips:
+            found |= self._pod_selectors
         return found
 
     def _match(self, selector: PeerSelector, identity: int) -> bool:
