@@ -238,3 +238,16 @@ def test_namespace_resources_are_recorded() -> None:
     assert resolver.namespace_labels("other") == {"kubernetes.io/metadata.name": "other"}
     resolver.delete_resource("Namespace", None, "prod")
     assert resolver.namespace_labels("prod") == {"kubernetes.io/metadata.name": "prod"}
+
+
+def test_section_without_subjects_does_not_keep_stale_selections() -> None:
+    sim = cluster()
+    sim.apply_yaml(WEB_POLICY.replace("PORT", "80"))
+    sim.remove_pod("prod/web-1")
+    sim.remove_pod("prod/web-2")  # the rule now selects no local endpoint
+    sim.add_pod("prod/client-2", {"app": "client", "v": "2"}, "10.64.0.5")
+    sim.remove_pod("prod/client")
+    sim.add_pod("prod/web-3", {"app": "web"}, "10.64.0.6")
+    assert sim.ingress("prod/web-3", "prod/client-2", "TCP", 80).allowed
+    peers = {e.identity for e in sim.resolver.policy(ep(sim, "prod/web-3")).entries}
+    assert peers == {sim.pods["prod/client-2"].identity, 1}

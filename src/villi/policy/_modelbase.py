@@ -35,15 +35,21 @@ class StrictModel(BaseModel):
     )
 
 
-def unsupported(message: str) -> Any:
-    """A field that is recognised (so it is not "unknown") but rejected when used."""
+def rejecting(message: str) -> Any:
+    """The validator behind :func:`unsupported` (for ``Annotated[Any, AfterValidator(…)]``
+    aliases, which type checkers accept where a call would not be)."""
 
     def reject(value: Any) -> Any:
         if value is not None:
             raise ValueError(message)
         return value
 
-    return Annotated[Any, AfterValidator(reject)]
+    return reject
+
+
+def unsupported(message: str) -> Any:
+    """A field that is recognised (so it is not "unknown") but rejected when used."""
+    return Annotated[Any, AfterValidator(rejecting(message))]
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from villi.policy._k8smodels import (
     IPBlock,
@@ -32,7 +32,7 @@ from villi.policy._modelbase import (
     StrictModel,
     check_except,
     check_port_name,
-    unsupported,
+    rejecting,
 )
 
 ENTITIES = ("all", "world", "world-ipv4", "world-ipv6", "cluster", "host", "remote-node",
@@ -64,21 +64,23 @@ __all__ = [
 ]
 
 # Recognised-but-rejected fields (see ``unsupported``).
-_L7Rules = unsupported(_L7)
-_DenyL7 = unsupported("deny rules cannot have L7 rules")
-_TLS = unsupported("TLS interception is not supported yet")
-_ServerNames = unsupported("serverNames (TLS SNI) is not supported yet")
-_Listener = unsupported("listener is not supported yet")
-_CIDRGroup = unsupported("cidrGroupRef is not supported yet")
-_FromRequires = unsupported(_REQUIRES.format("fromRequires"))
-_ToRequires = unsupported(_REQUIRES.format("toRequires"))
-_FromNodes = unsupported(_NODES.format("fromNodes"))
-_ToNodes = unsupported(_NODES.format("toNodes"))
-_FromGroups = unsupported("fromGroups is not supported yet")
-_ToGroups = unsupported("toGroups is not supported yet")
-_ToServices = unsupported("toServices is not supported yet")
-_ToFQDNs = unsupported("toFQDNs is not supported yet (needs the DNS proxy)")
-_Auth = unsupported("authentication is not supported yet")
+_L7Rules = Annotated[Any, AfterValidator(rejecting(_L7))]
+_DenyL7 = Annotated[Any, AfterValidator(rejecting("deny rules cannot have L7 rules"))]
+_TLS = Annotated[Any, AfterValidator(rejecting("TLS interception is not supported yet"))]
+_ServerNames = Annotated[Any, AfterValidator(
+    rejecting("serverNames (TLS SNI) is not supported yet"))]
+_Listener = Annotated[Any, AfterValidator(rejecting("listener is not supported yet"))]
+_CIDRGroup = Annotated[Any, AfterValidator(rejecting("cidrGroupRef is not supported yet"))]
+_FromRequires = Annotated[Any, AfterValidator(rejecting(_REQUIRES.format("fromRequires")))]
+_ToRequires = Annotated[Any, AfterValidator(rejecting(_REQUIRES.format("toRequires")))]
+_FromNodes = Annotated[Any, AfterValidator(rejecting(_NODES.format("fromNodes")))]
+_ToNodes = Annotated[Any, AfterValidator(rejecting(_NODES.format("toNodes")))]
+_FromGroups = Annotated[Any, AfterValidator(rejecting("fromGroups is not supported yet"))]
+_ToGroups = Annotated[Any, AfterValidator(rejecting("toGroups is not supported yet"))]
+_ToServices = Annotated[Any, AfterValidator(rejecting("toServices is not supported yet"))]
+_ToFQDNs = Annotated[Any, AfterValidator(
+    rejecting("toFQDNs is not supported yet (needs the DNS proxy)"))]
+_Auth = Annotated[Any, AfterValidator(rejecting("authentication is not supported yet"))]
 
 
 def _port_to_str(value: Any) -> Any:

@@ -24,6 +24,7 @@ from villi.policy.models import (
     CiliumRule,
     NetworkPolicy,
     NetworkPolicyPeer,
+    NetworkPolicyPort,
     Policy,
 )
 from villi.policy.selectors import EXISTS, Requirement, Selector, any_namespace, namespace_is
@@ -289,24 +290,27 @@ def compile_k8s(policy: NetworkPolicy, cookies: CookieTable) -> list[CompiledRul
         namespace_is(namespace))
     types = spec.effective_policy_types
     sections = []
-    for name, direction, items in (("ingress", Direction.INGRESS, spec.ingress),
-                                   ("egress", Direction.EGRESS, spec.egress)):
-        if name.capitalize() not in types:
-            continue  # rules of a direction not in policyTypes are ignored
-        for index, item in enumerate(items or ()):
-            peers_in = item.from_ if direction is Direction.INGRESS else item.to  # type: ignore[union-attr]
-            ports: tuple[PortSpec, ...] | None = None
-            if item.ports:
-                ports = tuple(
-                    PortSpec(Protocol[p.protocol], name=p.port) if isinstance(p.port, str)
-                    else PortSpec(Protocol[p.protocol], p.port or 0, p.end_port or 0)
-                    for p in item.ports)
-            peers = tuple(dict.fromkeys(_knp_peer(p, namespace) for p in peers_in or ()))
-            peers = tuple(p for p in peers if not (isinstance(p, CIDRSelector) and not p.prefixes))
-            cookie = cookies.cookie(CookieInfo(policy.kind, namespace, policy.metadata.name,
-                                               name, index))
-            # Absent or empty from/to: every peer, inside and outside the cluster.
-            sections.append(Section(cookie, direction, False, peers, not peers_in, ports))
+    rules: list[tuple[str, Direction, int, list[NetworkPolicyPeer] | None,
+                      list[NetworkPolicyPort] | None]] = []
+    if "Ingress" in types:  # rules of a direction not in policyTypes are ignored
+        rules += [("ingress", Direction.INGRESS, i, r.from_, r.ports)
+                  for i, r in enumerate(spec.ingress or ())]
+    if "Egress" in types:
+        rules += [("egress", Direction.EGRESS, i, r.to, r.ports)
+                  for i, r in enumerate(spec.egress or ())]
+    for name, direction, index, peers_in, ports_in in rules:
+        ports: tuple[PortSpec, ...] | None = None
+        if ports_in:
+            ports = tuple(
+                PortSpec(Protocol[p.protocol], name=p.port) if isinstance(p.port, str)
+                else PortSpec(Protocol[p.protocol], p.port or 0, p.end_port or 0)
+                for p in ports_in)
+        peers = tuple(dict.fromkeys(_knp_peer(p, namespace) for p in peers_in or ()))
+        peers = tuple(p for p in peers if not (isinstance(p, CIDRSelector) and not p.prefixes))
+        cookie = cookies.cookie(CookieInfo(policy.kind, namespace, policy.metadata.name,
+                                           name, index))
+        # Absent or empty from/to: every peer, inside and outside the cluster.
+        sections.append(Section(cookie, direction, False, peers, not peers_in, ports))
     enforce = ("Ingress" in types, "Egress" in types)
     return [CompiledRule((policy.kind, namespace, policy.metadata.name, 0), namespace,
                          subject, enforce, tuple(sections))]

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from villi.identity.labels import POD_NAMESPACE_LABEL, SOURCE_ANY, SOURCE_CIDR, LabelSet
 from villi.identity.reserved import ReservedIdentity
 from villi.policy.cidr import Net, net_contains_ip, net_contains_net, parse_net
+from villi.policy.entry import IdentityID
 from villi.policy.rules import CIDRSelector, PeerSelector
 from villi.policy.selectors import IN, LabelIndex, Requirement, Selector
 
@@ -110,10 +111,10 @@ class SelectorCache:
             self._cidr_selectors.discard(selector)
             self._pod_selectors.discard(selector)
             for addr, _mask, plen in selector.nets:
-                bucket = self._by_net.get((addr, plen))
-                if bucket is not None:
-                    bucket.discard(selector)
-                    if not bucket:
+                nets = self._by_net.get((addr, plen))
+                if nets is not None:
+                    nets.discard(selector)
+                    if not nets:
                         del self._by_net[(addr, plen)]
             return
         guard = _guard(selector)
@@ -129,7 +130,7 @@ class SelectorCache:
 
     # -- identity and IP churn ----------------------------------------------------------
 
-    def update_identities(self, added: Mapping[int, LabelSet],
+    def update_identities(self, added: Mapping[IdentityID, LabelSet] | Mapping[int, LabelSet],
                           removed: Iterable[int] = ()) -> Changes:
         """Apply identity churn; returns the selections that changed."""
         changes: Changes = {}
@@ -204,9 +205,9 @@ class SelectorCache:
             addr, _mask, plen = net
             for length in range(plen + 1):
                 mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
-                bucket = self._by_net.get((addr & mask, length))
-                if bucket:
-                    found |= bucket
+                nets = self._by_net.get((addr & mask, length))
+                if nets:
+                    found |= nets
         elif identity == ReservedIdentity.WORLD:
             found |= self._by_net.get((0, 0), set())
         if identity in self._ips:
