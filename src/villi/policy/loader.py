@@ -186,12 +186,15 @@ def _explain(error: Any) -> tuple[Loc, str]:
     return loc, str(error["msg"])
 
 
-_KNOWN: list[str] = []
+_KNOWN: dict[tuple[tuple[str, str], ...], list[str]] = {}
 
 
 def _known_fields() -> list[str]:
-    """Every YAML field name the models accept (for "did you mean")."""
-    if not _KNOWN:
+    """Every YAML field name the models accept (for "did you mean"); recomputed when
+    another package adds kinds to the dispatch table (the CLI adds Service)."""
+    kinds = tuple(sorted(KINDS))
+    found = _KNOWN.get(kinds)
+    if found is None:
         names: set[str] = set()
         todo: list[type[StrictModel]] = list(KINDS.values())
         done: set[type] = set()
@@ -204,8 +207,8 @@ def _known_fields() -> list[str]:
                 names.add(field.alias or name)
                 for arg in _model_args(field.annotation):
                     todo.append(arg)
-        _KNOWN.extend(sorted(names))
-    return _KNOWN
+        found = _KNOWN[kinds] = sorted(names)
+    return found
 
 
 def _model_args(annotation: Any) -> Iterator[type[StrictModel]]:
