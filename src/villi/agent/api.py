@@ -78,18 +78,13 @@ def build_app(agent: Agent) -> web.Application:
     async def list_endpoints(request: web.Request) -> web.Response:
         return web.json_response(agent.list_endpoints())
 
-    @routes.post("/v1/endpoint")
-    async def create_endpoint(request: web.Request) -> web.Response:
-        body = await request.json()
-        created, ep = await agent.create_endpoint(body)
+    async def _create(request: web.Request) -> web.Response:
+        created, ep = await agent.create_endpoint(await request.json())
         return web.json_response(ep, status=201 if created else 200)
 
-    @routes.put("/v1/endpoint/{id:.+}")
-    async def put_endpoint(request: web.Request) -> web.Response:
-        body = await request.json()
-        body.setdefault("endpointID", request.match_info["id"])
-        created, ep = await agent.create_endpoint(body)
-        return web.json_response(ep, status=201 if created else 200)
+    routes.post("/v1/endpoint")(_create)
+    # PUT /v1/endpoint/{id} is Cilium's spelling of the same request; the agent picks ids.
+    routes.put("/v1/endpoint/{id:.+}")(_create)
 
     @routes.get("/v1/endpoint/{id:.+}")
     async def get_endpoint(request: web.Request) -> web.Response:

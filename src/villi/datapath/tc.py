@@ -45,12 +45,15 @@ def attach(ifindex: int, point: TcHook, prog_fd: int, netns: str | None = None) 
         return int(opts.prog_id)
 
 
+def _ours() -> lb.BpfTcOpts:
+    """Options naming villi's filter (its handle and priority), no program."""
+    return lb.BpfTcOpts(sz=ctypes.sizeof(lb.BpfTcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
+
+
 def detach(ifindex: int, point: TcHook, netns: str | None = None) -> bool:
     """Detach villi's program at ``point``; False when none was attached."""
     with in_netns(netns):
-        hook = _hook(ifindex, point)
-        opts = lb.BpfTcOpts(sz=ctypes.sizeof(lb.BpfTcOpts), handle=TC_HANDLE,
-                            priority=TC_PRIORITY)
+        hook, opts = _hook(ifindex, point), _ours()
         ret = lb.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
         if ret < 0:
             if -ret in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
@@ -62,9 +65,7 @@ def detach(ifindex: int, point: TcHook, netns: str | None = None) -> bool:
 def query(ifindex: int, point: TcHook, netns: str | None = None) -> int | None:
     """The id of the program villi attached at ``point``, or None."""
     with in_netns(netns):
-        hook = _hook(ifindex, point)
-        opts = lb.BpfTcOpts(sz=ctypes.sizeof(lb.BpfTcOpts), handle=TC_HANDLE,
-                            priority=TC_PRIORITY)
+        hook, opts = _hook(ifindex, point), _ours()
         ret = lb.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))
         if ret < 0:
             return None
