@@ -186,29 +186,31 @@ def _explain(error: Any) -> tuple[Loc, str]:
     return loc, str(error["msg"])
 
 
-_KNOWN: dict[tuple[tuple[str, str], ...], list[str]] = {}
+_KNOWN: list[str] = []
+_KNOWN_KINDS: list[tuple[tuple[str, str], ...]] = [()]
 
 
 def _known_fields() -> list[str]:
     """Every YAML field name the models accept (for "did you mean"); recomputed when
     another package adds kinds to the dispatch table (the CLI adds Service)."""
     kinds = tuple(sorted(KINDS))
-    found = _KNOWN.get(kinds)
-    if found is None:
-        names: set[str] = set()
-        todo: list[type[StrictModel]] = list(KINDS.values())
-        done: set[type] = set()
-        while todo:
-            model = todo.pop()
-            if model in done:
-                continue
-            done.add(model)
-            for name, field in model.model_fields.items():
-                names.add(field.alias or name)
-                for arg in _model_args(field.annotation):
-                    todo.append(arg)
-        found = _KNOWN[kinds] = sorted(names)
-    return found
+    if _KNOWN and _KNOWN_KINDS[0] == kinds:
+        return _KNOWN
+    names: set[str] = set()
+    todo: list[type[StrictModel]] = list(KINDS.values())
+    done: set[type] = set()
+    while todo:
+        model = todo.pop()
+        if model in done:
+            continue
+        done.add(model)
+        for name, field in model.model_fields.items():
+            names.add(field.alias or name)
+            for arg in _model_args(field.annotation):
+                todo.append(arg)
+    _KNOWN[:] = sorted(names)
+    _KNOWN_KINDS[0] = kinds
+    return _KNOWN
 
 
 def _model_args(annotation: Any) -> Iterator[type[StrictModel]]:
