@@ -19,7 +19,7 @@ GC: by default (``--gc tuned``) the benchmark does what the agent should do (see
 docs/policy.md): collector off during the initial sync, then ``gc.freeze()`` and a
 gen-0 threshold of 50,000; ``--gc default`` keeps CPython's defaults (only
 ``gc.freeze()`` after the initial sync), which costs about 2x on the initial computation
-and about 3x at p99.
+and 2-3x at p99.
 
 Prints a summary and writes JSON to ``bench/results/policy.json``.
 
