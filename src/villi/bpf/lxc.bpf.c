@@ -143,8 +143,8 @@ SEC("tc")
 int from_pod(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct verdict eg, in;
-	struct endpoint_value *ep, *dst_ep;
+	struct verdict eg;
+	struct endpoint_value *ep;
 	__u32 dst_id;
 	int ret;
 
@@ -166,7 +166,9 @@ int from_pod(struct __sk_buff *skb)
 				   dst_id, eg.cookie, eg.match_type, eg.ct_state);
 
 #if ENABLE_HOST_ROUTING
-	dst_ep = endpoint_lookup(p.daddr);
+	struct endpoint_value *dst_ep = endpoint_lookup(p.daddr);
+	struct verdict in;
+
 	if (dst_ep) {
 		/* Same-node destination: its ingress policy runs here, then the packet goes
 		 * straight into its netns. The src identity is ours, no ipcache needed. */

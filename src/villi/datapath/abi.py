@@ -140,7 +140,7 @@ class EndpointValue(ctypes.Structure):
 
 class PolicyKey(ctypes.Structure):
     _fields_ = [("prefixlen", c_u32), ("endpoint_id", c_u32), ("identity", c_u32),
-                ("direction", c_u8), ("protocol", c_u8), ("dport", c_u16)]
+                ("direction", c_u8), ("protocol", c_u8), ("dport", c_u16), ("pad", c_u32)]
 
 
 class PolicyValue(ctypes.Structure):

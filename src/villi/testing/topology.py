@@ -42,6 +42,7 @@ class SingleNode:
     def __init__(self, config: NodeConfig | None = None, prefix: str = "villi-t") -> None:
         self.suffix = uuid.uuid4().hex[:6]
         self.node_name = f"n{self.suffix}"
+        self.prefix = prefix
         self.node_netns = f"{prefix}{self.suffix}-node"
         self.state_dir = Path(tempfile.mkdtemp(prefix="villi-test-"))
         self.pods: dict[str, Pod] = {}
@@ -57,7 +58,7 @@ class SingleNode:
             raise
 
     def add_pod(self, name: str, identity: int, serve: tuple[str, ...] = ()) -> Pod:
-        netns = f"villi-t{self.suffix}-{name}"
+        netns = f"{self.prefix}{self.suffix}-{name}"
         create_netns(netns)
         ip = f"10.199.{int(self.suffix[:2], 16)}.{self._next_ip}"
         self._next_ip += 1
