@@ -138,6 +138,28 @@ class Operator:
                 continue
             self.gc_passes += 1
             log.debug("identity GC pass: %s", result)
+            try:
+                released = await self._cluster_ip_gc()
+            except VilliError as exc:
+                log.warning("ClusterIP GC failed: %s", exc)
+                continue
+            if released:
+                log.info("released ClusterIPs of services that no longer exist: %s",
+                         ", ".join(released))
+
+    async def _cluster_ip_gc(self) -> list[str]:
+        """Claims whose Service resource is gone (deleted behind villi's back, or a
+        crash between the claim and the resource write) give their address back."""
+        from villi.resources import parse_resource_key
+        from villi.service.allocator import collect_garbage
+
+        listing = await self.store.list("villi/resources/Service/")
+        live = []
+        for kv in listing.items:
+            parsed = parse_resource_key(kv.key)
+            if parsed is not None:
+                live.append((parsed[1] or "default", parsed[2]))
+        return await collect_garbage(self.store, live)
 
 
 async def run_operator(
