@@ -174,6 +174,11 @@ def test_service_without_backends_refuses_at_once(lab: Lab) -> None:
     ok, out = lab.probe("default/client", vip, "80/tcp", timeout=5)
     assert not ok and "refused" in out.lower(), out
     assert time.monotonic() - t0 < 3.0      # the CLI's own start-up included
+    # The refusal is visible: a drop flow naming the service and the reason.
+    out = lab.ok("observe", "--verdict", "DROPPED", "--to-ip", vip, "-o", "json")
+    flows = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    assert any(f["drop_reason_desc"] == "SERVICE_BACKEND_NOT_FOUND"
+               and f.get("destination_service", {}).get("name") == "nobody" for f in flows)
 
 
 def test_policy_decides_by_backend_identity_and_flows_name_the_service(lab: Lab) -> None:

@@ -31,9 +31,12 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "common.h"
 #include "config.h"
+#include "events.h"
+#include "metrics.h"
 
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
@@ -87,8 +90,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } villi_lb_affinity SEC(".maps");
 
-static __always_inline int lb_refuse(void)
+static __always_inline int lb_refuse(struct bpf_sock_addr *ctx)
 {
+	/* The refusal is a drop like any other: counted (158, Service backend not found)
+	 * and reported as a flow, so `villi observe --verdict DROPPED` shows it. The
+	 * source address is not known yet at connect(); the flow carries the VIP. */
+	struct flow_event ev;
+
+	__builtin_memset(&ev, 0, sizeof(ev));
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.dst_ip = ctx->user_ip4;
+	ev.dport = bpf_ntohs((__u16)ctx->user_port);
+	ev.protocol = (__u8)ctx->protocol;
+	ev.event_type = EVENT_DROP;
+	ev.drop_reason = DROP_NO_SERVICE;
+	ev.direction = DIR_EGRESS;
+	metrics_count(DROP_NO_SERVICE, DIR_EGRESS, 0);
+	emit_event(&ev);
 	/* connect()/sendmsg() fail with ECONNREFUSED right away (kernel ≥ 5.18). */
 	bpf_set_retval(-ECONNREFUSED);
 	return LB_REFUSE;
@@ -146,7 +164,7 @@ static __always_inline int lb4_xlate_fwd(struct bpf_sock_addr *ctx)
 	if (!svc)
 		return LB_PASS;                 /* not a service: leave the socket alone */
 	if (svc->count == 0)
-		return lb_refuse();
+		return lb_refuse(ctx);
 
 	if (svc->flags & LB_SVC_F_AFFINITY) {
 		now = bpf_ktime_get_ns();
@@ -158,11 +176,11 @@ static __always_inline int lb4_xlate_fwd(struct bpf_sock_addr *ctx)
 		key.slot = lb_select_slot(ctx, svc->count);
 		slot = bpf_map_lookup_elem(&villi_lb_services, &key);
 		if (!slot)
-			return lb_refuse();     /* only while the agent shrinks the service */
+			return lb_refuse(ctx);     /* only while the agent shrinks the service */
 		backend_id = slot->backend_id;
 		be = bpf_map_lookup_elem(&villi_lb_backends, &backend_id);
 		if (!be)
-			return lb_refuse();
+			return lb_refuse(ctx);
 	}
 	if (svc->flags & LB_SVC_F_AFFINITY) {
 		struct lb_affinity_value aval = { .last_used_ns = now, .backend_id = backend_id };
