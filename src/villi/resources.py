@@ -42,14 +42,20 @@ def encode(resource: Any) -> bytes:
     return json.dumps(data, sort_keys=True).encode()
 
 
-def decode(raw: bytes, key: str = "") -> Any:
-    """Stored JSON back into its validated model."""
+def all_kinds() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) → model, for every resource ``villi apply`` accepts."""
+    from villi.endpoint.pod import POD_KINDS
     from villi.policy.models import KINDS
     from villi.service.models import SERVICE_KINDS
 
+    return {**KINDS, **SERVICE_KINDS, **POD_KINDS}
+
+
+def decode(raw: bytes, key: str = "") -> Any:
+    """Stored JSON back into its validated model."""
     try:
         data = json.loads(raw)
-        model = {**KINDS, **SERVICE_KINDS}[(data["apiVersion"], data["kind"])]
+        model = all_kinds()[(data["apiVersion"], data["kind"])]
     except (ValueError, KeyError, TypeError) as e:
         raise ResourceError(f"stored resource {key} is not a known resource: {e}") from e
     return model.model_validate_json(raw)

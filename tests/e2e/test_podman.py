@@ -45,9 +45,26 @@ def http_ok(pm: Podman, client: str, ip: str) -> bool:
     return res.returncode == 0 and "200 OK" in res.stdout
 
 
-def set_labels(agent: AgentProcess, pod: str, labels: dict[str, str]) -> None:
-    with agent.client() as c:
-        c.request("PATCH", f"/v1/endpoint/pod:default/{pod}", json={"labels": labels})
+PODS = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  containers:
+  - {name: httpd, image: localhost/villi-busybox, ports: [{name: http, containerPort: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: friend, labels: {role: friend}}
+spec:
+  containers: [{name: c, image: localhost/villi-busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, labels: {role: stranger}}
+spec:
+  containers: [{name: c, image: localhost/villi-busybox}]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +90,15 @@ def test_policy_enforced_between_containers(env: tuple[AgentProcess, Podman],
                                             tmp_path: Path) -> None:
     agent, pm = env
     web = pm.ip("web")
-    set_labels(agent, "web", {"app": "web"})
-    set_labels(agent, "friend", {"role": "friend"})
-    set_labels(agent, "stranger", {"role": "stranger"})
+    # podman names the pod after the container (K8S_POD_NAME); Pod resources applied
+    # with villi give the running containers their labels, as an API server would.
+    pods = tmp_path / "pods.yaml"
+    pods.write_text(PODS)
+    res = villi("apply", "-f", str(pods), kvstore=agent.kvstore)
+    assert res.returncode == 0, res.stderr
+    with agent.client() as c:
+        assert eventually(lambda: {e["podName"]: e["labels"] for e in c.get("/v1/endpoint")}
+                          .get("web") == {"app": "web"})
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
     res = villi("apply", "-f", str(path), kvstore=agent.kvstore)

@@ -408,6 +408,23 @@ class Agent:
             await self._refresh_identity(ep.id)
             return self.endpoint_view(self.endpoints.endpoints[ep.id])
 
+    async def apply_pod_resource(self, namespace: str, name: str, pod: Any) -> None:
+        """A Pod resource changed: the running endpoint takes its labels and ports."""
+        async with self._lock:
+            ep = self._find(f"pod:{namespace}/{name}")
+            if ep is None:
+                return
+            ports = pod.named_ports()
+            if ep.labels == pod.labels and ep.named_ports == ports:
+                return
+            ports_changed = ep.named_ports != ports
+            ep.labels, ep.named_ports = pod.labels, ports
+            self.endpoints.save(ep)
+            await self._refresh_identity(ep.id)
+            if ports_changed:
+                await self.policy.identity_changed(ep, ep.identity)
+                await self._publish_endpoint(ep)
+
     async def _refresh_identity(self, ep_id: int) -> None:
         """Give an endpoint the identity of its current labels and namespace labels.
 

@@ -65,15 +65,20 @@ class PolicySync:
                 resources.decode(event.value, event.key)
             self.agent.services.on_resource(ns or "default", name, model)
             return
+        if kind == "Pod":
+            pod = None if event.type is EventType.DELETE else \
+                resources.decode(event.value, event.key)
+            if pod is None:
+                self._pods.pop((ns or "default", name), None)
+            else:
+                self._pods[(ns or "default", name)] = pod
+                asyncio.get_running_loop().create_task(
+                    self.agent.apply_pod_resource(ns or "default", name, pod))
+            return
         if event.type is EventType.DELETE:
             update = self.resolver.delete_resource(kind, ns, name)
-            self._pods.pop((ns or "", name), None)
         else:
-            res = resources.decode(event.value, event.key)
-            if kind == "Pod":
-                self._pods[(ns or "", name)] = res
-                return
-            update = self.resolver.upsert_resource(res)
+            update = self.resolver.upsert_resource(resources.decode(event.value, event.key))
         self.apply(update, t0)
         if kind == "Namespace":
             asyncio.get_running_loop().create_task(self.agent.refresh_namespace(name))
@@ -157,13 +162,11 @@ class PolicySync:
 
     async def pod_labels(self, namespace: str, name: str) -> dict[str, str]:
         pod = self._pods.get((namespace, name))
-        return dict(pod.metadata.labels or {}) if pod is not None else {}
+        return pod.labels if pod is not None else {}
 
     async def pod_named_ports(self, namespace: str, name: str) -> dict[str, list]:
         pod = self._pods.get((namespace, name))
-        if pod is None or not hasattr(pod, "named_ports"):
-            return {}
-        return pod.named_ports()
+        return pod.named_ports() if pod is not None else {}
 
     def view(self) -> dict[str, Any]:
         out = []

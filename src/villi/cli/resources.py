@@ -18,9 +18,8 @@ def load(paths: list[str]) -> list:
     """Validate every document of every file (policies, namespaces, services)."""
     from villi.policy.loader import load_files
     from villi.policy.models import KINDS
-    from villi.service.models import SERVICE_KINDS
 
-    KINDS.update(SERVICE_KINDS)  # one loader, one error format for every kind
+    KINDS.update(resources.all_kinds())  # one loader, one error format for every kind
     return load_files(paths)
 
 

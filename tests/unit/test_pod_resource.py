@@ -1,0 +1,52 @@
+"""v1 Pod resources: labels and named ports, real manifests accepted unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from villi import resources
+from villi.errors import ResourceError
+from villi.policy.loader import load_text
+from villi.policy.models import KINDS
+
+KINDS.update(resources.all_kinds())
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web, tier: front}
+spec:
+  restartPolicy: Always
+  containers:
+  - name: nginx
+    image: nginx:1.25
+    args: ["-g", "daemon off;"]
+    resources: {limits: {cpu: 100m}}
+    ports:
+    - {name: http, containerPort: 80}
+    - {name: dns, containerPort: 53, protocol: UDP}
+    - {containerPort: 9000}
+"""
+
+
+def test_pod_labels_and_named_ports() -> None:
+    (pod,) = load_text(POD, "pod.yaml")
+    assert pod.namespace == "shop" and pod.labels == {"app": "web", "tier": "front"}
+    assert pod.named_ports() == {"http": [80, "TCP"], "dns": [53, "UDP"]}
+    again = resources.decode(resources.encode(pod))
+    assert again.named_ports() == pod.named_ports()
+
+
+@pytest.mark.parametrize("bad,words", [
+    (POD.replace("containerPort: 80}", "containerPort: 0}"), "containerPort"),
+    (POD.replace("protocol: UDP", "protocol: ICMP"), "protocol"),
+    (POD.replace("kind: Pod", "kind: Pod\nbogus: 1"), "bogus"),
+    (POD.replace("tier: front", "tier: 'not valid!'"), "labels"),
+])
+def test_bad_pods_are_rejected_with_the_field(bad: str, words: str) -> None:
+    with pytest.raises(ResourceError) as info:
+        load_text(bad, "pod.yaml")
+    assert "pod.yaml" in str(info.value) and words in str(info.value)
