@@ -21,18 +21,18 @@ from villi.identity.allocator import (
 )
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, cidr_labels, pod_identity_labels
-from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, WatchEvent
-from villi.testing.kvstore import eventually, memory_store
+from villi.kvstore.store import KeyValue, LeaseID, Store
+from villi.testing.kvstore import DelegatingStore, eventually, memory_store
 
 WEB = pod_identity_labels("prod", {"app": "web"})
 DB = pod_identity_labels("prod", {"app": "db"})
 
 
-class HookStore(Store):
+class HookStore(DelegatingStore):
     """Delegates to a real store; runs ``hooks[(method, key)]`` once before the call."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.hooks: dict[tuple[str, str], Callable[[], Awaitable[None]]] = {}
 
     async def _hook(self, method: str, key: str) -> None:
@@ -44,42 +44,13 @@ class HookStore(Store):
         await self._hook("get", key)
         return await self.inner.get(key)
 
-    async def put(self, key: str, value: bytes, lease: LeaseID | None = None) -> int:
-        return await self.inner.put(key, value, lease)
-
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
-
-    async def delete_prefix(self, prefix: str) -> int:
-        return await self.inner.delete_prefix(prefix)
-
-    async def list(self, prefix: str) -> ListResult:
-        return await self.inner.list(prefix)
-
     async def create(self, key: str, value: bytes, lease: LeaseID | None = None) -> bool:
         await self._hook("create", key)
         return await self.inner.create(key, value, lease)
 
-    async def compare_and_swap(self, key: str, expected_mod_revision: int, value: bytes,
-                               lease: LeaseID | None = None) -> bool:
-        return await self.inner.compare_and_swap(key, expected_mod_revision, value, lease)
-
     async def compare_and_delete(self, key: str, expected_mod_revision: int) -> bool:
         await self._hook("compare_and_delete", key)
         return await self.inner.compare_and_delete(key, expected_mod_revision)
-
-    async def grant_lease(self, ttl_seconds: int) -> LeaseID:
-        return await self.inner.grant_lease(ttl_seconds)
-
-    async def keep_alive(self, lease: LeaseID) -> bool:
-        return await self.inner.keep_alive(lease)
-
-    async def revoke_lease(self, lease: LeaseID) -> None:
-        await self.inner.revoke_lease(lease)
-
-    def watch(self, prefix: str, start_revision: int | None = None
-              ) -> AsyncIterator[WatchEvent]:
-        return self.inner.watch(prefix, start_revision)
 
     async def close(self) -> None:
         await self.inner.close()

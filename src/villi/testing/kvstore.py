@@ -57,30 +57,17 @@ async def eventually(
         delay = min(0.1, delay * 2)
 
 
-class FlakyStore(Store):
-    """Delegates to ``inner``; while ``broken`` is True, open watches raise
-    :class:`StoreUnavailable` at their next event (that event is lost to the reader,
-    as when a connection dies) and new watches fail at once."""
+class DelegatingStore(Store):
+    """Forwards every call to ``inner``: subclass it and override the calls to tamper
+    with (inject failures, run hooks at chosen moments)."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
-        self.broken = False
-        self.watch_failures = 0
 
-    def _fail(self) -> StoreUnavailable:
-        self.watch_failures += 1
-        return StoreUnavailable("injected watch failure")
-
-    async def watch(
+    def watch(
         self, prefix: str, start_revision: int | None = None
     ) -> AsyncGenerator[WatchEvent, None]:
-        if self.broken:
-            raise self._fail()
-        async with aclosing(self.inner.watch(prefix, start_revision)) as events:
-            async for event in events:
-                if self.broken:
-                    raise self._fail()
-                yield event
+        return self.inner.watch(prefix, start_revision)
 
     async def get(self, key: str) -> KeyValue | None:
         return await self.inner.get(key)
@@ -125,6 +112,32 @@ class FlakyStore(Store):
 
     async def close(self) -> None:
         """The inner store belongs to the caller: not closed here."""
+
+
+class FlakyStore(DelegatingStore):
+    """Delegates to ``inner``; while ``broken`` is True, open watches raise
+    :class:`StoreUnavailable` at their next event (that event is lost to the reader,
+    as when a connection dies) and new watches fail at once."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.broken = False
+        self.watch_failures = 0
+
+    def _fail(self) -> StoreUnavailable:
+        self.watch_failures += 1
+        return StoreUnavailable("injected watch failure")
+
+    async def watch(  # type: ignore[override]
+        self, prefix: str, start_revision: int | None = None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        if self.broken:
+            raise self._fail()
+        async with aclosing(self.inner.watch(prefix, start_revision)) as events:
+            async for event in events:
+                if self.broken:
+                    raise self._fail()
+                yield event
 
 
 _RACER = """
