@@ -55,10 +55,10 @@ class AgentFlowContext:
         return {ip: _pod_info(d) for ip, d in {**sync.departed, **sync.entries}.items()}
 
     def pod_of(self, ip: str) -> PodInfo | None:
-        for ep in self.agent.endpoints.endpoints.values():
-            if ep.ipv4 == ip:
-                return PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
-                               ep.pod_mac, ep.host_mac)
+        ep = self.agent.endpoints.by_ip(ip)
+        if ep is not None:
+            return PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
+                           ep.pod_mac, ep.host_mac)
         sync = self.agent.ipcache_sync
         d = sync.entries.get(ip) or sync.departed.get(ip)
         if d is not None:

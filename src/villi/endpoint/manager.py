@@ -80,6 +80,8 @@ class EndpointManager:
         self.state_dir = state_dir / "endpoints"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.endpoints: dict[int, Endpoint] = {}
+        # An endpoint's IP never changes, so this index is set at create/restore only.
+        self._id_by_ip: dict[str, int] = {}
         # The map state last written per endpoint, to diff the next change against.
         self._map_state: dict[int, dict] = {}
         # The endpoints-map entry last written per endpoint (skip identical rewrites).
@@ -108,6 +110,7 @@ class EndpointManager:
             delete_link(host_ifname, self.node_netns)
             raise
         self.endpoints[ep.id] = ep
+        self._id_by_ip[ep.ipv4] = ep.id
         self._map_state[ep.id] = {}
         return ep
 
@@ -116,6 +119,7 @@ class EndpointManager:
         ep = self.endpoints.pop(endpoint_id, None)
         if ep is None:
             return False
+        self._id_by_ip.pop(ep.ipv4, None)
         self._remove_kernel_state(ep)
         delete_link(ep.host_ifname, self.node_netns)
         self._map_state.pop(endpoint_id, None)
@@ -180,6 +184,11 @@ class EndpointManager:
             self.save(new_ep)
         return counts
 
+    def by_ip(self, ipv4: str) -> Endpoint | None:
+        """The local endpoint owning ``ipv4`` (O(1): flow enrichment calls it per flow)."""
+        eid = self._id_by_ip.get(ipv4)
+        return None if eid is None else self.endpoints.get(eid)
+
     def map_state(self, endpoint_id: int) -> dict:
         return dict(self._map_state.get(endpoint_id, {}))
 
@@ -201,6 +210,7 @@ class EndpointManager:
                 continue
             self.datapath.attach(ep.host_ifindex, self.node_netns)
             self.endpoints[ep.id] = ep
+            self._id_by_ip[ep.ipv4] = ep.id
             self._map_state[ep.id] = self._read_map_state(ep.id)
             restored.append(ep)
         return restored
