@@ -232,3 +232,34 @@ char _license[] SEC("license") = "GPL";
     assert "invalid access to packet" in info.value.verifier_log
     assert "verifier log" in str(info.value)
     assert socket  # keep import for readers' packet helpers
+
+
+def test_sctp_ports_match_allow_and_deny(dp: NodeDatapath) -> None:
+    add_endpoint(dp, C, EP_C, ID_C, abi.EP_F_INGRESS_ENFORCED | abi.EP_F_INGRESS_LOOKUP)
+    add_ipcache(dp, A, ID_A)
+    add_rule(dp, EP_C, Key(ID_A, ING, 132, 0, 0))                      # A: any SCTP port
+    add_rule(dp, EP_C, Key(ID_A, ING, 132, 9999, 16), deny=True, cookie=4)  # but not 9999
+    add_rule(dp, EP_C, Key(0, ING, 132, 3868, 16))                     # anyone: SCTP 3868
+    verdicts = [run(dp.to_pod.fd, pk.sctp(A, C, 5000, 9999)).retval,
+                run(dp.to_pod.fd, pk.sctp(A, C, 5000, 38412)).retval,
+                run(dp.to_pod.fd, pk.sctp("10.198.0.9", C, 5000, 3868)).retval,
+                run(dp.to_pod.fd, pk.sctp("10.198.0.9", C, 5000, 3869)).retval]
+    assert verdicts == [TC_ACT_SHOT, TC_ACT_OK, TC_ACT_OK, TC_ACT_SHOT]
+    evs = events(dp)
+    assert evs[0]["drop_reason"] == abi.DropReason.POLICY_DENY and evs[0]["cookie"] == 4
+    assert (evs[1]["sport"], evs[1]["dport"], evs[1]["protocol"]) == (5000, 38412, 132)
+    # The allowed association is tracked by its ports: the reply goes back out.
+    add_endpoint(dp, C, EP_C, ID_C, abi.EP_F_INGRESS_ENFORCED | abi.EP_F_INGRESS_LOOKUP
+                 | abi.EP_F_EGRESS_ENFORCED)
+    assert run(dp.from_pod.fd, pk.sctp(C, A, 38412, 5000, 2)).retval == TC_ACT_OK
+    assert run(dp.from_pod.fd, pk.sctp(C, A, 38412, 5001, 2)).retval == TC_ACT_SHOT
+
+
+def test_icmp_events_carry_real_type_and_code(dp: NodeDatapath) -> None:
+    add_endpoint(dp, A, EP_A, ID_A)
+    add_ipcache(dp, B, ID_B)
+    run(dp.from_pod.fd, pk.icmp_echo(A, B, ident=5))
+    run(dp.from_pod.fd, pk.icmp(A, B, 3, 3))       # destination/port unreachable
+    run(dp.from_pod.fd, pk.icmp(A, C, 11, 0))      # time exceeded (another peer: not aggregated)
+    evs = events(dp)
+    assert [(int(e["icmp_type"]), int(e["icmp_code"])) for e in evs] == [(8, 0), (3, 3), (11, 0)]

@@ -118,3 +118,28 @@ def test_export_rotates_and_reads_back(tmp_path: Path) -> None:
     assert (tmp_path / "f.jsonl.1").exists()
     back = list(read_flows(tmp_path / "f.jsonl", backups=3))
     assert back and all(json.dumps(b) for b in back)
+
+
+def _icmp_records() -> np.ndarray:
+    r = np.zeros(3, dtype=FLOW_EVENT_DTYPE)
+    for i, (t, c) in enumerate([(8, 0), (3, 3), (11, 1)]):
+        r[i]["src_ip"], r[i]["dst_ip"] = ip("10.1.0.1"), ip("10.1.0.2")
+        r[i]["protocol"], r[i]["event_type"] = 1, 4
+        r[i]["icmp_type"], r[i]["icmp_code"] = t, c
+    r[0]["sport"] = 7
+    r[1]["flags"] = 1  # an ICMP error seen as a reply must not turn into an echo reply
+    return r
+
+
+def test_icmp_flows_and_metrics_use_the_real_type_and_code() -> None:
+    r = _icmp_records()
+    flows = [to_flow(rec, 0, CTX) for rec in r]
+    assert [f["l4"]["ICMPv4"] for f in flows] == [
+        {"type": 8, "code": 0}, {"type": 3, "code": 3}, {"type": 11, "code": 1}]
+    assert flows[1]["Summary"] == "ICMPv4 DestinationUnreachable"
+    m = HubbleMetrics()
+    m.count(r)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    icmp = {s.labels["type"]: s.value for s in fams["hubble_icmp"].samples
+            if s.name.endswith("_total")}
+    assert icmp == {"EchoRequest": 1.0, "DestinationUnreachable": 1.0, "TimeExceeded": 1.0}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
@@ -94,11 +94,12 @@ class DatapathCollector:
         self.agent = agent
 
     def collect(self) -> Any:
-        drops = GaugeMetricFamily("villi_datapath_drop_total",
-                                  "Packets dropped by the datapath (since the maps were made)",
-                                  labels=["reason", "direction"])
-        fwd = GaugeMetricFamily("villi_datapath_forward_total",
-                                "Packets forwarded by the datapath", labels=["direction"])
+        # Counters: the datapath's per-CPU totals only grow (rate() must work on them).
+        drops = CounterMetricFamily("villi_datapath_drop",
+                                    "Packets dropped by the datapath (since the maps were made)",
+                                    labels=["reason", "direction"])
+        fwd = CounterMetricFamily("villi_datapath_forward",
+                                  "Packets forwarded by the datapath", labels=["direction"])
         try:
             totals = self.agent.datapath.metrics_totals()
         except Exception:  # noqa: BLE001 - a scrape must not crash on a closing agent
@@ -133,8 +134,8 @@ class DatapathCollector:
             except Exception:  # noqa: BLE001
                 continue
         yield pressure
-        lost = GaugeMetricFamily("villi_events_lost_total",
-                                 "Flow events the datapath could not queue (ringbuf full)")
+        lost = CounterMetricFamily("villi_events_lost",
+                                   "Flow events the datapath could not queue (ringbuf full)")
         lost.add_metric([], self.agent.datapath.events_lost())
         yield lost
 

@@ -40,6 +40,8 @@ static __always_inline void event_init(struct flow_event *ev, struct __sk_buff *
 	ev->endpoint_id = ep_id;
 	ev->protocol = p->protocol;
 	ev->tcp_flags = p->tcp_flags;
+	ev->icmp_type = p->icmp_type;
+	ev->icmp_code = p->icmp_code;
 	ev->direction = dir;
 }
 

@@ -167,8 +167,8 @@ class FlowEvent(ctypes.Structure):
         ("sport", c_u16), ("dport", c_u16), ("len", c_u32), ("cookie", c_u32),
         ("ifindex", c_u32), ("endpoint_id", c_u16), ("protocol", c_u8), ("tcp_flags", c_u8),
         ("event_type", c_u8), ("drop_reason", c_u8), ("direction", c_u8), ("obs_point", c_u8),
-        ("ct_state", c_u8), ("match_type", c_u8), ("flags", c_u8), ("pad", c_u8),
-        ("pad2", c_u32),
+        ("ct_state", c_u8), ("match_type", c_u8), ("flags", c_u8),
+        ("icmp_type", c_u8), ("icmp_code", c_u8), ("pad", c_u8 * 3),
     ]
 
 

@@ -67,9 +67,11 @@ def _l4(rec: Any) -> tuple[dict[str, Any], str]:
                 summary)
     if proto == 17:
         return {"UDP": {"source_port": sport, "destination_port": dport}}, "UDP"
+    if proto == 132:
+        return {"SCTP": {"source_port": sport, "destination_port": dport}}, "SCTP"
     if proto == 1:
-        icmp_type = 0 if int(rec["flags"]) & EVF_IS_REPLY else 8
-        return ({"ICMPv4": {"type": icmp_type, "code": 0}},
+        icmp_type, code = int(rec["icmp_type"]), int(rec["icmp_code"])
+        return ({"ICMPv4": {"type": icmp_type, "code": code}},
                 f"ICMPv4 {ICMP_TYPES.get(icmp_type, icmp_type)}")
     return {}, PROTOCOLS.get(proto, f"proto {proto}")
 

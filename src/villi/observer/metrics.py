@@ -79,12 +79,12 @@ class HubbleMetrics:
                 n = int(np.count_nonzero(tcp["tcp_flags"] & bit))
                 if n:
                     self.tcp_flags.labels(name, "IPv4").inc(n)
-        l4 = rec[(rec["protocol"] == 6) | (rec["protocol"] == 17)]
+        l4 = rec[(rec["protocol"] == 6) | (rec["protocol"] == 17) | (rec["protocol"] == 132)]
         for (proto, port), n in _groups(l4["protocol"], l4["dport"]):
             self.ports.labels(PROTOCOLS[proto], str(port)).inc(n)
         icmp = rec[rec["protocol"] == 1]
-        for (flags,), n in _groups(icmp["flags"] & 1):
-            self.icmp.labels("IPv4", ICMP_TYPES[0 if flags else 8]).inc(n)
+        for (icmp_type,), n in _groups(icmp["icmp_type"]):
+            self.icmp.labels("IPv4", ICMP_TYPES.get(icmp_type, str(icmp_type))).inc(n)
         # A policy verdict is a new connection's decision or a policy drop.
         pv = rec[(rec["ct_state"] == 0) & ((rec["drop_reason"] == 0) |
                                            (rec["drop_reason"] == 133) |

@@ -15,8 +15,12 @@ PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv4": 1, "sctp": 132}
 DIRECTIONS = {0: "INGRESS", 1: "EGRESS"}
 MATCH_TYPES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all"}
 TCP_FLAGS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10))
-ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 8: "EchoRequest",
-              11: "TimeExceeded"}
+#: ICMPv4 type names as Hubble prints them (gopacket's ICMPv4TypeCode names).
+ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 4: "SourceQuench", 5: "Redirect",
+              8: "EchoRequest", 9: "RouterAdvertisement", 10: "RouterSolicitation",
+              11: "TimeExceeded", 12: "ParameterProblem", 13: "TimestampRequest",
+              14: "TimestampReply", 15: "InfoRequest", 16: "InfoReply",
+              17: "AddressMaskRequest", 18: "AddressMaskReply"}
 TRACE_REASONS = {0: "NEW", 1: "ESTABLISHED", 2: "REPLY", 3: "RELATED"}
 
 

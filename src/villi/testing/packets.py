@@ -48,6 +48,20 @@ def icmp_echo(src: str, dst: str, ident: int = 7, reply: bool = False) -> bytes:
     return eth(ETH_P_IP, ipv4(src, dst, 1, body))
 
 
+def sctp(src: str, dst: str, sport: int, dport: int, chunk_type: int = 1) -> bytes:
+    """An SCTP packet with one empty chunk (INIT by default); the CRC32c is left zero
+    because the datapath never checks it."""
+    l4 = struct.pack("!HHII", sport, dport, 0, 0) + struct.pack("!BBH", chunk_type, 0, 4)
+    return eth(ETH_P_IP, ipv4(src, dst, 132, l4))
+
+
+def icmp(src: str, dst: str, icmp_type: int, code: int = 0, body: bytes = bytes(28)) -> bytes:
+    """Any ICMPv4 message (e.g. 3/3 port unreachable carrying the offending header)."""
+    msg = struct.pack("!BBHI", icmp_type, code, 0, 0) + body
+    msg = msg[:2] + struct.pack("!H", _csum(msg)) + msg[4:]
+    return eth(ETH_P_IP, ipv4(src, dst, 1, msg))
+
+
 def arp() -> bytes:
     return eth(ETH_P_ARP, bytes(28), dst=b"\xff" * 6)
 

@@ -185,8 +185,9 @@ struct flow_event {
 	__u8  ct_state;       /* CT_* */
 	__u8  match_type;     /* MATCH_* */
 	__u8  flags;          /* EVF_* */
-	__u8  pad;
-	__u32 pad2;
+	__u8  icmp_type;      /* ICMP type and code as on the wire (protocol 1 only) */
+	__u8  icmp_code;
+	__u8  pad[3];
 };
 
 /* metrics: per-CPU array indexed by (reason << 1) | direction. */

@@ -3,9 +3,12 @@
  *
  * API: parse_packet(skb, &pkt) fills struct pkt from an Ethernet/IPv4 frame and
  * returns 0, PARSE_NOT_IP4 for ARP and other non-IPv4 frames (the caller decides), or
- * a DROP_* reason for frames that claim IPv4 but are malformed. Ports come back in
- * host order, normalised for conntrack: ICMP echo request ⇒ sport = id, dport = 0;
- * echo reply ⇒ sport = 0, dport = id, so the reverse of a reply is its request.
+ * a DROP_* reason for frames that claim IPv4 but are malformed. TCP, UDP and SCTP ports
+ * come back in host order (SCTP's common header starts with the two ports, as UDP's
+ * does, so SCTP port rules match like UDP ones). ICMP is normalised for conntrack: echo
+ * request ⇒ sport = id, dport = 0; echo reply ⇒ sport = 0, dport = id, so the reverse
+ * of a reply is its request. icmp_type/icmp_code keep the real ICMP header values for
+ * flow events.
  */
 #ifndef __VILLI_PARSE_H
 #define __VILLI_PARSE_H
@@ -29,6 +32,17 @@ struct icmp4hdr {
 	__be16 id;
 	__be16 sequence;
 };
+/* SCTP common header (RFC 9260 §3.1); linux/sctp.h is not self-contained for bpf. */
+struct sctp_common_hdr {
+	__be16 source;
+	__be16 dest;
+	__be32 vtag;
+	__le32 checksum;
+};
+#ifndef IPPROTO_SCTP
+#define IPPROTO_SCTP 132
+#endif
+
 #define ICMP_ECHOREPLY 0
 #define ICMP_ECHO      8
 
@@ -43,7 +57,9 @@ struct pkt {
 	__u32 len;
 	__u16 eth_proto;    /* host order */
 	__u8  icmp_reply;   /* ICMP echo reply */
-	__u8  pad;
+	__u8  icmp_type;    /* real ICMP type and code (flow events only) */
+	__u8  icmp_code;
+	__u8  pad[3];
 };
 
 #define TCP_FLAG_FIN 0x01
@@ -85,6 +101,8 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	p->policy_port = 0;
 	p->tcp_flags = 0;
 	p->icmp_reply = 0;
+	p->icmp_type = 0;
+	p->icmp_code = 0;
 
 	/* Non-first fragments carry no L4 header: they match only port-wildcard rules. */
 	if (ip->frag_off & bpf_htons(0x1fff))
@@ -106,11 +124,20 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
 		p->policy_port = p->dport;
+	} else if (p->protocol == IPPROTO_SCTP) {
+		struct sctp_common_hdr *sh = l4;
+		if ((void *)(sh + 1) > data_end)
+			return DROP_CT_INVALID_HDR;
+		p->sport = bpf_ntohs(sh->source);
+		p->dport = bpf_ntohs(sh->dest);
+		p->policy_port = p->dport;
 	} else if (p->protocol == IPPROTO_ICMP) {
 		struct icmp4hdr *ih = l4;
 		if ((void *)(ih + 1) > data_end)
 			return DROP_CT_INVALID_HDR;
 		p->policy_port = ih->type;
+		p->icmp_type = ih->type;
+		p->icmp_code = ih->code;
 		if (ih->type == ICMP_ECHO) {
 			p->sport = bpf_ntohs(ih->id);
 		} else if (ih->type == ICMP_ECHOREPLY) {
