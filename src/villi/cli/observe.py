@@ -1,7 +1,10 @@
 """``villi observe``: Hubble's ``observe`` for villi, across every node of a lab.
 
 Filters follow hubble's rules: a repeated flag is OR, different flags are AND, and
-``--not`` negates the filter right after it. The filter is evaluated by each agent
+``--not`` negates the filter right after it. Flags are hubble's: ``-n/--namespace``
+(also the namespace of ``--pod``/``--service`` values that name none), ``-A`` (those
+values match in any namespace), ``-l/--label``, ``-t/--type``, ``--node-name``,
+``-o jsonpb``; ``--numeric`` has no short form (``-n`` is the namespace, as in hubble). The filter is evaluated by each agent
 (server-side, on raw records); this command merges the nodes' answers in time order,
 as Hubble Relay does, and says which nodes did not answer.
 """
@@ -17,22 +20,29 @@ import time
 from datetime import datetime
 from typing import Any
 
-FILTER_FLAGS = [
-    ("pod", "[NAMESPACE/]POD-PREFIX: flows from or to the pod"),
+#: (flag, help[, short flag]); each flag's field is its name (``--node-name`` → ``node``).
+FILTER_FLAGS: list[tuple[str, ...]] = [
+    ("pod", "[NAMESPACE/]POD-PREFIX: flows from or to the pod (namespace: -n, else "
+            "default; any with -A)"),
     ("from-pod", "flows from the pod"), ("to-pod", "flows to the pod"),
-    ("namespace", "flows from or to the namespace"),
+    ("namespace", "flows from or to the namespace", "-n"),
     ("from-namespace", "flows from the namespace"), ("to-namespace", "flows to the namespace"),
-    ("label", "KEY=VALUE[,K2=V2] or reserved:world: from or to matching identities"),
+    ("service", "[NAMESPACE/]SERVICE-PREFIX: flows from or to the service's address or "
+                "backends"),
+    ("from-service", "flows from the service"), ("to-service", "flows to the service"),
+    ("label", "KEY=VALUE[,K2=V2] or reserved:world: from or to matching identities", "-l"),
     ("from-label", "from matching identities"), ("to-label", "to matching identities"),
     ("identity", "numeric identity (either side)"), ("from-identity", ""), ("to-identity", ""),
     ("ip", "address or CIDR (either side)"), ("from-ip", ""), ("to-ip", ""),
     ("port", "L4 port (either side)"), ("from-port", ""), ("to-port", ""),
     ("verdict", "FORWARDED or DROPPED"), ("protocol", "tcp, udp, icmp, sctp"),
-    ("type", "trace[:to-endpoint|to-stack|from-endpoint], drop, policy-verdict"),
+    ("type", "trace[:to-endpoint|to-stack|from-endpoint], drop, policy-verdict", "-t"),
     ("traffic-direction", "ingress or egress"),
     ("drop-reason-desc", "e.g. POLICY_DENIED"), ("tcp-flags", "e.g. syn or syn,ack"),
-    ("node", "node name (or prefix*)"),
+    ("node-name", "node name (or prefix*)"),
 ]
+#: Flags whose values name an object in a namespace (``-n``/``-A`` apply to them).
+NAMESPACED = ("pod", "from-pod", "to-pod", "service", "from-service", "to-service")
 
 
 class _FilterAction(argparse.Action):
@@ -71,16 +81,49 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--until", help="same forms as --since")
     p.add_argument("--not", nargs=0, action=_NotAction, dest="_negate_next",
                    help="negate the next filter")
-    for flag, helptext in FILTER_FLAGS:
-        p.add_argument(f"--{flag}", action=_FilterAction, dest=flag.replace("-", "_"),
+    for flag, helptext, *short in FILTER_FLAGS:
+        field = "node" if flag == "node-name" else flag
+        p.add_argument(*short, f"--{flag}", action=_FilterAction, dest=field.replace("-", "_"),
                        metavar="VALUE", help=helptext or argparse.SUPPRESS)
-    p.add_argument("-o", "--output", choices=["compact", "json", "table", "dict"],
-                   default="compact")
+    p.add_argument("--node", action=_FilterAction, dest="node", metavar="VALUE",
+                   help=argparse.SUPPRESS)  # villi's older spelling of --node-name
+    p.add_argument("-A", "--all-namespaces", action="store_true",
+                   help="--pod/--service values without a namespace match in any namespace")
+    p.add_argument("-o", "--output", choices=["compact", "json", "jsonpb", "table", "dict"],
+                   default="compact", help="jsonpb is the same as json (one GetFlowsResponse "
+                   "per line)")
     p.add_argument("--explain", action="store_true",
                    help="say which policy rule (or default deny) decided each flow")
     p.add_argument("--print-node-name", action="store_true")
-    p.add_argument("-n", "--numeric", action="store_true", help="IPs instead of pod names")
+    p.add_argument("--numeric", action="store_true", help="IPs instead of pod names")
     p.set_defaults(predicates=[])
+
+
+def resolve_namespaces(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The predicates with hubble's namespace rules applied.
+
+    A ``--pod``/``--service`` value without ``NAMESPACE/`` means the namespace given by
+    ``-n`` (when there is exactly one), else ``default``; with ``-A`` it matches in
+    every namespace. ``-n`` itself stays a filter (flows from or to the namespace).
+    """
+    from villi.errors import VilliError
+
+    namespaces = [v for p in args.predicates if p["field"] == "namespace" and not p["negate"]
+                  for v in p["values"]]
+    if args.all_namespaces and namespaces:
+        raise VilliError("-A/--all-namespaces and -n/--namespace cannot be combined")
+    if args.all_namespaces:
+        default = ""
+    elif len(namespaces) == 1:
+        default = namespaces[0]
+    else:
+        default = "default"
+    out = []
+    for p in args.predicates:
+        if p["field"] in NAMESPACED:
+            p = {**p, "values": [v if "/" in v else f"{default}/{v}" for v in p["values"]]}
+        out.append(p)
+    return out
 
 
 def parse_time(value: str | None) -> int | None:
@@ -103,7 +146,7 @@ def parse_time(value: str | None) -> int | None:
 
 
 def _params(args: argparse.Namespace) -> dict[str, str]:
-    q = {"filter": json.dumps(args.predicates)}
+    q = {"filter": json.dumps(resolve_namespaces(args))}
     for name in ("last", "first"):
         if getattr(args, name) is not None:
             q[name] = str(getattr(args, name))
@@ -132,7 +175,7 @@ def _agents(args: argparse.Namespace) -> dict[str, str]:
 def _print(flow: dict[str, Any], args: argparse.Namespace) -> None:
     from villi.observer import format as fmt
 
-    if args.output == "json":
+    if args.output in ("json", "jsonpb"):
         print(json.dumps({"flow": flow, "node_name": flow.get("node_name"),
                           "time": flow.get("time")}), flush=True)
     elif args.output == "table":
@@ -227,7 +270,7 @@ def _status(args: argparse.Namespace) -> int:
                 rows.append(c.get("/v1/flows/status"))
         except VilliError as e:
             rows.append({"node": node, "error": str(e)})
-    if args.output == "json":
+    if args.output in ("json", "jsonpb"):
         dump_json(rows)
         return 0
     table(["NODE", "STATUS", "CURRENT/MAX FLOWS", "FLOWS/S", "PROCESSED", "LOST"],

@@ -29,7 +29,7 @@ FIELDS = {
     "label", "from-label", "to-label", "identity", "from-identity", "to-identity",
     "ip", "from-ip", "to-ip", "port", "from-port", "to-port", "verdict", "protocol",
     "type", "traffic-direction", "drop-reason-desc", "tcp-flags", "node", "service",
-    "to-service",
+    "from-service", "to-service",
 }
 
 
@@ -94,6 +94,41 @@ def _pod_ips(ctx: FlowContext, values: list[str], by_namespace: bool) -> np.ndar
             if (not ns or pod.namespace == ns) and pod.name.startswith(prefix):
                 ips.append(_ip_u32(ip))
     return np.array(ips, dtype=np.uint32)
+
+
+def _split_name(value: str) -> tuple[str, str]:
+    """``[NAMESPACE/]NAME-PREFIX`` → (namespace, prefix); no namespace means ``default``
+    and an empty one (``/web``) means any namespace, as for ``--pod``."""
+    if "/" in value:
+        ns, prefix = value.split("/", 1)
+        return ns, prefix
+    return "default", value
+
+
+def service_matches(service: tuple[str, str] | None, values: list[str]) -> bool:
+    """Whether ``(namespace, name)`` is named by any ``[NAMESPACE/]NAME-PREFIX`` value."""
+    if service is None:
+        return False
+    for value in values:
+        ns, prefix = _split_name(value)
+        if (not ns or service[0] == ns) and service[1].startswith(prefix):
+            return True
+    return False
+
+
+def _service_mask(ctx: FlowContext, ips: np.ndarray, ports: np.ndarray,
+                  values: list[str]) -> np.ndarray:
+    """Records whose ``ip:port`` belongs to a named service (a ClusterIP:port or a
+    backend of one): one context lookup per distinct address in the batch."""
+    keys = (ips.astype(np.uint64) << np.uint64(16)) | ports.astype(np.uint64)
+    uniq = np.unique(keys)
+    hits = [k for k in uniq.tolist()
+            if service_matches(ctx.service_of(_ip_str(k >> 16), k & 0xFFFF), values)]
+    return np.isin(keys, np.array(hits, dtype=np.uint64))
+
+
+def _ip_str(raw: int) -> str:
+    return socket.inet_ntoa(struct.pack("<I", raw & 0xFFFFFFFF))
 
 
 def _label_matches(labels: list[str], selector: str) -> bool:
@@ -207,7 +242,10 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
         out[:] = any(ctx.node_name() == v or ctx.node_name().startswith(v.rstrip("*"))
                      for v in p.values)
     elif base == "service":
-        out[:] = False  # resolved by agents that know services (see service filters)
+        cols = {"src": ("src_ip", "sport"), "dst": ("dst_ip", "dport")}
+        for s in sides:
+            ip_col, port_col = cols[s]
+            out |= _service_mask(ctx, rec[ip_col], rec[port_col], p.values)
     return ~out if p.negate else out
 
 

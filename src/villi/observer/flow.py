@@ -150,6 +150,9 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     service = ctx.service_of(dst, int(rec["dport"]))
     if service is not None:
         flow["destination_service"] = {"name": service[1], "namespace": service[0]}
+    service = ctx.service_of(src, int(rec["sport"]))
+    if service is not None:
+        flow["source_service"] = {"name": service[1], "namespace": service[0]}
     cookie = int(rec["cookie"])
     if cookie:
         ref = ctx.policy_of(cookie)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from villi.observer.filters import FilterSpec, Predicate, _label_matches, _split
+from villi.observer.filters import (
+    FilterSpec,
+    Predicate,
+    _label_matches,
+    _split,
+    _split_name,
+    service_matches,
+)
 
 
 def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
@@ -18,8 +25,8 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
             ip = flow["IP"][s]
             l4 = next(iter((flow.get("l4") or {}).values()), {})
             if base == "pod":
-                ns, _, name = v.rpartition("/")
-                ok |= ep.get("namespace") == (ns or "default") and \
+                ns, name = _split_name(v)
+                ok |= bool(ep.get("pod_name")) and (not ns or ep.get("namespace") == ns) and \
                     str(ep.get("pod_name", "")).startswith(name)
             elif base == "namespace":
                 ok |= ep.get("namespace") == v
@@ -31,6 +38,9 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
                 ok |= ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(v, strict=False)
             elif base == "port":
                 ok |= l4.get(f"{s}_port") == int(v)
+            elif base == "service":
+                svc = flow.get(f"{s}_service")
+                ok |= bool(svc) and service_matches((svc["namespace"], svc["name"]), [v])
         if base == "verdict":
             ok |= flow.get("verdict") == v.upper()
         elif base == "protocol":

@@ -10,7 +10,7 @@ from villi.observer.vocab import RESERVED_NAMES
 
 def _port(flow: dict[str, Any], side: str) -> int | None:
     l4 = flow.get("l4") or {}
-    for proto in ("TCP", "UDP"):
+    for proto in ("TCP", "UDP", "SCTP"):
         if proto in l4:
             return l4[proto].get(f"{side}_port")
     return None
