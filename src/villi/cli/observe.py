@@ -4,9 +4,10 @@ Filters follow hubble's rules: a repeated flag is OR, different flags are AND, a
 ``--not`` negates the filter right after it. Flags are hubble's: ``-n/--namespace``
 (also the namespace of ``--pod``/``--service`` values that name none), ``-A`` (those
 values match in any namespace), ``-l/--label``, ``-t/--type``, ``--node-name``,
-``-o jsonpb``; ``--numeric`` has no short form (``-n`` is the namespace, as in hubble). The filter is evaluated by each agent
-(server-side, on raw records); this command merges the nodes' answers in time order,
-as Hubble Relay does, and says which nodes did not answer.
+``-o jsonpb``; ``--numeric`` has no short form (``-n`` is the namespace, as in hubble).
+The filter is evaluated by each agent (server-side, on raw records); this command
+merges the nodes' answers in time order, as Hubble Relay does, and says which nodes
+did not answer.
 """
 
 from __future__ import annotations
