@@ -50,3 +50,24 @@ def test_bad_pods_are_rejected_with_the_field(bad: str, words: str) -> None:
     with pytest.raises(ResourceError) as info:
         load_text(bad, "pod.yaml")
     assert "pod.yaml" in str(info.value) and words in str(info.value)
+
+
+def test_host_port_is_rejected_with_file_and_field() -> None:
+    bad = POD.replace("{name: dns, containerPort: 53, protocol: UDP}",
+                      "{name: dns, containerPort: 53, protocol: UDP, hostPort: 5353}")
+    with pytest.raises(ResourceError) as info:
+        load_text(bad, "pod.yaml")
+    msg = str(info.value)
+    assert "pod.yaml" in msg and "spec.containers[0].ports[1].hostPort" in msg
+    assert "hostPort 5353 is not supported" in msg and "portmap" in msg
+
+
+def test_host_ip_is_accepted_as_kubernetes_spells_it() -> None:
+    ok = POD.replace("{containerPort: 9000}", "{containerPort: 9000, hostIP: 127.0.0.1, "
+                     "hostPort: 0}")
+    (pod,) = load_text(ok, "pod.yaml")
+    assert pod.spec.containers[0].ports[2].host_ip == "127.0.0.1"
+    assert b'"hostIP": "127.0.0.1"' in resources.encode(pod)
+    with pytest.raises(ResourceError, match="hostIP.*not an IP address"):
+        load_text(POD.replace("{containerPort: 9000}", "{containerPort: 9000, hostIP: x}"),
+                  "pod.yaml")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from villi import resources
 from villi._nsenter import in_netns
@@ -64,6 +65,9 @@ def _describe(res: object) -> str:
 
 def apply_command(args: argparse.Namespace, delete: bool) -> int:
     items = load(args.filename)
+    if not delete:  # accepted fields that select nothing here: never silent
+        for warning in getattr(items, "warnings", ()):
+            print(f"warning: {warning}", file=sys.stderr)
     target = resolve(args.kvstore)
     with in_netns(target.kvstore_netns):
         lines = asyncio.run(_write(target.kvstore, items, delete))

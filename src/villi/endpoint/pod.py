@@ -6,15 +6,28 @@ with ``villi apply`` plays that part for runtimes that cannot pass labels throug
 containers' ``ports`` mean anything to villi; the rest of a real Pod manifest (images,
 commands, volumes …) is accepted and ignored, so manifests apply unchanged. Changing
 a Pod's labels changes the running endpoint's identity on its node.
+
+``hostPort`` is rejected, not ignored: villi maps no host ports (Cilium does, with its
+NodePort datapath), and accepting it would let a manifest look published when nothing
+listens on the node. Runtimes publish host ports themselves (CNI ``portmap`` chained
+after villi, docs/cni.md); leave ``hostPort`` out of the Pod applied to villi or set it
+to 0. ``hostIP`` (Kubernetes' spelling) is accepted: without a host port it means
+nothing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from villi.policy._modelbase import ObjectMeta, StrictModel
+
+HOST_PORT_UNSUPPORTED = (
+    "hostPort {port} is not supported: villi maps no host ports (publish it with the "
+    "runtime's CNI portmap plugin chained after villi, see docs/cni.md, or use a "
+    "Service) — remove hostPort from this Pod")
 
 
 class ContainerPort(StrictModel):
@@ -22,7 +35,24 @@ class ContainerPort(StrictModel):
     name: str | None = Field(None, max_length=15)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
     host_port: int | None = None
-    host_ip: str | None = None
+    host_ip: str | None = Field(None, alias="hostIP")
+
+    @field_validator("host_port")
+    @classmethod
+    def _no_host_port(cls, value: int | None) -> int | None:
+        if value:  # 0 / absent: no host port, as in Kubernetes
+            raise ValueError(HOST_PORT_UNSUPPORTED.format(port=value))
+        return value
+
+    @field_validator("host_ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
 
 
 class Container(StrictModel):

@@ -2,7 +2,8 @@
 
 The public surface, for the agent and endpoint layers::
 
-    load_files(paths) / load_text(text, filename) -> list[Resource]      (loader)
+    load_files(paths) / load_text(text, filename) -> Loaded (a list of Resource with
+        .warnings: fields accepted that select nothing here)              (loader)
     PolicyResolver(map_writer=..., allow_localhost=True)                   (resolver)
         .apply(resources) / .upsert_resource(r) / .delete_resource(kind, ns, name)
         .update_identities(added, removed) / .identity_listener(added, removed)

@@ -5,6 +5,9 @@ the call raises and returns nothing, so ``villi apply -f`` never applies half a 
 The error names the file, the document (1-based), the field path
 (``spec.ingress[0].toPorts[0].ports[0].port``), the line and the reason, because a
 policy author's next step is to open the file at that line.
+
+Valid fields that select nothing on villi (IPv6 CIDRs, some entities, ICMPv6 types)
+are accepted and reported in the result's ``warnings`` (see ``unenforced``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import ValidationError
 from villi.errors import PolicyError, ResourceError
 from villi.policy._modelbase import FieldError, StrictModel
 from villi.policy.models import KINDS, Resource, resource_key
+from villi.policy.unenforced import PolicyWarning, find
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _POLICY_KINDS = {"CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"}
@@ -29,9 +33,19 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 Loc = tuple[str | int, ...]
 
 
-def load_files(paths: Iterable[str | Path]) -> list[Resource]:
+class Loaded(list[Resource]):
+    """The resources of one load, in order, and the warnings about fields that are
+    accepted but select nothing here (:class:`~villi.policy.unenforced.PolicyWarning`)."""
+
+    def __init__(self, items: Iterable[Resource] = (),
+                 warnings: Iterable[PolicyWarning] = ()) -> None:
+        super().__init__(items)
+        self.warnings = list(warnings)
+
+
+def load_files(paths: Iterable[str | Path]) -> Loaded:
     """Every resource of every file, in order; raises on the first bad document."""
-    resources: list[Resource] = []
+    resources = Loaded()
     seen: dict[tuple[str, str | None, str], str] = {}
     for path in paths:
         name = str(path)
@@ -39,7 +53,7 @@ def load_files(paths: Iterable[str | Path]) -> list[Resource]:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ResourceError(f"cannot read file: {exc}", file=name) from exc
-        for doc, resource in _load(text, name):
+        for doc, resource in _load(text, name, resources.warnings):
             key = resource_key(resource)
             where = f"{name} document {doc}"
             if key in seen:
@@ -53,15 +67,15 @@ def load_files(paths: Iterable[str | Path]) -> list[Resource]:
     return resources
 
 
-def load_file(path: str | Path) -> list[Resource]:
+def load_file(path: str | Path) -> Loaded:
     return load_files([path])
 
 
-def load_text(text: str, filename: str = "<string>") -> list[Resource]:
+def load_text(text: str, filename: str = "<string>") -> Loaded:
     """Like :func:`load_files` for YAML already in memory (tests, the API)."""
-    resources: list[Resource] = []
+    resources = Loaded()
     seen: set[tuple[str, str | None, str]] = set()
-    for doc, resource in _load(text, filename):
+    for doc, resource in _load(text, filename, resources.warnings):
         key = resource_key(resource)
         if key in seen:
             cls = PolicyError if key[0] in _POLICY_KINDS else ResourceError
@@ -72,12 +86,16 @@ def load_text(text: str, filename: str = "<string>") -> list[Resource]:
     return resources
 
 
-def _load(text: str, filename: str) -> list[tuple[int, Resource]]:
+def _load(text: str, filename: str, warnings: list[PolicyWarning] | None = None
+          ) -> list[tuple[int, Resource]]:
     loaded: list[tuple[int, Resource]] = []
     for doc, node, data in _documents(text, filename):
         if data is None:
             continue
         loaded.append((doc, _validate(data, node, filename, doc)))
+        if warnings is not None:
+            warnings.extend(PolicyWarning(filename, doc, format_loc(loc), message,
+                                          _line_of(node, loc)) for loc, message in find(data))
     return loaded
 
 

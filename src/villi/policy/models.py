@@ -165,10 +165,14 @@ class ICMPField(StrictModel):
 
     @property
     def number(self) -> int | None:
-        """The ICMPv4 type number (None for an IPv6 name, which villi ignores)."""
+        """The ICMPv4 type number; None for every ``family: IPv6`` type (numbers too:
+        ICMPv6 type 0 is not ICMPv4 echo reply). IPv6 is dropped by the datapath, so
+        such a type selects nothing; the loader warns about it (``unenforced``)."""
+        if self.family != "IPv4":
+            return None
         if self.type.isdigit():
             return int(self.type)
-        return ICMP_TYPES.get(self.type) if self.family == "IPv4" else None
+        return ICMP_TYPES.get(self.type)
 
 
 class ICMPRule(StrictModel):
