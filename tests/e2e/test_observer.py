@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e._cluster import VILLI, CniPod, add_pod, eventually, remove_pod, villi
 from villi._nsenter import in_netns
-from villi.lab.probe import tcp_connect, udp_roundtrip
+from villi.lab.probe import ping, tcp_connect, udp_roundtrip
 from villi.testing.agent import AgentProcess
 
 pytestmark = pytest.mark.e2e
@@ -79,6 +79,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             assert not tcp_connect(pods["client"].netns, srv.ip, 81, 0.3)   # 133, no rule
             assert not tcp_connect(pods["other"].netns, srv.ip, 81, 0.3)    # 181, deny rule
             assert udp_roundtrip(pods["client"].netns, srv.ip, 82)          # UDP forwarded
+            # ICMP with real types: an echo request (dropped: no icmps rule) and the
+            # port unreachable (3/3) the client's kernel sends for a closed UDP port.
+            assert not ping(pods["client"].netns, srv.ip)
+            assert not udp_roundtrip(pods["server"].netns, pods["client"].ip, 9, 0.3)
             time.sleep(0.5)
             yield Env(agent, pods, export)
         finally:
@@ -117,6 +121,28 @@ def test_flows_have_hubble_shape(env: Env) -> None:
     assert any(f["is_reply"] for f in flows)
 
 
+def test_icmp_flows_carry_the_real_type_and_code(env: Env) -> None:
+    flows = env.observe("--protocol", "icmp")
+    srv, cli = env.pods["server"], env.pods["client"]
+    assert flows and all(f["IP"]["source"] == cli.ip and f["IP"]["destination"] == srv.ip
+                         for f in flows), flows
+    kinds = {(f["l4"]["ICMPv4"]["type"], f["l4"]["ICMPv4"]["code"]) for f in flows}
+    assert kinds == {(8, 0), (3, 3)}, flows
+    echo = [f for f in flows if f["l4"]["ICMPv4"]["type"] == 8]
+    assert any(f["verdict"] == "DROPPED" for f in echo)
+    assert echo[0]["Summary"] == "ICMPv4 EchoRequest"
+    unreach = next(f for f in flows if f["l4"]["ICMPv4"]["type"] == 3)
+    assert unreach["Summary"] == "ICMPv4 DestinationUnreachable"
+
+
+def test_jsonpb_is_json(env: Env) -> None:
+    res = villi("--agent-socket", str(env.agent.socket), "observe", "-o", "jsonpb", "--last",
+                "3")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(set(x) == {"flow", "node_name", "time"} for x in lines)
+
+
 FLAG_CASES = [
     (("--pod", "default/client"), lambda f, e: "client" in (f["source"].get("pod_name"),
                                                             f["destination"].get("pod_name"))),
@@ -139,6 +165,15 @@ FLAG_CASES = [
     (("--type", "trace:to-endpoint"),
      lambda f, e: f.get("trace_observation_point") == "TO_ENDPOINT"),
     (("--node", "NODE"), lambda f, e: f["node_name"] == e.agent.node),
+    # hubble's spellings
+    (("-n", "default"), lambda f, e: True),
+    (("-l", "app=other"), lambda f, e: "k8s:app=other" in
+     f["source"]["labels"] + f["destination"]["labels"]),
+    (("-t", "drop"), lambda f, e: f["verdict"] == "DROPPED"),
+    (("--node-name", "NODE"), lambda f, e: f["node_name"] == e.agent.node),
+    (("-A", "--from-pod", "other"), lambda f, e: f["source"].get("pod_name") == "other"),
+    (("-n", "default", "--to-pod", "server"),
+     lambda f, e: f["destination"].get("pod_name") == "server"),
     (("--not", "--verdict", "FORWARDED"), lambda f, e: f["verdict"] == "DROPPED"),
     (("--from-pod", "client", "--from-pod", "other"),
      lambda f, e: f["source"].get("pod_name") in ("client", "other")),
@@ -155,7 +190,9 @@ def test_filter_flags_narrow(env: Env, args: tuple[str, ...], check) -> None:  #
     everything = env.observe()
     narrowed = env.observe(*args)
     assert narrowed, f"{args} matched nothing"
-    assert len(narrowed) < len(everything) or args[0] in ("--namespace", "--node")
+    assert len(narrowed) < len(everything) or args in (
+        ("--namespace", "default"), ("-n", "default"), ("--node", env.agent.node),
+        ("--node-name", env.agent.node))
     bad = [f for f in narrowed if not check(f, env)]
     assert not bad, bad[:2]
     # Every flow the filter should keep is kept.
@@ -217,6 +254,9 @@ def test_metrics_parse_and_match_flows(env: Env) -> None:
     assert m["hubble_tcp_flags_total"][(("family", "IPv4"), ("flag", "SYN"))] >= 2
     assert m["hubble_port_distribution_total"][(("port", "80"), ("protocol", "TCP"))] >= 1
     assert any(k for k in m["hubble_policy_verdicts_total"])
+    icmp = m["hubble_icmp_total"]
+    assert icmp[(("family", "IPv4"), ("type", "EchoRequest"))] >= 1
+    assert icmp[(("family", "IPv4"), ("type", "DestinationUnreachable"))] >= 1
     a = _scrape(env, 9962)
     assert a["villi_endpoint_regenerations_total"]
     assert sum(a["villi_datapath_drop_total"].values()) >= 2
