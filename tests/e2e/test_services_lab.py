@@ -206,4 +206,15 @@ def test_policy_decides_by_backend_identity_and_flows_name_the_service(lab: Lab)
     assert named, "no flow names the service"
     dropped = [f for f in named if f["verdict"] == "DROPPED"]
     assert dropped and all(f["source"].get("pod_name") == "other" for f in dropped)
+    # The service filters select exactly the flows to (and from) the service, on
+    # every node, and a service that had no traffic selects nothing.
+    out = lab.ok("observe", "--to-service", "default/web", "--last", "200", "-o", "json")
+    to_web = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    assert to_web and all(f["destination_service"]["name"] == "web" for f in to_web)
+    assert any(f["verdict"] == "DROPPED" and f["source"].get("pod_name") == "other"
+               for f in to_web)
+    out = lab.ok("observe", "--from-service", "web", "--last", "200", "-o", "json")
+    from_web = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    assert from_web and all(f["source_service"]["name"] == "web" for f in from_web)
+    assert lab.ok("observe", "--service", "default/nobody-else", "--to-port", "80").strip() == ""
     lab.apply("policy", ONLY_CLIENT, delete=True)
