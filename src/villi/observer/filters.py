@@ -242,9 +242,9 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
         out[:] = any(ctx.node_name() == v or ctx.node_name().startswith(v.rstrip("*"))
                      for v in p.values)
     elif base == "service":
-        cols = {"src": ("src_ip", "sport"), "dst": ("dst_ip", "dport")}
+        addr_cols = {"src": ("src_ip", "sport"), "dst": ("dst_ip", "dport")}
         for s in sides:
-            ip_col, port_col = cols[s]
+            ip_col, port_col = addr_cols[s]
             out |= _service_mask(ctx, rec[ip_col], rec[port_col], p.values)
     return ~out if p.negate else out
 

@@ -23,7 +23,7 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
         for s in sides:
             ep = flow.get(s) or {}
             ip = flow["IP"][s]
-            l4 = next(iter((flow.get("l4") or {}).values()), {})
+            l4: dict[str, Any] = next(iter((flow.get("l4") or {}).values()), {})
             if base == "pod":
                 ns, name = _split_name(v)
                 ok |= bool(ep.get("pod_name")) and (not ns or ep.get("namespace") == ns) and \
@@ -39,7 +39,7 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
             elif base == "port":
                 ok |= l4.get(f"{s}_port") == int(v)
             elif base == "service":
-                svc = flow.get(f"{s}_service")
+                svc: dict[str, str] = flow.get(f"{s}_service") or {}
                 ok |= bool(svc) and service_matches((svc["namespace"], svc["name"]), [v])
         if base == "verdict":
             ok |= flow.get("verdict") == v.upper()
