@@ -153,11 +153,12 @@ def _endpoints(lab: Lab) -> list[tuple[str, str, str, int, int]]:
 
 
 def _state_keys(lab: Lab) -> dict[str, int]:
-    """Node and ipcache keys → their create revision (a key deleted and written again
-    gets a new one)."""
+    """Node, ipcache and pod CIDR keys → their create revision (a key deleted and
+    written again gets a new one; a reclaimed pod CIDR is a deleted key)."""
     async def fn(store: Any) -> dict[str, int]:
         out = {}
-        for prefix in ("villi/state/nodes/v1/", "villi/state/ip/v1/"):
+        for prefix in ("villi/state/nodes/v1/", "villi/state/ip/v1/",
+                       "villi/state/ipam/v1/podcidrs/"):
             for kv in (await store.list(prefix)).items:
                 out[kv.key] = kv.create_revision
         return out
@@ -241,6 +242,7 @@ def test_agent_stopped_60s_other_nodes_keep_reaching_its_pods(lab: Lab) -> None:
     node1 = _node(lab, "node1")
     cidr2 = _node(lab, "node2")["pod_cidrs"][0]
     keys_before = _state_keys(lab)
+    assert "villi/state/ipam/v1/podcidrs/node2" in keys_before
     lab.ok("lab", "agent", "stop", "node2")
     t0 = time.monotonic()
     try:
@@ -256,7 +258,8 @@ def test_agent_stopped_60s_other_nodes_keep_reaching_its_pods(lab: Lab) -> None:
         assert "node2" in {n["name"] for n in json.loads(lab.ok("get", "nodes", "-o", "json"))}
     finally:
         lab.ok("lab", "agent", "start", "node2")
-    # node2's entries were never withdrawn: same keys, same create revisions
+    # node2's entries were never withdrawn and its pod CIDR never reclaimed: same keys,
+    # same create revisions
     assert {k: v for k, v in _state_keys(lab).items() if k in keys_before} == keys_before
 
 

@@ -122,3 +122,13 @@ async def test_tombstone_waits_while_the_node_entry_exists(store) -> None:
     await alloc.reconcile()
     assert await store.get(deleted_key("n1")) is None
     assert await store.get(podcidrs_key("n1")) is not None
+
+
+def test_default_grace_period_outlasts_a_restart_or_an_outage() -> None:
+    """Issue 11 §4: the operator must not reclaim a CIDR whose pods may still use it
+    (main reclaimed ~45 s after an agent stopped: a 15 s lease and a 30 s grace)."""
+    from villi.agent.config import AgentConfig
+    from villi.operator import OperatorSettings
+
+    assert OperatorSettings().grace_period_s >= 300
+    assert AgentConfig(node="n").lease_ttl >= 900
