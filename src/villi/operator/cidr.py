@@ -331,6 +331,9 @@ class ClusterCIDRAllocator:
                     await self.store.compare_and_delete(deleted_key(node), rev)
                 continue  # its removal is under way: the watch brings us back
             nodes.pop(node, None)
+            # the store says it is gone; a lagging watch must not make the next pass
+            # assign it a CIDR again (a later PUT from the watch re-adds it)
+            self.nodes.pop(node, None)
             await withdraw_node(self.store, node)
             freed = await self._free(node, snap)
             if freed is None:
