@@ -272,3 +272,21 @@ async def test_two_operators_on_real_etcd(etcd_server: EtcdServer) -> None:
                 return set(await assignments(store)) == set(names[4:])
             await eventually(reclaimed, timeout=10, what="their CIDRs reclaimed")
         await store.delete_prefix("villi/state/")
+
+
+def test_operator_flags_documented_in_ipam_md_exist() -> None:
+    """docs/ipam.md names these flags; `villi operator` must accept them."""
+    import re
+    from pathlib import Path
+
+    from villi.cli.main import _parser as build_parser
+
+    doc = (Path(__file__).parents[2] / "docs" / "ipam.md").read_text()
+    section = doc.split("## The operator", 1)[1].split("\n## ", 1)[0]
+    flags = set(re.findall(r"`(--[a-z-]+)`", section))
+    assert {"--cluster-cidr", "--node-mask", "--node-grace-period"} <= flags
+    parser = build_parser()
+    for flag in sorted(flags):
+        value = {"--cluster-cidr": "10.64.0.0/10", "--node-mask": "24"}.get(flag, "5")
+        args = parser.parse_args(["operator", flag, value])
+        assert args.command == "operator", flag

@@ -29,7 +29,14 @@ class AgentConfig:
     pod_cidr: str | None = None
     cluster_cidr: str = "10.64.0.0/10"
     ipam_node_update_rate: float = 15.0
-    lease_ttl: int = 15
+    #: Node and ipcache entries live under this lease: an agent that is down (or cut off
+    #: from the store) for less than this keeps its pods reachable from every other node
+    #: (fail-static, as Cilium's 15-minute default). A node removed on purpose is
+    #: withdrawn at once (villi.operator.nodes), not after the TTL.
+    lease_ttl: int = 900
+    #: Upper bound (s) of the full-jitter sleeps between lease keep-alive retries and
+    #: kvstore health probes (also limited to a third of the lease TTL).
+    kvstore_retry_cap: float = 5.0
     monitor_aggregation: str = "medium"
     host_routing: bool = True
     allow_root_netns: bool = False
@@ -70,7 +77,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cluster-cidr", help="the cluster's pod range (default 10.64.0.0/10)")
     ap.add_argument("--ipam-node-update-rate", type=float,
                     help="min seconds between IPAM usage reports to the node entry (15)")
-    ap.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (15)")
+    ap.add_argument("--lease-ttl", type=int, help="TTL in seconds of the lease that holds "
+                    "this node's entry and its pods' ipcache entries (900): how long other "
+                    "nodes keep routing to its pods while this agent is down")
+    ap.add_argument("--kvstore-retry-cap", type=float, help="max seconds between lease "
+                    "keep-alive retries and kvstore health probes (5; full jitter below it)")
     ap.add_argument("--monitor-aggregation", choices=sorted(AGGREGATION_LEVELS))
     ap.add_argument("--no-host-routing", dest="host_routing", action="store_false",
                     default=None, help="deliver same-node traffic through the node's stack")

@@ -33,7 +33,7 @@ from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
 from villi.agent.services import ServiceSync
-from villi.agent.sync import IpcacheSync, NodeSync
+from villi.agent.sync import IpcacheSync, NodeSync, StoreHealth
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
@@ -41,7 +41,7 @@ from villi.errors import EndpointError, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
-from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.kvstore import BackoffPolicy, LeaseID, LeaseKeeper, Store, open_store
 from villi.netns import routes, set_sysctl
 from villi.netns.veth import GATEWAY_IPV4
 
@@ -119,9 +119,12 @@ class Agent:
         self.ipam.reconcile({ep.ipv4: _owner(ep) for ep in restored})
 
         self.store = open_store(cfg.kvstore)
-        self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost)
+        self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost,
+                                 backoff=BackoffPolicy(0.1, cfg.kvstore_retry_cap, None))
         await self.lease.start()
         self.kvstore_status = "ok"
+        self.store_health = StoreHealth(self.store, cap=cfg.kvstore_retry_cap)
+        self._spawn(self.store_health.run(), "kvstore-health")
         self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
         self.identity_cache = IdentityCache()
         self.metrics = AgentMetrics(self)
@@ -489,10 +492,13 @@ class Agent:
     # --- views --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         usage = self.ipam.usage()
-        status = "ok" if self.kvstore_status == "ok" else "degraded"
+        kvstore = self.kvstore_status
+        if kvstore == "ok" and hasattr(self, "store_health"):
+            kvstore = self.store_health.status
+        status = "ok" if kvstore == "ok" else "degraded"
         return {
             "status": status, "node": self.node, "nodeIP": self.node_ip,
-            "kvstore": {"status": self.kvstore_status, "url": self.config.kvstore},
+            "kvstore": {"status": kvstore, "url": self.config.kvstore},
             "datapath": {"status": "ok", "pinned": str(self.datapath.pin_dir)},
             "ipam": {"status": f"IPv4: {usage['allocated']}/{usage['capacity']} allocated"
                                f" from {', '.join(self.ipam.cidrs) or 'no CIDR'}",

@@ -3,14 +3,24 @@
 Each loop follows one prefix with list-then-watch (``villi.kvstore.sync``), keeps the
 last state it applied, and turns each change into the smallest kernel change: a route
 replaced or deleted, an ipcache entry written or removed. A node whose lease expires
-disappears from the store, and with it from every other node's routes and ipcache.
+(its agent silent for the whole lease TTL, 15 min by default) or that is deleted on
+purpose (``villi.operator.nodes``) disappears from the store, and with it from every
+other node's routes and ipcache. While the store itself is unreachable nothing is
+withdrawn: the kernel keeps the last state (fail-static).
+
+:class:`StoreHealth` is the agent's view of the store's reachability, for
+``/v1/healthz`` and ``villi status``: a watch that is retrying is not an error anyone
+would otherwise see.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +30,7 @@ from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import ip_be
 from villi.errors import NetnsError
 from villi.kvstore import EventType, Store, WatchEvent
+from villi.kvstore.backoff import Backoff, BackoffPolicy, SleepFn, UniformSource
 from villi.kvstore.sync import PrefixSync
 from villi.netns import routes
 
@@ -134,3 +145,74 @@ class IpcacheSync:
                                      node_ip=ip_be(node_ip) if node_ip else 0))
         if self.on_change:
             self.on_change(ip, data)
+
+
+class StoreHealth:
+    """Probes the kvstore and says whether it is reachable right now.
+
+    One cheap request (``store.revision()``) every ``interval`` seconds (drawn uniformly
+    in ``[interval/2, 3*interval/2]`` so agents restarted together do not probe in step),
+    each bounded by ``timeout``: a frozen etcd (process alive, not answering) counts as
+    unreachable after ``timeout``, not after the client's own retries. While it fails,
+    probes back off with full jitter up to ``cap``. ``status`` is ``"ok"`` or
+    ``"unreachable: <why> (for N s)"``.
+    """
+
+    def __init__(self, store: Store, *, interval: float = 2.0, timeout: float = 2.0,
+                 cap: float = 5.0, rng: UniformSource | None = None,
+                 sleep: SleepFn | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.interval = interval
+        self.timeout = timeout
+        self._rng: UniformSource = rng or random.Random()
+        self._sleep: SleepFn = sleep or asyncio.sleep
+        self._backoff = Backoff(BackoffPolicy(base=min(0.2, cap), cap=cap, max_attempts=None),
+                                rng=self._rng, sleep=self._sleep)
+        self._clock = clock
+        self.error: str | None = None
+        self.failing_since: float | None = None
+        self.probes = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        if self.error is None:
+            return "ok"
+        since = self._clock() - (self.failing_since or self._clock())
+        return f"unreachable: {self.error} (for {since:.0f} s)"
+
+    async def probe(self) -> bool:
+        """One probe; updates and returns the state."""
+        self.probes += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.store.revision()
+        except TimeoutError:
+            self._fail(f"no answer within {self.timeout:g} s")
+            return False
+        except Exception as exc:  # any failure to reach the store is "unreachable"
+            self._fail(str(exc) or type(exc).__name__)
+            return False
+        if self.error is not None:
+            log.info("kvstore reachable again after %.0f s",
+                     self._clock() - (self.failing_since or self._clock()))
+        self.error, self.failing_since = None, None
+        return True
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            log.warning("kvstore unreachable: %s", why)
+            self.failing_since = self._clock()
+        self.error = why
+
+    async def run(self) -> None:
+        while True:
+            if await self.probe():
+                self._backoff.reset()
+                await self._sleep(self._rng.uniform(self.interval / 2, self.interval * 1.5))
+            else:
+                await self._backoff.failed()

@@ -7,6 +7,8 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 
+from villi.errors import VilliError
+
 
 def _run_until_signal(make: Callable[[], Awaitable[None]]) -> int:
     async def runner() -> None:
@@ -37,9 +39,19 @@ def run_operator_command(args: argparse.Namespace) -> int:
     from villi.operator.main import OperatorSettings, run_operator
 
     target = resolve(args.kvstore)
-    settings = OperatorSettings(cluster_cidr=args.cluster_cidr, node_mask=args.node_cidr_mask,
-                                grace_period_s=args.reclaim_grace,
-                                identity_gc_interval_s=args.identity_gc_interval)
+    from villi.kvstore.backoff import BackoffPolicy
+    from villi.kvstore.sync import RESYNC_BACKOFF
+
+    try:
+        settings = OperatorSettings(
+            cluster_cidr=args.cluster_cidr, node_mask=args.node_cidr_mask,
+            grace_period_s=args.reclaim_grace,
+            identity_gc_interval_s=args.identity_gc_interval,
+            resync_interval_s=args.resync_interval,
+            backoff=BackoffPolicy(RESYNC_BACKOFF.base, max(args.retry_cap, RESYNC_BACKOFF.base),
+                                  None))
+    except ValueError as e:
+        raise VilliError(f"villi operator: {e}") from e
 
     async def run() -> None:
         store = open_store(target.kvstore)

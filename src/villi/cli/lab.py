@@ -30,8 +30,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    default="etcd", help="etcd on the underlay (default) or one embedded "
                    "store file shared by the agents")
     p.add_argument("--lease-ttl", type=int, default=int(os.environ.get("VILLI_LAB_LEASE_TTL",
-                   "15")), help="agents' node lease TTL in seconds (15; env "
-                   "VILLI_LAB_LEASE_TTL): how fast a dead node disappears")
+                   "900")), help="agents' lease TTL in seconds (900, as the agent's; env "
+                   "VILLI_LAB_LEASE_TTL): how long other nodes keep routing to a node whose "
+                   "agent is down")
     p.add_argument("--underlay", default="172.30.0.0/24", help="underlay subnet (inside the "
                    "lab's namespaces only)")
     p.add_argument("--cluster-cidr", default="10.64.0.0/10")
@@ -59,6 +60,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remove", default="", metavar="k,...", help="label keys to remove")
     p = ps.add_parser("list", help="pods of the lab")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    agent = ls.add_parser("agent", help="failure drills: stop, start, restart or kill a "
+                          "node's agent")
+    p_agent = agent.add_subparsers(dest="agent_cmd", metavar="COMMAND")
+    for verb, text in (("stop", "SIGTERM the agent (its datapath keeps enforcing)"),
+                       ("kill", "SIGKILL the agent (a crash)"),
+                       ("start", "start it again; it restores its endpoints from the "
+                        "pinned state"),
+                       ("restart", "stop, then start")):
+        p = p_agent.add_parser(verb, help=text)
+        p.add_argument("node", metavar="NODE", help="node name (node2) or index (2)")
+        p.add_argument("--timeout", type=float, default=60.0,
+                       help="seconds to wait for a started agent to be healthy")
+    etcd = ls.add_parser("etcd", help="failure drills: stop or start the lab's etcd")
+    p_etcd = etcd.add_subparsers(dest="etcd_cmd", metavar="COMMAND")
+    p_etcd.add_parser("stop", help="stop etcd (the process exits; data kept)")
+    p = p_etcd.add_parser("start", help="start etcd again on the same data directory")
+    p.add_argument("--timeout", type=float, default=30.0)
+    node = ls.add_parser("node", help="add a node, or delete one on purpose")
+    p_node = node.add_subparsers(dest="node_cmd", metavar="COMMAND")
+    p = p_node.add_parser("add", help="add a node with its agent; wait until it is healthy")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p = p_node.add_parser("del", aliases=["delete"], help="delete a node: its pods, agent, "
+                          "store entries (withdrawn at once), pod CIDR and namespace")
+    p.add_argument("node", metavar="NODE")
 
     p = ls.add_parser("exec", help="run a command in a pod's network namespace")
     p.add_argument("pod", metavar="NS/NAME")
@@ -92,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             return connectivity_test(args)
         cmd = getattr(args, "lab_cmd", None)
         if cmd is None:
-            print("usage: villi lab {up,down,status,pod,exec,probe} ... (see villi lab -h)",
+            print("usage: villi lab {up,down,status,pod,agent,etcd,node,exec,probe} ... "
+                  "(see villi lab -h)",
                   file=sys.stderr)
             return 2
         return _COMMANDS[cmd](args)
@@ -202,5 +229,73 @@ def _probe(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from villi.lab import drills
+    from villi.lab._view import console
+
+    cmd = getattr(args, "agent_cmd", None)
+    if cmd is None:
+        print("usage: villi lab agent {stop,kill,start,restart} NODE", file=sys.stderr)
+        return 2
+    c = console()
+    t0 = time.monotonic()
+    if cmd in ("stop", "kill"):
+        node = drills.agent_stop(args.node, kill=cmd == "kill")
+        what = "killed (SIGKILL)" if cmd == "kill" else "stopped"
+        c.print(f"agent of [bold]{node['name']}[/] {what}; its datapath keeps enforcing  "
+                f"[dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+        return 0
+    fn = drills.agent_start if cmd == "start" else drills.agent_restart
+    node = fn(args.node, timeout=args.timeout)
+    c.print(f"agent of [bold]{node['name']}[/] running (pid {node['pid']}), healthy, pods "
+            f"{', '.join(node.get('pod_cidrs') or [])}  [dim]({time.monotonic() - t0:.2f}s)[/]",
+            highlight=False)
+    return 0
+
+
+def _etcd(args: argparse.Namespace) -> int:
+    from villi.lab import drills
+    from villi.lab._view import console
+
+    cmd = getattr(args, "etcd_cmd", None)
+    if cmd is None:
+        print("usage: villi lab etcd {stop,start}", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    if cmd == "stop":
+        drills.etcd_stop()
+        console().print(f"etcd stopped (data kept)  [dim]({time.monotonic() - t0:.2f}s)[/]",
+                        highlight=False)
+        return 0
+    info = drills.etcd_start(timeout=args.timeout)
+    console().print(f"etcd running (pid {info['pid']}), healthy  "
+                    f"[dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from villi.lab import drills
+    from villi.lab._view import console
+
+    cmd = getattr(args, "node_cmd", None)
+    t0 = time.monotonic()
+    if cmd == "add":
+        node = drills.node_add(timeout=args.timeout)
+        console().print(f"node [bold]{node['name']}[/] added: {node['ip']} · pods "
+                        f"{', '.join(node.get('pod_cidrs') or [])}  "
+                        f"[dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+        return 0
+    if cmd in ("del", "delete"):
+        node = drills.node_del(args.node)
+        w = node["withdrawn"]
+        console().print(f"node [bold]{node['name']}[/] deleted: agent stopped, entry and "
+                        f"{w['ipcache']} ipcache entries withdrawn, pod CIDR released  "
+                        f"[dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+        return 0
+    print("usage: villi lab node {add,del NODE}", file=sys.stderr)
+    return 2
+
+
 _COMMANDS: dict[str, Any] = {"up": _up, "down": _down, "status": _status, "pod": _pod,
+                             "agent": _agent, "etcd": _etcd, "node": _node,
                              "exec": _exec, "probe": _probe}

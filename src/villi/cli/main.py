@@ -28,10 +28,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("operator", help="run the cluster operator (pod CIDRs, identity GC)")
     p.add_argument("--cluster-cidr", default="10.64.0.0/10")
-    p.add_argument("--node-cidr-mask", type=int, default=24)
-    p.add_argument("--reclaim-grace", type=float, default=30.0,
-                   help="seconds a vanished node keeps its pod CIDR")
+    p.add_argument("--node-mask", "--node-cidr-mask", dest="node_cidr_mask", type=int,
+                   default=24, help="prefix length of each node's pod CIDR (24)")
+    p.add_argument("--node-grace-period", "--reclaim-grace", dest="reclaim_grace",
+                   type=float, default=300.0, help="seconds a node whose entry vanished "
+                   "(lease expired) keeps its pod CIDR (300); a node deleted on purpose "
+                   "loses it at once")
     p.add_argument("--identity-gc-interval", type=float, default=900.0)
+    p.add_argument("--resync-interval", type=float, default=300.0,
+                   help="seconds between full pod CIDR passes when nothing changed (300)")
+    p.add_argument("--retry-cap", type=float, default=30.0, help="max seconds between "
+                   "retries of failed watches and passes (30; full jitter below it)")
 
     for name, verb in (("apply", "store"), ("delete", "remove")):
         p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")

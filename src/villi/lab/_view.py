@@ -160,8 +160,13 @@ def lab_status(args: argparse.Namespace) -> int:
         return 0 if all(n["health"] and n["health"]["status"] == "ok" for n in st["nodes"]) \
             else 1
     c = console()
-    procs = "  ".join(f"{name} {'[green]running[/]' if p['alive'] else '[red]dead[/]'} "
-                      f"(pid {p['pid']})" for name, p in st["processes"].items())
+    def proc_state(p: dict[str, Any]) -> str:
+        if p["alive"]:
+            return "[green]running[/]"
+        return "[yellow]stopped[/]" if p.get("stopped") else "[red]dead[/]"
+
+    procs = "  ".join(f"{name} {proc_state(p)} (pid {p['pid']})"
+                      for name, p in st["processes"].items())
     c.print(Panel.fit(
         f"[bold]lab {state['id']}[/]  cluster {state['cluster']}  ·  up "
         f"{_age(time.time() - state['created'])}  ·  status {state['status']}\n"
@@ -178,7 +183,12 @@ def lab_status(args: argparse.Namespace) -> int:
     for n in st["nodes"]:
         h = n["health"]
         if h is None:
-            agent = "[red]dead[/]" if not n["alive"] else "[yellow]not answering[/]"
+            if n["alive"]:
+                agent = "[yellow]not answering[/]"
+            elif n.get("agent") in ("stopped", "killed"):
+                agent = f"[yellow]{n['agent']}[/]"   # a drill: `villi lab agent start`
+            else:
+                agent = "[red]dead[/]"
             bad = True
         else:
             agent = f"[green]{h['status']}[/]" if h["status"] == "ok" else \

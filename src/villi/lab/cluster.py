@@ -54,7 +54,7 @@ def villi_cmd(*args: str) -> list[str]:
 
 # --- up --------------------------------------------------------------------------------------
 
-def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 15,
+def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
        underlay_cidr: str = _network.DEFAULT_UNDERLAY,
        cluster_cidr: str = DEFAULT_CLUSTER_CIDR, timeout: float = 120.0,
        progress: Progress = _quiet) -> dict[str, Any]:
@@ -130,13 +130,17 @@ def _initial_state(lab_id: str, n: int, kvstore: str, lease_ttl: int, underlay_c
                      "gateway": underlay.gateway, "world_ip": underlay.world_ip,
                      "bridge": _network.BRIDGE},
         "processes": {},
-        "nodes": [{"name": f"node{i}", "index": i,
-                   "netns": _state.node_netns(lab_id, i), "ip": underlay.node_ip(i),
-                   "socket": str(d / f"node{i}.sock"), "state_dir": str(d / f"node{i}"),
-                   "log": str(d / f"node{i}.log"), "pid": None}
-                  for i in range(1, n + 1)],
+        "nodes": [node_record(lab_id, d, underlay, i) for i in range(1, n + 1)],
         "pods": {},
     }
+
+
+def node_record(lab_id: str, d: Path, underlay: _network.Underlay, i: int) -> dict[str, Any]:
+    """The state of node number ``i`` (1-based), before its agent runs."""
+    return {"name": f"node{i}", "index": i,
+            "netns": _state.node_netns(lab_id, i), "ip": underlay.node_ip(i),
+            "socket": str(d / f"node{i}.sock"), "state_dir": str(d / f"node{i}"),
+            "log": str(d / f"node{i}.log"), "pid": None}
 
 
 def _underlay(state: dict[str, Any]) -> _network.Underlay:
@@ -158,10 +162,10 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 
     if state["kvstore_kind"] == "etcd":
         progress("etcd", "start", state["kvstore"])
-        pid = _procs.spawn(_etcd_cmd(state), d / "etcd.log")
+        pid = _procs.spawn(etcd_cmd(state), d / "etcd.log")
         state["processes"]["etcd"] = {"pid": pid, "log": str(d / "etcd.log")}
         _state.save(state)
-        _wait_etcd(state, pid, min(timeout, 30.0))
+        wait_etcd(state, pid, min(timeout, 30.0))
         progress("etcd", "ok", f"{state['kvstore']} in {underlay.netns}")
     else:
         progress("etcd", "ok", f"embedded store {state['kvstore']}")
@@ -180,7 +184,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
         cg = _cgroup.node_cgroup(state["cluster"], node["name"])
         _cgroup.ensure(cg)
         node["cgroup"] = str(cg) if cg else None
-        node["pid"] = _procs.spawn(_agent_cmd(state, node), Path(node["log"]))
+        node["pid"] = _procs.spawn(agent_cmd(state, node), Path(node["log"]))
     _state.save(state)
 
     deadline = time.monotonic() + timeout
@@ -211,7 +215,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
     _state.save(state)
 
 
-def _etcd_cmd(state: dict[str, Any]) -> list[str]:
+def etcd_cmd(state: dict[str, Any]) -> list[str]:
     gw, name = state["underlay"]["gateway"], f"lab-{state['id']}"
     peer = "http://127.0.0.1:2380"
     return ["ip", "netns", "exec", state["underlay"]["netns"], ETCD, "--name", name,
@@ -224,7 +228,7 @@ def _etcd_cmd(state: dict[str, Any]) -> list[str]:
             "--initial-cluster-state", "new", "--log-level", "warn"]
 
 
-def _wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
+def wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     log = state["processes"]["etcd"]["log"]
     while time.monotonic() < deadline:
@@ -242,7 +246,7 @@ def _wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
     raise LabError(f"etcd is not healthy after {timeout:.0f}s:\n{log_tail(log)}")
 
 
-def _agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
+def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
     return villi_cmd("--netns", node["netns"], "agent", "--node", node["name"],
                      "--cluster", state["cluster"], "--kvstore", state["kvstore"],
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
@@ -267,6 +271,17 @@ def log_tail(path: str | Path, lines: int = 25) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
+
+
+def agent_pid(state: dict[str, Any], node: dict[str, Any]) -> int | None:
+    """The pid of ``node``'s agent: the one in the state when it still runs, else one
+    found by its command line (an agent restarted outside ``villi lab agent start``),
+    else None."""
+    marker = f"{PREFIX}{state['id']}"
+    if _procs.alive(node.get("pid"), marker):
+        return int(node["pid"])
+    found = _procs.find(f"--netns {node['netns']} agent --node {node['name']} ")
+    return found[0] if found else None
 
 
 def all_pids(state: dict[str, Any]) -> list[int]:
@@ -416,12 +431,15 @@ def status(state: dict[str, Any] | None = None) -> dict[str, Any]:
     """The lab as it is now: processes alive, agent health, node entries, pods."""
     state = state or _state.require()
     marker = f"{PREFIX}{state['id']}"
-    procs = {name: {"pid": info["pid"], "alive": _procs.alive(info["pid"], marker)}
+    procs = {name: {"pid": info["pid"], "alive": _procs.alive(info["pid"], marker),
+                    "stopped": bool(info.get("stopped"))}
              for name, info in state.get("processes", {}).items()}
     nodes = []
     for node in state["nodes"]:
-        h = healthz(node["socket"], timeout=2.0) if _procs.alive(node["pid"], marker) else None
-        nodes.append({**node, "alive": _procs.alive(node["pid"], marker), "health": h})
+        pid = agent_pid(state, node)
+        h = healthz(node["socket"], timeout=2.0) if pid else None
+        nodes.append({**node, "pid": pid or node.get("pid"), "alive": pid is not None,
+                      "health": h})
     try:
         entries = node_entries(state, quick=True)
     except Exception as e:   # the store may be down: status must still show the rest

@@ -52,6 +52,7 @@ from villi.ipam.keys import (
 from villi.kvstore.backoff import Backoff, BackoffPolicy, UniformSource
 from villi.kvstore.store import EventType, Store
 from villi.kvstore.sync import RESYNC_BACKOFF, PrefixSync
+from villi.operator.nodes import DELETED_PREFIX, deleted_key, withdraw_node
 from villi.operator.subnets import (
     DEFAULT_CLUSTER_CIDR,
     DEFAULT_NODE_MASK,
@@ -80,6 +81,8 @@ class _Snapshot:
     claims: dict[IPv4Network, tuple[str, int]]
     #: claims whose value is no valid node name (no node can ever own them).
     bad_claims: dict[IPv4Network, int] = field(default_factory=dict)
+    #: nodes removed on purpose (tombstones, :mod:`villi.operator.nodes`) -> mod rev.
+    deleted: dict[str, int] = field(default_factory=dict)
 
 
 class ClusterCIDRAllocator:
@@ -98,7 +101,7 @@ class ClusterCIDRAllocator:
         *,
         cluster_cidr: str | IPv4Network = DEFAULT_CLUSTER_CIDR,
         node_mask: int = DEFAULT_NODE_MASK,
-        grace_period_s: float = 30.0,
+        grace_period_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if grace_period_s < 0:
@@ -147,7 +150,9 @@ class ClusterCIDRAllocator:
         repaired, errors = await self._heal_podcidrs(snap)
         repaired += await self._drop_stale_claims(snap)
         assigned = await self._assign(snap, nodes, errors)
-        reclaimed, deadline = await self._reclaim(snap, nodes, now)
+        reclaimed = await self._reclaim_deleted(snap, nodes)
+        more, deadline = await self._reclaim(snap, nodes, now)
+        reclaimed += more
         self.assignments = {n: c for n, (c, _) in snap.podcidrs.items()}
         self.passes += 1
         return PassResult(tuple(assigned), tuple(reclaimed), repaired, tuple(errors), deadline)
@@ -163,6 +168,10 @@ class ClusterCIDRAllocator:
                 except IPAMError as exc:
                     log.error("%s is corrupt (%s); assigning again", kv.key, exc)
                     snap.podcidrs[node] = ((), kv.mod_revision)
+                continue
+            gone = node_of_key(kv.key, DELETED_PREFIX)
+            if gone is not None:
+                snap.deleted[gone] = kv.mod_revision
                 continue
             cidr = cidr_of_claim_key(kv.key)
             if cidr is not None:
@@ -309,6 +318,50 @@ class ClusterCIDRAllocator:
             return False
         return True
 
+    async def _reclaim_deleted(
+        self, snap: _Snapshot, nodes: dict[str, NodeEntry | None]
+    ) -> list[tuple[str, IPv4Network]]:
+        """Nodes removed on purpose: withdraw their state and reclaim their pod CIDRs now,
+        with no grace period (their pods are gone), then drop the tombstone."""
+        reclaimed: list[tuple[str, IPv4Network]] = []
+        for node, rev in sorted(snap.deleted.items()):
+            kv = await self.store.get(node_key(node))
+            if kv is not None:
+                if kv.create_revision > rev:  # added again after its removal
+                    await self.store.compare_and_delete(deleted_key(node), rev)
+                continue  # its removal is under way: the watch brings us back
+            nodes.pop(node, None)
+            # the store says it is gone; a lagging watch must not make the next pass
+            # assign it a CIDR again (a later PUT from the watch re-adds it)
+            self.nodes.pop(node, None)
+            await withdraw_node(self.store, node)
+            freed = await self._free(node, snap)
+            if freed is None:
+                continue  # changed under us: the next pass looks again
+            reclaimed += freed
+            self._absent_since.pop(node, None)
+            await self.store.compare_and_delete(deleted_key(node), rev)
+            log.info("node %s was deleted: reclaimed %s at once", node,
+                     ", ".join(str(c) for _, c in freed) or "nothing")
+        return reclaimed
+
+    async def _free(
+        self, node: str, snap: _Snapshot
+    ) -> list[tuple[str, IPv4Network]] | None:
+        """Delete ``podcidrs/<node>`` and the node's claims (each on the revision the
+        snapshot saw); None when the podcidrs key changed under us."""
+        entry = snap.podcidrs.get(node)
+        if entry is not None and not await self.store.compare_and_delete(
+                podcidrs_key(node), entry[1]):
+            return None
+        snap.podcidrs.pop(node, None)
+        freed: list[tuple[str, IPv4Network]] = []
+        for cidr, (owner, rev) in sorted(snap.claims.items()):
+            if owner == node and await self.store.compare_and_delete(claim_key(cidr), rev):
+                del snap.claims[cidr]
+                freed.append((node, cidr))
+        return freed
+
     async def _reclaim(
         self, snap: _Snapshot, nodes: dict[str, NodeEntry | None], now: float
     ) -> tuple[list[tuple[str, IPv4Network]], float | None]:
@@ -326,18 +379,12 @@ class ClusterCIDRAllocator:
                 continue
             if await self.store.get(node_key(node)) is not None:
                 continue  # back already; the watch will tell us
-            entry = snap.podcidrs.get(node)
-            if entry is not None and not await self.store.compare_and_delete(
-                    podcidrs_key(node), entry[1]):
+            freed = await self._free(node, snap)
+            if freed is None:
                 continue  # changed under us: the next pass looks again
-            snap.podcidrs.pop(node, None)
-            for cidr, (owner, rev) in sorted(snap.claims.items()):
-                if owner == node and await self.store.compare_and_delete(claim_key(cidr), rev):
-                    del snap.claims[cidr]
-                    reclaimed.append((node, cidr))
+            reclaimed += freed
             log.info("reclaimed %s from node %s (gone for %.0f s)",
-                     ", ".join(str(c) for n, c in reclaimed if n == node) or "nothing",
-                     node, now - since)
+                     ", ".join(str(c) for _, c in freed) or "nothing", node, now - since)
             del self._absent_since[node]
         return reclaimed, deadline
 

@@ -53,7 +53,7 @@ class OperatorSettings:
 
     cluster_cidr: str = DEFAULT_CLUSTER_CIDR
     node_mask: int = DEFAULT_NODE_MASK
-    grace_period_s: float = 30.0
+    grace_period_s: float = 300.0
     identity_gc_interval_s: float = 900.0
     identity_gc_jitter: float = 0.2
     resync_interval_s: float = 300.0
