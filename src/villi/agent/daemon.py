@@ -37,6 +37,7 @@ from villi.agent.sync import IpcacheSync, NodeSync
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
+from villi.endpoint.request import RequestError, validate_endpoint_request, validate_labels
 from villi.errors import EndpointError, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
@@ -163,7 +164,7 @@ class Agent:
 
         self.observer, self.flow_context = build_observer(self)
         self.observer.start()
-        start_metrics_servers(self)
+        self._metrics_servers = await start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
         self.started.set()
         log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
@@ -174,6 +175,8 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for server in getattr(self, "_metrics_servers", ()):
+            await server.close()
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:
@@ -327,22 +330,23 @@ class Agent:
 
     async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """CNI ADD: IP, identity, veth, maps, policy, publish — or nothing at all."""
-        for field in ("containerID", "netns", "ifname"):
-            if not isinstance(req.get(field), str) or not req[field]:
-                raise ApiError(400, f"endpoint request needs a non-empty {field!r}", 4)
-        cid, netns, ifname = req["containerID"], req["netns"], req["ifname"]
+        # Every field is checked before anything is allocated (no IP leaks on 400).
+        try:
+            checked = validate_endpoint_request(req)
+        except RequestError as exc:
+            raise ApiError(400, f"bad endpoint request: {exc}", 4) from None
+        cid, netns, ifname = checked.container_id, checked.netns, checked.ifname
         if not os.path.exists(netns):
             raise ApiError(400, f"network namespace {netns} does not exist", 3)
         async with self._lock:
             existing = self._find(f"container-id:{cid}", ifname)
             if existing is not None:
                 return False, self.endpoint_view(existing)
-            namespace = req.get("namespace") or "default"
-            pod_name = req.get("podName") or cid[:12]
+            namespace = checked.namespace
+            pod_name = checked.pod_name or cid[:12]
             labels = dict(await self.policy.pod_labels(namespace, pod_name))
-            labels.update(req.get("labels") or {})
-            named_ports = {k: [int(v["port"]), str(v.get("protocol", "TCP")).upper()]
-                           for k, v in (req.get("namedPorts") or {}).items()}
+            labels.update(checked.labels)
+            named_ports = dict(checked.named_ports)
             named_ports.update(await self.policy.pod_named_ports(namespace, pod_name))
             owner = f"container-id:{cid}/{ifname}"
             ip = self.ipam.allocate(owner)
@@ -403,6 +407,10 @@ class Agent:
             ep = self._find(ref, ifname)
             if ep is None:
                 raise ApiError(404, f"no endpoint {ref} on node {self.node}")
+            try:
+                labels = validate_labels(labels)
+            except RequestError as exc:
+                raise ApiError(400, f"bad labels: {exc}") from None
             ep.labels = dict(labels)
             self.endpoints.save(ep)
             await self._refresh_identity(ep.id)
