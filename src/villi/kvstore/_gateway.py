@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,8 @@ def describe(exc: BaseException) -> str:
     ("connection refused", "no such file or directory"), else the exception's text."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, ssl.SSLError):  # e.g. etcd wants a client certificate
+            return f"TLS handshake failed: {seen.reason or seen}"
         if isinstance(seen, OSError) and seen.errno:
             return os.strerror(seen.errno).lower()
         seen = seen.__cause__ or seen.__context__
@@ -117,6 +120,7 @@ class Gateway:
         backoff: BackoffPolicy,
         rng: UniformSource | None,
         sleep: SleepFn | None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint")
@@ -125,6 +129,8 @@ class Gateway:
         self.backoff = backoff
         self.rng, self.sleep = rng, sleep
         self.current = 0
+        # https endpoints: verify etcd against the CA and present our client cert.
+        self.ssl_context = ssl_context
         self._clients: dict[int, httpx.AsyncClient] = {}
 
     @property
@@ -139,6 +145,7 @@ class Gateway:
             client = httpx.AsyncClient(
                 transport=transport,
                 timeout=self.timeout,
+                verify=self.ssl_context if self.ssl_context is not None else True,
                 # Each watch holds a connection for its lifetime: do not cap them.
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
             )
