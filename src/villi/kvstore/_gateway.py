@@ -193,6 +193,14 @@ class Gateway:
             raise _Retry(describe(exc), sent=False) from exc
         except httpx.TransportError as exc:
             raise _Retry(describe(exc), sent=True) from exc
+        except ssl.SSLError as exc:
+            # TLS 1.3: etcd rejects a missing/untrusted client certificate after the
+            # handshake looked done to us, so the alert arrives on the first read.
+            # etcd processed nothing; retrying cannot help.
+            raise StoreUnavailable(
+                f"{self.where} refused the TLS connection ({exc.reason or exc}): this "
+                "component needs a client certificate signed by etcd's CA "
+                "(--kvstore-cert/--kvstore-key, docs/security.md)") from exc
         # Streaming endpoints answer JSON lines; the first one is ours.
         text = resp.text.strip().split("\n", 1)[0]
         try:

@@ -29,6 +29,7 @@ import base64
 import json
 import logging
 import random
+import ssl
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -359,6 +360,8 @@ class EtcdStore(Store):
                         raise _StreamBroken(result.get("cancel_reason") or "canceled by etcd")
                     yield result
         except httpx.TransportError as exc:
+            raise _StreamBroken(describe(exc)) from exc
+        except ssl.SSLError as exc:  # refused client certificate (see _gateway)
             raise _StreamBroken(describe(exc)) from exc
         except ValueError as exc:  # a line that is not JSON
             raise _StreamBroken(f"bad answer: {exc}") from exc
