@@ -29,6 +29,7 @@ from typing import Any
 from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
+from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
@@ -38,7 +39,7 @@ from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
 from villi.endpoint.request import RequestError, validate_endpoint_request, validate_labels
-from villi.errors import EndpointError, VilliError
+from villi.errors import EndpointError, StoreUnavailable, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
@@ -48,6 +49,7 @@ from villi.netns.veth import GATEWAY_IPV4
 
 log = logging.getLogger("villi.agent")
 MAX_ENDPOINT_ID = 65535
+KVSTORE_ADD_DEADLINE = 4.0  # seconds of kvstore work one CNI ADD may wait for
 
 
 def in_root_netns() -> bool:
@@ -80,6 +82,7 @@ class Agent:
         self.store: Store | None = None
         self.lease: LeaseKeeper | None = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self._cleanups: set[asyncio.Task[Any]] = set()
         self._runner: Any = None
         self._lock = asyncio.Lock()
         self._held: dict[int, LabelSet] = {}   # endpoint id -> label set it holds
@@ -112,6 +115,7 @@ class Agent:
             node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
             host_routing=cfg.host_routing,
             defines={"EVENTS_RINGBUF_SIZE": str(cfg.events_ringbuf_size)}))
+        guard_control_plane(self.datapath, kvstore_endpoints(cfg.kvstore))
         self.services = ServiceSync(self)
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
         restored = await self.kernel(self.endpoints.restore)
@@ -355,7 +359,8 @@ class Agent:
             held = False
             ep: Endpoint | None = None
             try:
-                identity = int(await self.identities.allocate(id_labels))
+                identity = int(await self._kvstore_bounded(
+                    self.identities.allocate(id_labels), "allocating the pod's identity"))
                 held = True
                 ep = await self.kernel(
                     self.endpoints.create,
@@ -365,19 +370,45 @@ class Agent:
                     named_ports=named_ports)
                 self.identity_cache.upsert(identity, id_labels)
                 await self.policy.endpoint_added(ep)
-                await self._publish_endpoint(ep)
+                await self._kvstore_bounded(self._publish_endpoint(ep),
+                                            "publishing the pod's address")
             except BaseException:
                 if ep is not None:
                     self.policy.endpoint_removed(ep)
                     await self.kernel(self.endpoints.delete, ep.id)
-                    await self._unpublish_endpoint(ep.ipv4)
+                    self._cleanup_later(self._unpublish_endpoint(ep.ipv4), ep.ipv4)
                 if held:
-                    await self._release(id_labels)
+                    self._cleanup_later(self._release(id_labels), str(id_labels))
                 self.ipam.release(ip)
                 raise
             self._held[ep.id] = id_labels
             self.ipam.notify()
             return True, self.endpoint_view(self.endpoints.endpoints[ep.id])
+
+    def _cleanup_later(self, coro: Any, what: str) -> None:
+        """Undo a failed ADD's kvstore writes in the background: the kvstore may be the
+        reason the ADD failed, and the ADD's answer must not wait for it."""
+        async def run() -> None:
+            try:
+                await coro
+            except VilliError as exc:
+                log.warning("cleaning up %s after a failed ADD: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"villi-cleanup {what}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _kvstore_bounded(self, coro: Any, doing: str) -> Any:
+        """A kvstore step of a CNI ADD, bounded by ``KVSTORE_ADD_DEADLINE``: a frozen
+        kvstore must fail the ADD within seconds (the runtime retries; code 11), not
+        hold it for the client's whole retry budget."""
+        try:
+            return await asyncio.wait_for(coro, KVSTORE_ADD_DEADLINE)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"kvstore {self.config.kvstore} did not answer within "
+                f"{KVSTORE_ADD_DEADLINE:g} s while {doing}; the pod was not created"
+            ) from None
 
     async def delete_endpoint(self, ref: str, ifname: str = "eth0") -> bool:
         """CNI DEL: idempotent; False when there was nothing to delete."""

@@ -121,6 +121,7 @@ class Gateway:
         rng: UniformSource | None,
         sleep: SleepFn | None,
         ssl_context: ssl.SSLContext | None = None,
+        client_cert: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint")
@@ -131,11 +132,20 @@ class Gateway:
         self.current = 0
         # https endpoints: verify etcd against the CA and present our client cert.
         self.ssl_context = ssl_context
+        self.client_cert = client_cert
         self._clients: dict[int, httpx.AsyncClient] = {}
 
     @property
     def where(self) -> str:
         return "etcd at " + ", ".join(e.url for e in self.endpoints)
+
+    def _tls_hint(self) -> str:
+        """A refused client certificate often shows as a reset or broken pipe: say so
+        when we talk TLS without presenting one."""
+        if self.client_cert or not any(e.base.startswith("https://") for e in self.endpoints):
+            return ""
+        return (" (no client certificate was presented; if etcd runs with "
+                "--client-cert-auth, give --kvstore-cert/--kvstore-key)")
 
     def client(self, index: int) -> httpx.AsyncClient:
         client = self._clients.get(index)
@@ -180,7 +190,7 @@ class Gateway:
                 if not await backoff.failed():
                     raise StoreUnavailable(
                         f"{self.where} is unreachable after {backoff.failures} attempts: "
-                        f"{failure.reason}") from failure.__cause__
+                        f"{failure.reason}{self._tls_hint()}") from failure.__cause__
                 log.debug("%s: %s failed (%s), retrying", self.where, path, failure.reason)
 
     async def _attempt(

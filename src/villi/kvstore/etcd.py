@@ -149,6 +149,7 @@ class EtcdStore(Store):
         self._gw = Gateway(
             parsed,
             ssl_context=ssl_context,
+            client_cert=bool(tls is not None and tls.cert),
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
             backoff=backoff or BackoffPolicy(),
