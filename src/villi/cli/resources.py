@@ -100,7 +100,7 @@ async def _write(url: str, items: list, delete: bool) -> list[str]:
     where = f"kvstore {url}"
     async with open_store(url, **_store_options(url)) as store:
         keys = [resources.key_of(res) for res in items]
-        for attempt in range(CONFLICT_RETRIES):
+        for _attempt in range(CONFLICT_RETRIES):
             try:
                 current = await asyncio.wait_for(_current(store, keys), PREFLIGHT_TIMEOUT)
             except (TimeoutError, StoreError) as exc:
