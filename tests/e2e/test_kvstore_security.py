@@ -145,18 +145,22 @@ def test_interrupted_apply_is_all_or_nothing(tmp_path: Path) -> None:
     path = policies(tmp_path / "p.yaml", 400)
     with EtcdServer(extra_args=("--max-txn-ops", "1000")) as server:
         outcomes = set()
+        before = 0
         for delay in (0.3, 0.8, 1.2, 1.6, 2.2, 3.0):
             env = {k: v for k, v in os.environ.items() if not k.startswith("VILLI_")}
             env["VILLI_LAB_STATE"] = "/nonexistent/state.json"
             proc = subprocess.Popen(
                 [sys.executable, "-m", "villi.cli.main", "--kvstore", server.endpoint,
                  "delete" if delay in (1.6,) else "apply", "-f", str(path)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
-            proc.wait(30)
+            _, err = proc.communicate(timeout=30)
             n = count(server)
             assert n in (0, 400), f"interrupt after {delay}s left {n} of 400 applied"
+            if "nothing was applied" in err:  # when it is said, it must be true
+                assert n == before, (delay, err)
+            before = n
             outcomes.add(n)
 
 

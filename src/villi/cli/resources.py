@@ -94,8 +94,17 @@ async def _current(store: Any, keys: list[str]) -> dict[str, Any]:
     return {k: found.get(k) for k in keys}
 
 
-async def _write(url: str, items: list, delete: bool) -> list[str]:
+class _Progress:
+    """Whether the commit was sent: what an interrupt message can promise."""
+
+    committing = False
+
+
+async def _write(url: str, items: list, delete: bool,
+                 progress: _Progress | None = None) -> list[str]:
     from villi.kvstore import TxnOp, open_store
+
+    progress = progress or _Progress()
 
     where = f"kvstore {url}"
     async with open_store(url, **_store_options(url)) as store:
@@ -133,7 +142,9 @@ async def _write(url: str, items: list, delete: bool) -> list[str]:
                     await _release_cluster_ips(store, items)
                 return done
             try:
+                progress.committing = True
                 revision = await store.commit(ops, expect)
+                progress.committing = False
             except StoreError as exc:
                 raise ApplyError(f"{exc}; nothing was applied" if "unknown" not in str(exc)
                                  else f"{exc}: the transaction either applied completely "
@@ -179,8 +190,18 @@ def apply_command(args: argparse.Namespace, delete: bool) -> int:
     if not items:
         raise ResourceError("no resources found in " + ", ".join(args.filename))
     target = resolve(args.kvstore)
-    with in_netns(target.kvstore_netns):
-        lines = asyncio.run(_write(target.kvstore, items, delete))
+    progress = _Progress()
+    try:
+        with in_netns(target.kvstore_netns):
+            lines = asyncio.run(_write(target.kvstore, items, delete, progress))
+    except KeyboardInterrupt:
+        if progress.committing:
+            print("interrupted while the kvstore was committing: the transaction applied "
+                  "completely or not at all; run the command again to be sure",
+                  file=sys.stderr)
+        else:
+            print("interrupted: nothing was applied", file=sys.stderr)
+        return 130
     for line in lines:
         print(line)
     return 0
