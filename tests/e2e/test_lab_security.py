@@ -189,13 +189,13 @@ def test_frozen_kvstore_fails_apply_and_pod_add_fast_and_cleanly(lab: Lab,
         res = lab.run("apply", "-f", str(policy))
         took = time.monotonic() - t0
         assert res.returncode == 1 and "nothing was applied" in res.stderr, res.stderr
-        assert "kvstore" in res.stderr and took < 6.5, (took, res.stderr)
+        assert "kvstore" in res.stderr and took < 5.0, (took, res.stderr)
         t0 = time.monotonic()
         res = lab.run("lab", "pod", "add", "sec/frozen", "--node", "1",
                       "--labels", "app=never-seen-before")
         took = time.monotonic() - t0
         assert res.returncode != 0, res.stdout
-        assert took < 6.5, (took, res.stderr)
+        assert took < 5.0, (took, res.stderr)
         assert "kvstore" in res.stderr and "DEL" not in res.stderr, res.stderr
     finally:
         for pid in pids:

@@ -49,7 +49,7 @@ from villi.netns.veth import GATEWAY_IPV4
 
 log = logging.getLogger("villi.agent")
 MAX_ENDPOINT_ID = 65535
-KVSTORE_ADD_DEADLINE = 4.0  # seconds of kvstore work one CNI ADD may wait for
+KVSTORE_ADD_DEADLINE = 3.0  # seconds of kvstore work one CNI ADD may wait for (in all)
 
 
 def in_root_netns() -> bool:
@@ -358,9 +358,11 @@ class Agent:
             identity: int | None = None
             held = False
             ep: Endpoint | None = None
+            deadline = asyncio.get_running_loop().time() + KVSTORE_ADD_DEADLINE
             try:
                 identity = int(await self._kvstore_bounded(
-                    self.identities.allocate(id_labels), "allocating the pod's identity"))
+                    self.identities.allocate(id_labels), "allocating the pod's identity",
+                    deadline))
                 held = True
                 ep = await self.kernel(
                     self.endpoints.create,
@@ -371,7 +373,7 @@ class Agent:
                 self.identity_cache.upsert(identity, id_labels)
                 await self.policy.endpoint_added(ep)
                 await self._kvstore_bounded(self._publish_endpoint(ep),
-                                            "publishing the pod's address")
+                                            "publishing the pod's address", deadline)
             except BaseException:
                 if ep is not None:
                     self.policy.endpoint_removed(ep)
@@ -398,12 +400,14 @@ class Agent:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _kvstore_bounded(self, coro: Any, doing: str) -> Any:
-        """A kvstore step of a CNI ADD, bounded by ``KVSTORE_ADD_DEADLINE``: a frozen
-        kvstore must fail the ADD within seconds (the runtime retries; code 11), not
-        hold it for the client's whole retry budget."""
+    async def _kvstore_bounded(self, coro: Any, doing: str, deadline: float) -> Any:
+        """A kvstore step of a CNI ADD; all steps together end by ``deadline``
+        (``KVSTORE_ADD_DEADLINE`` after the first): a frozen kvstore must fail the ADD
+        within seconds (the runtime retries; code 11), not hold it for the client's
+        whole retry budget."""
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            return await asyncio.wait_for(coro, KVSTORE_ADD_DEADLINE)
+            return await asyncio.wait_for(coro, remaining)
         except TimeoutError:
             raise StoreUnavailable(
                 f"kvstore {self.config.kvstore} did not answer within "

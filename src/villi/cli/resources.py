@@ -33,7 +33,7 @@ from villi.cli.context import resolve
 from villi.errors import ResourceError, StoreError, VilliError
 
 SUFFIXES = (".yaml", ".yml", ".json")
-PREFLIGHT_TIMEOUT = 4.0  # seconds to read the current state: a frozen kvstore fails here
+PREFLIGHT_TIMEOUT = 2.5  # seconds to read the current state: a frozen kvstore fails here
 COMMIT_TIMEOUT = 60.0  # one large transaction may take a while on a loaded etcd
 CONFLICT_RETRIES = 3
 
