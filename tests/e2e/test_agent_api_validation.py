@@ -84,7 +84,7 @@ def test_bad_create_is_400_naming_field_and_allocates_nothing(
         assert c.get("/v1/endpoint") == []
 
 
-def test_patch_bad_labels_is_400_and_labels_unchanged_then_restart_ok(
+def test_patch_bad_labels_is_400_and_labels_unchanged(
         agent: AgentProcess, netns: str) -> None:
     cid = f"c{uuid.uuid4().hex[:8]}"
     resp = raw(agent, "POST", "/v1/endpoint", {"containerID": cid, "netns": netns,
