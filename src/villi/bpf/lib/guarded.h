@@ -27,6 +27,11 @@ struct {
 
 static __always_inline int guarded_identity(const struct pkt *p, __u32 *identity)
 {
+	/* Pods (cluster identities) are never control plane: the hot pod-to-pod path
+	 * does no lookup. Reserved and CIDR (local-scope) identities are checked. */
+	if (*identity >= 256 && *identity < (1U << 24))
+		return 0;
+
 	struct guarded_key key = {
 		.addr = p->daddr,
 		.dport = bpf_htons(p->dport),
