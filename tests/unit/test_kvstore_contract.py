@@ -300,3 +300,43 @@ async def test_list_then_watch_resyncs_after_compaction(store: Store, p: str) ->
     assert brief(live) == [(PUT, p + "f", b"live")]
     assert set(sync.known) == {p + k for k in ("a", "c", "d", "e", "f")}
     assert len(sleeps) >= 2  # once for the broken watch, once for the compaction
+
+
+# --- commit: many writes, one transaction (issue 11 §3) -------------------------------------
+
+
+async def test_commit_writes_everything_in_one_revision(store: Store, p: str) -> None:
+    from villi.kvstore import TxnOp
+
+    await store.put(p + "gone", b"x")
+    start = await store.revision()
+    async with aclosing(store.watch(p, start + 1)) as events:
+        rev = await store.commit(
+            [TxnOp(p + "a", b"1"), TxnOp(p + "b", b"2"), TxnOp(p + "gone", None)],
+            {p + "a": 0, p + "gone": (await store.get(p + "gone")).mod_revision})
+        assert rev is not None and rev > start
+        seen = await take(events, 3)
+    assert {(e.type, e.key) for e in seen} == {(PUT, p + "a"), (PUT, p + "b"),
+                                               (DELETE, p + "gone")}
+    assert {e.revision for e in seen} == {rev}
+    assert [kv.key for kv in (await store.list(p)).items] == [p + "a", p + "b"]
+
+
+async def test_commit_with_a_stale_expectation_writes_nothing(store: Store, p: str) -> None:
+    from villi.kvstore import TxnOp
+
+    await store.put(p + "a", b"old")
+    before = await store.revision()
+    assert await store.commit([TxnOp(p + "a", b"new"), TxnOp(p + "b", b"2")],
+                              {p + "a": 0}) is None
+    assert (await store.get(p + "a")).value == b"old"
+    assert await store.get(p + "b") is None
+    assert await store.revision() == before
+
+
+async def test_commit_refuses_duplicate_keys(store: Store, p: str) -> None:
+    from villi.kvstore import TxnOp
+
+    with pytest.raises(ValueError, match="twice"):
+        await store.commit([TxnOp(p + "a", b"1"), TxnOp(p + "a", None)], {})
+    assert await store.get(p + "a") is None

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from villi.agent.daemon import Agent
 
 CNI_TRY_AGAIN = 11
+API_BACKLOG = 1024
 
 
 class ApiError(VilliError):
@@ -93,8 +94,8 @@ def build_app(agent: Agent) -> web.Application:
     @routes.patch("/v1/endpoint/{id:.+}")
     async def patch_endpoint(request: web.Request) -> web.Response:
         body = await request.json()
-        if not isinstance(body.get("labels"), dict):
-            raise ApiError(400, "PATCH body needs a 'labels' object")
+        if not isinstance(body, dict) or not isinstance(body.get("labels"), dict):
+            raise ApiError(400, "labels: PATCH body needs a 'labels' object")
         return web.json_response(await agent.set_endpoint_labels(*_endpoint_ref(request),
                                                                  body["labels"]))
 
@@ -144,7 +145,9 @@ async def serve_unix(app: web.Application, path: Path) -> web.AppRunner:
         path.unlink()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.UnixSite(runner, str(path))
+    # A burst of CNI ADDs (a node full of pods starting at once) queues in the
+    # kernel instead of being refused: the default backlog of 128 is too small.
+    site = web.UnixSite(runner, str(path), backlog=API_BACKLOG)
     old = os.umask(0o177)
     try:
         await site.start()

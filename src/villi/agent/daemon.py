@@ -29,6 +29,7 @@ from typing import Any
 from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
+from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
@@ -37,7 +38,8 @@ from villi.agent.sync import IpcacheSync, NodeSync, StoreHealth
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
-from villi.errors import EndpointError, VilliError
+from villi.endpoint.request import RequestError, validate_endpoint_request, validate_labels
+from villi.errors import EndpointError, StoreUnavailable, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
@@ -47,6 +49,7 @@ from villi.netns.veth import GATEWAY_IPV4
 
 log = logging.getLogger("villi.agent")
 MAX_ENDPOINT_ID = 65535
+KVSTORE_ADD_DEADLINE = 3.0  # seconds of kvstore work one CNI ADD may wait for (in all)
 
 
 def in_root_netns() -> bool:
@@ -79,6 +82,7 @@ class Agent:
         self.store: Store | None = None
         self.lease: LeaseKeeper | None = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self._cleanups: set[asyncio.Task[Any]] = set()
         self._runner: Any = None
         self._lock = asyncio.Lock()
         self._held: dict[int, LabelSet] = {}   # endpoint id -> label set it holds
@@ -111,6 +115,7 @@ class Agent:
             node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
             host_routing=cfg.host_routing,
             defines={"EVENTS_RINGBUF_SIZE": str(cfg.events_ringbuf_size)}))
+        guard_control_plane(self.datapath, kvstore_endpoints(cfg.kvstore))
         self.services = ServiceSync(self)
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
         restored = await self.kernel(self.endpoints.restore)
@@ -166,7 +171,7 @@ class Agent:
 
         self.observer, self.flow_context = build_observer(self)
         self.observer.start()
-        start_metrics_servers(self)
+        self._metrics_servers = await start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
         self.started.set()
         log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
@@ -177,6 +182,8 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for server in getattr(self, "_metrics_servers", ()):
+            await server.close()
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:
@@ -330,22 +337,23 @@ class Agent:
 
     async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """CNI ADD: IP, identity, veth, maps, policy, publish — or nothing at all."""
-        for field in ("containerID", "netns", "ifname"):
-            if not isinstance(req.get(field), str) or not req[field]:
-                raise ApiError(400, f"endpoint request needs a non-empty {field!r}", 4)
-        cid, netns, ifname = req["containerID"], req["netns"], req["ifname"]
+        # Every field is checked before anything is allocated (no IP leaks on 400).
+        try:
+            checked = validate_endpoint_request(req)
+        except RequestError as exc:
+            raise ApiError(400, f"bad endpoint request: {exc}", 4) from None
+        cid, netns, ifname = checked.container_id, checked.netns, checked.ifname
         if not os.path.exists(netns):
             raise ApiError(400, f"network namespace {netns} does not exist", 3)
         async with self._lock:
             existing = self._find(f"container-id:{cid}", ifname)
             if existing is not None:
                 return False, self.endpoint_view(existing)
-            namespace = req.get("namespace") or "default"
-            pod_name = req.get("podName") or cid[:12]
+            namespace = checked.namespace
+            pod_name = checked.pod_name or cid[:12]
             labels = dict(await self.policy.pod_labels(namespace, pod_name))
-            labels.update(req.get("labels") or {})
-            named_ports = {k: [int(v["port"]), str(v.get("protocol", "TCP")).upper()]
-                           for k, v in (req.get("namedPorts") or {}).items()}
+            labels.update(checked.labels)
+            named_ports = dict(checked.named_ports)
             named_ports.update(await self.policy.pod_named_ports(namespace, pod_name))
             owner = f"container-id:{cid}/{ifname}"
             ip = self.ipam.allocate(owner)
@@ -353,8 +361,11 @@ class Agent:
             identity: int | None = None
             held = False
             ep: Endpoint | None = None
+            deadline = asyncio.get_running_loop().time() + KVSTORE_ADD_DEADLINE
             try:
-                identity = int(await self.identities.allocate(id_labels))
+                identity = int(await self._kvstore_bounded(
+                    self.identities.allocate(id_labels), "allocating the pod's identity",
+                    deadline))
                 held = True
                 ep = await self.kernel(
                     self.endpoints.create,
@@ -364,19 +375,47 @@ class Agent:
                     named_ports=named_ports)
                 self.identity_cache.upsert(identity, id_labels)
                 await self.policy.endpoint_added(ep)
-                await self._publish_endpoint(ep)
+                await self._kvstore_bounded(self._publish_endpoint(ep),
+                                            "publishing the pod's address", deadline)
             except BaseException:
                 if ep is not None:
                     self.policy.endpoint_removed(ep)
                     await self.kernel(self.endpoints.delete, ep.id)
-                    await self._unpublish_endpoint(ep.ipv4)
+                    self._cleanup_later(self._unpublish_endpoint(ep.ipv4), ep.ipv4)
                 if held:
-                    await self._release(id_labels)
+                    self._cleanup_later(self._release(id_labels), str(id_labels))
                 self.ipam.release(ip)
                 raise
             self._held[ep.id] = id_labels
             self.ipam.notify()
             return True, self.endpoint_view(self.endpoints.endpoints[ep.id])
+
+    def _cleanup_later(self, coro: Any, what: str) -> None:
+        """Undo a failed ADD's kvstore writes in the background: the kvstore may be the
+        reason the ADD failed, and the ADD's answer must not wait for it."""
+        async def run() -> None:
+            try:
+                await coro
+            except VilliError as exc:
+                log.warning("cleaning up %s after a failed ADD: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"villi-cleanup {what}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _kvstore_bounded(self, coro: Any, doing: str, deadline: float) -> Any:
+        """A kvstore step of a CNI ADD; all steps together end by ``deadline``
+        (``KVSTORE_ADD_DEADLINE`` after the first): a frozen kvstore must fail the ADD
+        within seconds (the runtime retries; code 11), not hold it for the client's
+        whole retry budget."""
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(coro, remaining)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"kvstore {self.config.kvstore} did not answer within "
+                f"{KVSTORE_ADD_DEADLINE:g} s while {doing}; the pod was not created"
+            ) from None
 
     async def delete_endpoint(self, ref: str, ifname: str = "eth0") -> bool:
         """CNI DEL: idempotent; False when there was nothing to delete."""
@@ -406,6 +445,10 @@ class Agent:
             ep = self._find(ref, ifname)
             if ep is None:
                 raise ApiError(404, f"no endpoint {ref} on node {self.node}")
+            try:
+                labels = validate_labels(labels)
+            except RequestError as exc:
+                raise ApiError(400, f"bad labels: {exc}") from None
             ep.labels = dict(labels)
             self.endpoints.save(ep)
             await self._refresh_identity(ep.id)

@@ -9,9 +9,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from villi.agent.metrics_http import MetricsServer
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
 from villi.observer.metrics import HubbleMetrics
@@ -167,16 +168,22 @@ def build_observer(agent: Agent) -> tuple[Observer, AgentFlowContext]:
     return obs, ctx
 
 
-def start_metrics_servers(agent: Agent) -> None:
-    """Prometheus on TCP (in the agent's network namespace): 9962 agent, 9965 flows."""
+async def start_metrics_servers(agent: Agent) -> list[MetricsServer]:
+    """Prometheus on TCP (in the agent's network namespace): 9962 agent, 9965 flows.
+    Bounded connections and timeouts: see ``villi.agent.metrics_http``."""
     cfg = agent.config
+    servers = []
     for port, registry in ((cfg.metrics_port, agent.metrics.registry),
                            (cfg.hubble_metrics_port, agent.observer.metrics.registry)):
         if port:
+            server = MetricsServer(registry, port)
             try:
-                start_http_server(port, registry=registry)
+                await server.start()
             except OSError as e:
                 log.warning("metrics port %d: %s", port, e)
+                continue
+            servers.append(server)
+    return servers
 
 
 def _int(q: Any, name: str) -> int | None:

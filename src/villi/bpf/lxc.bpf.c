@@ -20,6 +20,7 @@
 #include "lib/config.h"
 #include "lib/parse.h"
 #include "lib/ipcache.h"
+#include "lib/guarded.h"
 #include "lib/endpoints.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
@@ -73,9 +74,11 @@ struct verdict {
 	__u8  match_type;
 };
 
-/* Conntrack + policy for endpoint `ep` in direction `dir` against `peer_id`. */
+/* Conntrack + policy for endpoint `ep` in direction `dir` against `peer_id`.
+ * `guarded`: the peer is a control-plane destination (guarded.h), which only an
+ * explicit policy entry opens. */
 static __always_inline void enforce(const struct pkt *p, const struct endpoint_value *ep,
-				    __u8 dir, __u32 peer_id, struct verdict *v)
+				    __u8 dir, __u32 peer_id, __u8 guarded, struct verdict *v)
 {
 	struct ct_value *ct = NULL;
 	struct policy_result res = {};
@@ -96,6 +99,10 @@ static __always_inline void enforce(const struct pkt *p, const struct endpoint_v
 	v->match_type = res.match_type;
 	if (ret) {
 		v->reason = ret;
+		return;
+	}
+	if (guarded && res.match_type == MATCH_NONE) {
+		v->reason = DROP_CONTROL_PLANE;
 		return;
 	}
 	if (v->ct_state == CT_NEW) {
@@ -148,6 +155,7 @@ int from_pod(struct __sk_buff *skb)
 	struct verdict eg;
 	struct endpoint_value *ep;
 	__u32 dst_id;
+	__u8 guarded;
 	int ret;
 
 	ret = parse_packet(skb, &p);
@@ -162,7 +170,8 @@ int from_pod(struct __sk_buff *skb)
 				   ipcache_identity(p.daddr), 0, MATCH_NONE, CT_NEW);
 
 	dst_id = ipcache_identity(p.daddr);
-	enforce(&p, ep, DIR_EGRESS, dst_id, &eg);
+	guarded = guarded_identity(&p, &dst_id);
+	enforce(&p, ep, DIR_EGRESS, dst_id, guarded, &eg);
 	if (eg.reason)
 		return drop_packet(skb, &p, eg.reason, DIR_EGRESS, ep->endpoint_id, ep->identity,
 				   dst_id, eg.cookie, eg.match_type, eg.ct_state);
@@ -174,7 +183,7 @@ int from_pod(struct __sk_buff *skb)
 	if (dst_ep) {
 		/* Same-node destination: its ingress policy runs here, then the packet goes
 		 * straight into its netns. The src identity is ours, no ipcache needed. */
-		enforce(&p, dst_ep, DIR_INGRESS, ep->identity, &in);
+		enforce(&p, dst_ep, DIR_INGRESS, ep->identity, 0, &in);
 		if (in.reason) {
 			trace_forwarded(skb, &p, &eg, ep->endpoint_id, DIR_EGRESS, ep->identity,
 					dst_id, OBS_FROM_LXC, 0);
@@ -218,7 +227,7 @@ int to_pod(struct __sk_buff *skb)
 		return drop_packet(skb, &p, DROP_UNKNOWN_TARGET, DIR_INGRESS, 0, src_id,
 				   ID_UNKNOWN, 0, MATCH_NONE, CT_NEW);
 
-	enforce(&p, ep, DIR_INGRESS, src_id, &in);
+	enforce(&p, ep, DIR_INGRESS, src_id, 0, &in);
 	if (in.reason)
 		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
 				   ep->identity, in.cookie, in.match_type, in.ct_state);

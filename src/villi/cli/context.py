@@ -39,7 +39,21 @@ def resolve(kvstore: str | None = None, socket: str | None = None) -> Target:
     kv = kvstore or os.environ.get("VILLI_KVSTORE")
     sock = socket or os.environ.get("VILLI_AGENT_SOCKET")
     if lab and not kv and not sock:
+        _use_lab_tls(lab)
         return Target(kvstore=lab["kvstore"], kvstore_netns=lab.get("kvstore_netns"),
                       agents={n["name"]: n["socket"] for n in lab.get("nodes", [])}, lab=True)
     return Target(kvstore=kv or DEFAULT_KVSTORE,
                   agents={"local": sock or DEFAULT_SOCKET})
+
+
+def _use_lab_tls(lab: dict) -> None:
+    """The lab's etcd wants a client certificate: use the lab's (written by ``villi
+    lab up``) unless the user named certificates already. Through the environment,
+    like the ``--kvstore-*`` flags, so every store this CLI opens picks it up."""
+    tls = lab.get("kvstore_tls") or {}
+    names = {"ca": "VILLI_KVSTORE_CA", "cert": "VILLI_KVSTORE_CERT", "key": "VILLI_KVSTORE_KEY"}
+    if any(os.environ.get(env) for env in names.values()):
+        return
+    for field_name, env in names.items():
+        if tls.get(field_name):
+            os.environ[env] = tls[field_name]

@@ -9,6 +9,18 @@ import sys
 from villi.errors import VilliError
 
 
+def _tls_arguments(ap: argparse.ArgumentParser, default: object) -> None:
+    """``--kvstore-ca/--kvstore-cert/--kvstore-key`` (also accepted after ``agent`` and
+    ``operator``: the subcommand's copy must not reset the global value, hence the
+    SUPPRESS default there)."""
+    ap.add_argument("--kvstore-ca", default=default, metavar="PEM",
+                    help="CA that signed etcd's certificate (https:// endpoints)")
+    ap.add_argument("--kvstore-cert", default=default, metavar="PEM",
+                    help="client certificate presented to etcd (--client-cert-auth)")
+    ap.add_argument("--kvstore-key", default=default, metavar="PEM",
+                    help="private key of --kvstore-cert")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="villi", description="eBPF networking, security and "
                                  "observability for containers")
@@ -20,13 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--netns", help="run inside this network namespace (name or path); "
                     "unlike `ip netns exec` it keeps the machine's /sys/fs/bpf")
     ap.add_argument("-v", "--verbose", action="store_true")
+    _tls_arguments(ap, None)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     from villi.agent.config import add_arguments
     p = sub.add_parser("agent", help="run the node agent")
     add_arguments(p)
+    _tls_arguments(p, argparse.SUPPRESS)
 
     p = sub.add_parser("operator", help="run the cluster operator (pod CIDRs, identity GC)")
+    _tls_arguments(p, argparse.SUPPRESS)
     p.add_argument("--cluster-cidr", default="10.64.0.0/10")
     p.add_argument("--node-mask", "--node-cidr-mask", dest="node_cidr_mask", type=int,
                    default=24, help="prefix length of each node's pod CIDR (24)")
@@ -77,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.kvstore_ca or args.kvstore_cert or args.kvstore_key:
+            from villi.kvstore.tls import export_flags
+
+            # Through the environment: every store this process opens, and every
+            # process it starts (a lab's agents), uses the same certificates.
+            export_flags(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
         if args.netns:
             from villi._nsenter import enter_netns_for_good
 

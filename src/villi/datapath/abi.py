@@ -49,6 +49,7 @@ class DropReason(enum.IntEnum):
     NO_SERVICE = 158
     UNSUPPORTED_L2 = 166
     POLICY_DENY = 181
+    CONTROL_PLANE = 190  # villi's own (guarded.h)
 
 
 #: Cilium's description and Hubble's enum name of each drop reason.
@@ -66,6 +67,7 @@ DROP_REASON_TEXT: dict[int, tuple[str, str]] = {
     158: ("Service backend not found", "SERVICE_BACKEND_NOT_FOUND"),
     166: ("Unsupported L2 protocol", "UNSUPPORTED_L2_PROTOCOL"),
     181: ("Policy denied by denylist", "POLICY_DENY"),
+    190: ("Control plane not allowed by policy", "CONTROL_PLANE_DENIED"),
 }
 
 
@@ -127,6 +129,10 @@ class IpcacheKey(ctypes.Structure):
 
 class IpcacheValue(ctypes.Structure):
     _fields_ = [("identity", c_u32), ("node_ip", c_u32)]
+
+
+class GuardedKey(ctypes.Structure):
+    _fields_ = [("addr", c_u32), ("dport", c_u16), ("protocol", c_u8), ("pad", c_u8)]
 
 
 class EndpointKey(ctypes.Structure):
@@ -196,7 +202,7 @@ FLOW_EVENT_DTYPE = _dtype_of(FlowEvent)
 
 #: Every struct shared with C, by its C name (checked against BTF by the tests).
 SHARED_STRUCTS: dict[str, type[ctypes.Structure]] = {
-    "ipcache_key": IpcacheKey, "ipcache_value": IpcacheValue,
+    "ipcache_key": IpcacheKey, "ipcache_value": IpcacheValue, "guarded_key": GuardedKey,
     "endpoint_key": EndpointKey, "endpoint_value": EndpointValue,
     "policy_key": PolicyKey, "policy_value": PolicyValue,
     "ct_key": CtKey, "ct_value": CtValue,

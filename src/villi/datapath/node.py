@@ -41,6 +41,7 @@ class NodeDatapath:
         self.from_pod = self.obj.program("from_pod")
         self.to_pod = self.obj.program("to_pod")
         self.ipcache = TypedMap(self.obj.map("villi_ipcache"), abi.IpcacheKey, abi.IpcacheValue)
+        self.guarded = TypedMap(self.obj.map("villi_guarded"), abi.GuardedKey, abi.IpcacheValue)
         self.endpoints = TypedMap(self.obj.map("villi_endpoints"), abi.EndpointKey,
                                   abi.EndpointValue)
         self.policy = TypedMap(self.obj.map("villi_policy"), abi.PolicyKey, abi.PolicyValue)
@@ -86,7 +87,7 @@ class NodeDatapath:
         if self._events is not None:
             self._events.close()
             self._events = None
-        for m in (self.ipcache, self.endpoints, self.policy, self.ct, self.metrics,
+        for m in (self.ipcache, self.guarded, self.endpoints, self.policy, self.ct, self.metrics,
                   self.events_lost_map):
             m.map.close()
         self.obj.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +26,8 @@ from villi.datapath.node import NodeDatapath
 from villi.endpoint import policymap
 from villi.errors import EndpointError, VilliError
 from villi.netns import create_pod_link, delete_link, link_info
+
+log = logging.getLogger(__name__)
 
 
 def ip_be(ipv4: str) -> int:
@@ -202,7 +206,9 @@ class EndpointManager:
         """
         restored = []
         for path in sorted(self.state_dir.glob("*.json")):
-            ep = Endpoint.from_json(path.read_text())
+            ep = self._read_record(path)
+            if ep is None:
+                continue
             info = link_info(ep.host_ifname, self.node_netns)
             if info is None or info[0] != ep.host_ifindex:
                 self._remove_kernel_state(ep)
@@ -214,6 +220,28 @@ class EndpointManager:
             self._map_state[ep.id] = self._read_map_state(ep.id)
             restored.append(ep)
         return restored
+
+    def _read_record(self, path: Path) -> Endpoint | None:
+        """The endpoint saved in ``path``, or None after moving an unreadable record
+        aside: one bad file (hand-edited, truncated, bad labels from an older agent)
+        must not stop the agent from adopting every other endpoint."""
+        from villi.endpoint.request import validate_labels
+
+        try:
+            ep = Endpoint.from_json(path.read_text())
+            validate_labels(ep.labels)
+            if not isinstance(ep.id, int) or not isinstance(ep.ipv4, str):
+                raise ValueError("id must be an integer and ipv4 a string")
+            socket.inet_aton(ep.ipv4)
+        except (OSError, ValueError, TypeError, KeyError, EndpointError) as exc:
+            quarantine = self.state_dir.parent / "quarantine"
+            quarantine.mkdir(parents=True, exist_ok=True)
+            target = quarantine / f"{path.name}.{int(time.time())}"
+            path.replace(target)
+            log.error("endpoint record %s is unreadable (%s): moved to %s; the other "
+                      "endpoints are restored", path, exc, target)
+            return None
+        return ep
 
     def _read_map_state(self, endpoint_id: int) -> dict:
         """The entries the kernel holds for an endpoint, as MapKey → MapValue."""

@@ -26,6 +26,7 @@ from villi.kvstore.store import (
     LeaseID,
     ListResult,
     Store,
+    TxnOp,
     WatchEvent,
 )
 from villi.kvstore.sync import LeaseKeeper, PrefixSync, watch_prefix
@@ -43,6 +44,7 @@ __all__ = [
     "ListResult",
     "PrefixSync",
     "Store",
+    "TxnOp",
     "WatchEvent",
     "open_store",
     "retry",

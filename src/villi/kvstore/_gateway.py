@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,8 @@ def describe(exc: BaseException) -> str:
     ("connection refused", "no such file or directory"), else the exception's text."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, ssl.SSLError):  # e.g. etcd wants a client certificate
+            return f"TLS handshake failed: {seen.reason or seen}"
         if isinstance(seen, OSError) and seen.errno:
             return os.strerror(seen.errno).lower()
         seen = seen.__cause__ or seen.__context__
@@ -117,6 +120,8 @@ class Gateway:
         backoff: BackoffPolicy,
         rng: UniformSource | None,
         sleep: SleepFn | None,
+        ssl_context: ssl.SSLContext | None = None,
+        client_cert: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint")
@@ -125,11 +130,22 @@ class Gateway:
         self.backoff = backoff
         self.rng, self.sleep = rng, sleep
         self.current = 0
+        # https endpoints: verify etcd against the CA and present our client cert.
+        self.ssl_context = ssl_context
+        self.client_cert = client_cert
         self._clients: dict[int, httpx.AsyncClient] = {}
 
     @property
     def where(self) -> str:
         return "etcd at " + ", ".join(e.url for e in self.endpoints)
+
+    def _tls_hint(self) -> str:
+        """A refused client certificate often shows as a reset or broken pipe: say so
+        when we talk TLS without presenting one."""
+        if self.client_cert or not any(e.base.startswith("https://") for e in self.endpoints):
+            return ""
+        return (" (no client certificate was presented; if etcd runs with "
+                "--client-cert-auth, give --kvstore-cert/--kvstore-key)")
 
     def client(self, index: int) -> httpx.AsyncClient:
         client = self._clients.get(index)
@@ -139,6 +155,7 @@ class Gateway:
             client = httpx.AsyncClient(
                 transport=transport,
                 timeout=self.timeout,
+                verify=self.ssl_context if self.ssl_context is not None else True,
                 # Each watch holds a connection for its lifetime: do not cap them.
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
             )
@@ -173,7 +190,7 @@ class Gateway:
                 if not await backoff.failed():
                     raise StoreUnavailable(
                         f"{self.where} is unreachable after {backoff.failures} attempts: "
-                        f"{failure.reason}") from failure.__cause__
+                        f"{failure.reason}{self._tls_hint()}") from failure.__cause__
                 log.debug("%s: %s failed (%s), retrying", self.where, path, failure.reason)
 
     async def _attempt(
@@ -186,6 +203,14 @@ class Gateway:
             raise _Retry(describe(exc), sent=False) from exc
         except httpx.TransportError as exc:
             raise _Retry(describe(exc), sent=True) from exc
+        except ssl.SSLError as exc:
+            # TLS 1.3: etcd rejects a missing/untrusted client certificate after the
+            # handshake looked done to us, so the alert arrives on the first read.
+            # etcd processed nothing; retrying cannot help.
+            raise StoreUnavailable(
+                f"{self.where} refused the TLS connection ({exc.reason or exc}): this "
+                "component needs a client certificate signed by etcd's CA "
+                "(--kvstore-cert/--kvstore-key, docs/security.md)") from exc
         # Streaming endpoints answer JSON lines; the first one is ours.
         text = resp.text.strip().split("\n", 1)[0]
         try:

@@ -17,12 +17,21 @@ reading, so two processes never both read revision N and both write N+1.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from villi.errors import StoreError
 from villi.kvstore._keys import prefix_range
-from villi.kvstore.store import Compacted, EventType, KeyValue, LeaseID, ListResult, WatchEvent
+from villi.kvstore.store import (
+    Compacted,
+    EventType,
+    KeyValue,
+    LeaseID,
+    ListResult,
+    TxnOp,
+    WatchEvent,
+    check_unique,
+)
 
 _PUT, _DELETE = 0, 1
 
@@ -131,7 +140,8 @@ class Database:
 
     # --- changes (inside a write transaction) -------------------------------------------
 
-    def _put_locked(self, key: bytes, value: bytes, lease: int | None, rev: int) -> None:
+    def _put_locked(self, key: bytes, value: bytes, lease: int | None, rev: int,
+                    seq: int = 0) -> None:
         if lease is not None and not self._lease_alive(lease):
             raise StoreError(f"lease {lease} not found or expired")
         self._conn.execute(
@@ -140,7 +150,8 @@ class Database:
             "lease = excluded.lease",
             (key, value, rev, rev, lease),
         )
-        self._conn.execute("INSERT INTO log VALUES (?, 0, ?, ?, ?)", (rev, _PUT, key, value))
+        self._conn.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?)",
+                           (rev, seq, _PUT, key, value))
 
     def _delete_keys_locked(self, keys: list[bytes], rev: int) -> None:
         """Delete ``keys`` (all existing) in revision ``rev``, one log row each."""
@@ -243,6 +254,32 @@ class Database:
                 return False
             self._delete_keys_locked([key.encode()], self._new_revision())
         return True
+
+    def commit(self, ops: Sequence[TxnOp], expect: Mapping[str, int]) -> int | None:
+        """Every op in one revision if every expected mod revision still holds."""
+        check_unique(ops)
+        with self._write() as c:
+            for key, expected in expect.items():
+                row = c.execute("SELECT mod_rev FROM kv WHERE key = ?",
+                                (key.encode(),)).fetchone()
+                if (row[0] if row else 0) != expected:
+                    return None
+            rev: int | None = None
+            seq = 0
+            for op in ops:
+                key = op.key.encode()
+                if op.value is None:
+                    if c.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is None:
+                        continue
+                    rev = rev or self._new_revision()
+                    c.execute("DELETE FROM kv WHERE key = ?", (key,))
+                    c.execute("INSERT INTO log VALUES (?, ?, ?, ?, x'')",
+                              (rev, seq, _DELETE, key))
+                else:
+                    rev = rev or self._new_revision()
+                    self._put_locked(key, bytes(op.value), None, rev, seq)
+                seq += 1
+            return rev if rev is not None else self._meta("revision")
 
     def grant_lease(self, ttl: int) -> LeaseID:
         with self._write() as c:

@@ -33,14 +33,14 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
 from villi.errors import StoreError, StoreUnavailable
 from villi.kvstore._sqlite import Database
-from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, WatchEvent
+from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, TxnOp, WatchEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,6 +179,9 @@ class EmbeddedStore(Store):
 
     async def compare_and_delete(self, key: str, expected_mod_revision: int) -> bool:
         return await self._run(self._db.compare_and_delete, key, expected_mod_revision)
+
+    async def commit(self, ops: Sequence[TxnOp], expect: Mapping[str, int]) -> int | None:
+        return await self._run(self._db.commit, list(ops), dict(expect))
 
     async def grant_lease(self, ttl_seconds: int) -> LeaseID:
         if ttl_seconds < 1:

@@ -29,7 +29,8 @@ import base64
 import json
 import logging
 import random
-from collections.abc import AsyncGenerator, Sequence
+import ssl
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -41,6 +42,7 @@ from villi.kvstore._gateway import (
     GRPC_OUT_OF_RANGE,
     Endpoint,
     Gateway,
+    GatewayError,
     describe,
     error_of,
 )
@@ -53,8 +55,11 @@ from villi.kvstore.store import (
     LeaseID,
     ListResult,
     Store,
+    TxnOp,
     WatchEvent,
+    check_unique,
 )
+from villi.kvstore.tls import KvstoreTLS
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +136,20 @@ class EtcdStore(Store):
         watch_read_timeout: float | None = 900.0,
         rng: UniformSource | None = None,
         sleep: SleepFn | None = None,
+        tls: KvstoreTLS | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
+        parsed = [Endpoint.parse(e) for e in endpoints]
+        # TLS settings: explicit, else the environment the --kvstore-* flags set.
+        tls = tls if tls is not None else KvstoreTLS.from_env()
+        ssl_context = None
+        if tls is not None and any(e.base.startswith("https://") for e in parsed):
+            ssl_context = tls.context()
         self._gw = Gateway(
-            [Endpoint.parse(e) for e in endpoints],
+            parsed,
+            ssl_context=ssl_context,
+            client_cert=bool(tls is not None and tls.cert),
             request_timeout=request_timeout,
             connect_timeout=connect_timeout,
             backoff=backoff or BackoffPolicy(),
@@ -231,6 +245,32 @@ class EtcdStore(Store):
             key, "MOD", expected_mod_revision,
             {"request_delete_range": {"key": _b64(key.encode())}})
 
+    async def commit(self, ops: Sequence[TxnOp], expect: Mapping[str, int]) -> int | None:
+        """One ``/v3/kv/txn``: compares on mod revisions, then every put and delete.
+        etcd refuses (and applies nothing of) a transaction over ``--max-txn-ops``
+        (128 by default) or ``--max-request-bytes`` (1.5 MiB): that refusal is raised
+        as a :class:`StoreError` saying so."""
+        check_unique(ops)
+        compare = [{"key": _b64(key.encode()), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": str(rev)} for key, rev in expect.items()]
+        success: list[dict[str, Any]] = [
+            {"request_delete_range": {"key": _b64(op.key.encode())}} if op.value is None
+            else {"request_put": _put(op.key, op.value, None)} for op in ops]
+        try:
+            answer = await self._call("/v3/kv/txn", {"compare": compare, "success": success},
+                                      repeatable=False)
+        except GatewayError as exc:
+            text = str(exc)
+            if "too many operations" in text or "request is too large" in text or (
+                    "larger than" in text):
+                raise StoreError(
+                    f"{text} (a transaction of {len(ops)} writes; raise etcd's "
+                    "--max-txn-ops / --max-request-bytes or apply in smaller parts)") from None
+            raise
+        if not answer.get("succeeded", False):
+            return None
+        return _revision(answer)
+
     async def grant_lease(self, ttl_seconds: int) -> LeaseID:
         if ttl_seconds < 1:
             raise ValueError(f"lease TTL must be >= 1 s, got {ttl_seconds}")
@@ -321,6 +361,8 @@ class EtcdStore(Store):
                         raise _StreamBroken(result.get("cancel_reason") or "canceled by etcd")
                     yield result
         except httpx.TransportError as exc:
+            raise _StreamBroken(describe(exc)) from exc
+        except ssl.SSLError as exc:  # refused client certificate (see _gateway)
             raise _StreamBroken(describe(exc)) from exc
         except ValueError as exc:  # a line that is not JSON
             raise _StreamBroken(f"bad answer: {exc}") from exc

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -53,6 +53,14 @@ class ListResult:
 
     items: list[KeyValue]
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class TxnOp:
+    """One write of a :meth:`Store.commit`: put ``value``, or delete when it is None."""
+
+    key: str
+    value: bytes | None
 
 
 class Store(abc.ABC):
@@ -109,6 +117,18 @@ class Store(abc.ABC):
     async def revoke_lease(self, lease: LeaseID) -> None:
         """Revoke a lease now, deleting every key attached to it."""
 
+    async def commit(self, ops: Sequence[TxnOp], expect: Mapping[str, int]) -> int | None:
+        """All of ``ops`` in one transaction and one revision, or none of them.
+
+        ``expect`` maps keys to the mod revision they must still have (0: absent); if
+        any differs, nothing is written and the result is None. Otherwise the result
+        is the store revision after the commit. A key may appear once in ``ops``
+        (ValueError otherwise). Watchers see every change of one commit at the same
+        revision, so nobody observes half of it. A backend that cannot take this many
+        operations at once (etcd's ``--max-txn-ops``, ``--max-request-bytes``) raises
+        :class:`~villi.errors.StoreError` and writes nothing."""
+        raise NotImplementedError
+
     async def revision(self) -> int:
         """The store's current revision; ``watch(prefix, revision() + 1)`` sees every
         change made after this call."""
@@ -148,6 +168,15 @@ class Store(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def check_unique(ops: Sequence[TxnOp]) -> None:
+    """A commit names every key at most once (etcd refuses duplicates too)."""
+    seen: set[str] = set()
+    for op in ops:
+        if op.key in seen:
+            raise ValueError(f"key {op.key!r} appears twice in one commit")
+        seen.add(op.key)
 
 
 class Compacted(Exception):

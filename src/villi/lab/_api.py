@@ -70,10 +70,14 @@ def store_run(state: dict[str, Any], fn: Any, quick: bool = False) -> Any:
     reaches it (etcd listens on the underlay only). ``quick``: give up after ~3 s
     (status displays) instead of the client's default retries."""
     from villi.kvstore import BackoffPolicy, open_store
+    from villi.kvstore.tls import KvstoreTLS
 
     options: dict[str, Any] = {}
     if quick and state.get("kvstore_kind", "etcd") == "etcd":
         options = {"request_timeout": 1.5, "backoff": BackoffPolicy(max_attempts=2)}
+    tls = KvstoreTLS.from_dict(state.get("kvstore_tls"))
+    if tls is not None:
+        options["tls"] = tls
 
     async def go() -> Any:
         async with open_store(state["kvstore"], **options) as store:

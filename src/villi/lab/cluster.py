@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from villi._nsenter import in_netns
+from villi.kvstore.tls import KvstoreTLS, make_pki
 from villi.lab import _cgroup, _network, _procs, _state
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
 
 ETCD = "/usr/bin/etcd"
 ETCD_PORT = 2379
+ETCD_MAX_TXN_OPS = 100_000
+ETCD_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_CLUSTER_CIDR = "10.64.0.0/10"
 PIN_BASE = Path("/sys/fs/bpf/villi")
 NETNS_DIR = Path("/var/run/netns")
@@ -118,14 +121,21 @@ def _initial_state(lab_id: str, n: int, kvstore: str, lease_ttl: int, underlay_c
     names = _state.names(lab_id)
     d = _state.lab_dir(lab_id)
     underlay = _network.Underlay(names["underlay"], underlay_cidr)
+    tls = None
     if kvstore == "etcd":
-        url, kv_ns = f"http://{underlay.gateway}:{ETCD_PORT}", underlay.netns
+        # etcd speaks TLS and wants a client certificate (docs/security.md): the
+        # certificates are made in _build; clients find them through the state file.
+        url, kv_ns = f"https://{underlay.gateway}:{ETCD_PORT}", underlay.netns
+        pki = d / "pki"
+        tls = {"ca": str(pki / "ca.crt"), "cert": str(pki / "client.crt"),
+               "key": str(pki / "client.key")}
     else:
         url, kv_ns = f"embedded://{d}/kvstore.db", None
     return {
         "id": lab_id, "cluster": names["cluster"], "status": "starting",
         "created": time.time(), "dir": str(d), "kvstore": url, "kvstore_kind": kvstore,
-        "kvstore_netns": kv_ns, "cluster_cidr": cluster_cidr, "lease_ttl": lease_ttl,
+        "kvstore_netns": kv_ns, "kvstore_tls": tls, "cluster_cidr": cluster_cidr,
+        "lease_ttl": lease_ttl,
         "underlay": {"netns": underlay.netns, "cidr": underlay_cidr,
                      "gateway": underlay.gateway, "world_ip": underlay.world_ip,
                      "bridge": _network.BRIDGE},
@@ -162,6 +172,8 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 
     if state["kvstore_kind"] == "etcd":
         progress("etcd", "start", state["kvstore"])
+        if state.get("kvstore_tls"):
+            make_pki(Path(state["kvstore_tls"]["ca"]).parent, [underlay.gateway])
         pid = _procs.spawn(etcd_cmd(state), d / "etcd.log")
         state["processes"]["etcd"] = {"pid": pid, "log": str(d / "etcd.log")}
         _state.save(state)
@@ -171,7 +183,8 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
         progress("etcd", "ok", f"embedded store {state['kvstore']}")
 
     progress("operator", "start", "")
-    op_cmd = villi_cmd("--kvstore", state["kvstore"], "--netns", underlay.netns, "operator",
+    op_cmd = villi_cmd("--kvstore", state["kvstore"], *_tls_flags(state),
+                       "--netns", underlay.netns, "operator",
                        "--cluster-cidr", state["cluster_cidr"])
     pid = _procs.spawn(op_cmd, d / "operator.log")
     state["processes"]["operator"] = {"pid": pid, "log": str(d / "operator.log")}
@@ -218,14 +231,31 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 def etcd_cmd(state: dict[str, Any]) -> list[str]:
     gw, name = state["underlay"]["gateway"], f"lab-{state['id']}"
     peer = "http://127.0.0.1:2380"
-    return ["ip", "netns", "exec", state["underlay"]["netns"], ETCD, "--name", name,
-            "--data-dir", f"{state['dir']}/etcd",
-            "--listen-client-urls", f"http://{gw}:{ETCD_PORT},http://127.0.0.1:{ETCD_PORT}",
-            "--advertise-client-urls", f"http://{gw}:{ETCD_PORT}",
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{name}={peer}",
-            "--initial-cluster-token", f"{PREFIX}{state['id']}",
-            "--initial-cluster-state", "new", "--log-level", "warn"]
+    tls = state.get("kvstore_tls")
+    scheme = "https" if tls else "http"
+    cmd = ["ip", "netns", "exec", state["underlay"]["netns"], ETCD, "--name", name,
+           "--data-dir", f"{state['dir']}/etcd",
+           "--listen-client-urls",
+           f"{scheme}://{gw}:{ETCD_PORT},{scheme}://127.0.0.1:{ETCD_PORT}",
+           "--advertise-client-urls", f"{scheme}://{gw}:{ETCD_PORT}",
+           "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+           "--initial-cluster", f"{name}={peer}",
+           "--initial-cluster-token", f"{PREFIX}{state['id']}",
+           "--initial-cluster-state", "new", "--log-level", "warn",
+           # One `villi apply` is one transaction (docs/policy.md): allow large ones.
+           "--max-txn-ops", str(ETCD_MAX_TXN_OPS),
+           "--max-request-bytes", str(ETCD_MAX_REQUEST_BYTES)]
+    if tls:
+        pki = Path(tls["ca"]).parent
+        cmd += ["--client-cert-auth", "--trusted-ca-file", tls["ca"],
+                "--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key")]
+    return cmd
+
+
+def _tls_flags(state: dict[str, Any]) -> list[str]:
+    """The client-certificate flags of the lab's villi processes (none without TLS)."""
+    tls = KvstoreTLS.from_dict(state.get("kvstore_tls"))
+    return tls.as_flags() if tls is not None else []
 
 
 def wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
@@ -237,7 +267,10 @@ def wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
                            f"{log_tail(log)}")
         try:
             with in_netns(state["underlay"]["netns"]):
-                with urllib.request.urlopen(state["kvstore"] + "/health", timeout=1) as r:
+                tls = KvstoreTLS.from_dict(state.get("kvstore_tls"))
+                ctx = tls.context() if tls is not None else None
+                with urllib.request.urlopen(state["kvstore"] + "/health", timeout=1,
+                                            context=ctx) as r:
                     if b'"true"' in r.read():
                         return
         except (urllib.error.URLError, OSError):
@@ -247,7 +280,8 @@ def wait_etcd(state: dict[str, Any], pid: int, timeout: float) -> None:
 
 
 def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
-    return villi_cmd("--netns", node["netns"], "agent", "--node", node["name"],
+    return villi_cmd(*_tls_flags(state), "--netns", node["netns"], "agent",
+                     "--node", node["name"],
                      "--cluster", state["cluster"], "--kvstore", state["kvstore"],
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],

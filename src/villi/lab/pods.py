@@ -149,10 +149,16 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
         lab_dir = Path(state["dir"])
     try:
         _create(record, lab_dir)
-    except BaseException:
-        _destroy(record)
-        with _state.update() as state:
-            state["pods"].pop(key, None)
+    except BaseException as failure:
+        # The ADD's own error is what the user must see; a failing cleanup is a note
+        # on it, and the pod record goes away whatever the cleanup did.
+        try:
+            _destroy(record)
+        except Exception as cleanup:  # noqa: BLE001 - reported as a note, not lost
+            failure.add_note(f"cleanup after the failed ADD: {cleanup}")
+        finally:
+            with _state.update() as state:
+                state["pods"].pop(key, None)
         raise
     with _state.update() as state:
         record["status"] = "running"

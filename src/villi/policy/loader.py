@@ -32,6 +32,23 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 Loc = tuple[str | int, ...]
 
+MAX_DOCUMENT_BYTES = 1024 * 1024  # under etcd's default 1.5 MiB request limit
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_EXPANDED_NODES = 100_000  # a large policy has a few thousand nodes
+
+
+def read_file(path: str | Path) -> str:
+    """A resource file's text, refusing files over :data:`MAX_FILE_BYTES`."""
+    name = str(path)
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ResourceError(f"file is {size} bytes, more than the limit of "
+                                f"{MAX_FILE_BYTES}", file=name)
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResourceError(f"cannot read file: {exc}", file=name) from exc
+
 
 class Loaded(list[Resource]):
     """The resources of one load, in order, and the warnings about fields that are
@@ -45,14 +62,14 @@ class Loaded(list[Resource]):
 
 def load_files(paths: Iterable[str | Path]) -> Loaded:
     """Every resource of every file, in order; raises on the first bad document."""
+    return load_sources((str(path), read_file(path)) for path in paths)
+
+
+def load_sources(sources: Iterable[tuple[str, str]]) -> Loaded:
+    """Like :func:`load_files` for (name, text) pairs already read (stdin, tests)."""
     resources = Loaded()
     seen: dict[tuple[str, str | None, str], str] = {}
-    for path in paths:
-        name = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ResourceError(f"cannot read file: {exc}", file=name) from exc
+    for name, text in sources:
         for doc, resource in _load(text, name, resources.warnings):
             key = resource_key(resource)
             where = f"{name} document {doc}"
@@ -110,7 +127,8 @@ def _documents(text: str, filename: str) -> Iterator[tuple[int, yaml.Node, Any]]
             node = loader.get_node()
             if node is None:
                 continue
-            _check_duplicate_keys(node, (), filename, doc)
+            _check_size(node, filename, doc)
+            _check_duplicate_keys(node, (), filename, doc, set())
             yield doc, node, loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -123,8 +141,58 @@ def _documents(text: str, filename: str) -> Iterator[tuple[int, yaml.Node, Any]]
         loader.dispose()
 
 
-def _check_duplicate_keys(node: yaml.Node, loc: Loc, filename: str, doc: int) -> None:
-    """PyYAML keeps the last of two equal keys; in a policy that hides a mistake."""
+def _check_size(node: yaml.Node, filename: str, doc: int) -> None:
+    """Refuse a document over :data:`MAX_DOCUMENT_BYTES` of text, or one whose aliases
+    expand to more than :data:`MAX_EXPANDED_NODES` nodes (an "alias bomb": 725 bytes
+    of nested ``*a`` references expand to billions of nodes). The expanded size is
+    computed once per distinct node (linear in the file), never by expanding."""
+    length = node.end_mark.index - node.start_mark.index
+    if length > MAX_DOCUMENT_BYTES:
+        raise ResourceError(f"document is {length} bytes, more than the limit of "
+                            f"{MAX_DOCUMENT_BYTES} per document", file=filename, document=doc,
+                            line=node.start_mark.line + 1)
+    sizes: dict[int, int] = {}
+    # Iterative post-order walk: a deep document must not hit Python's recursion limit.
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        current, children_done = stack.pop()
+        ident = id(current)
+        if ident in sizes and sizes[ident] >= 0:
+            continue
+        children = _children(current)
+        if not children_done:
+            if sizes.get(ident) == -1:
+                raise ResourceError("a YAML alias refers to itself (recursive document)",
+                                    file=filename, document=doc,
+                                    line=current.start_mark.line + 1)
+            sizes[ident] = -1  # in progress
+            stack.append((current, True))
+            stack.extend((child, False) for child in children if sizes.get(id(child), -2) < 0)
+            continue
+        total = 1 + sum(sizes[id(child)] for child in children)
+        if total > MAX_EXPANDED_NODES:
+            raise ResourceError(f"document expands to more than {MAX_EXPANDED_NODES} YAML "
+                                "nodes through aliases (&anchor/*alias); refusing it",
+                                file=filename, document=doc, line=current.start_mark.line + 1)
+        sizes[ident] = total
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_duplicate_keys(node: yaml.Node, loc: Loc, filename: str, doc: int,
+                          done: set[int]) -> None:
+    """PyYAML keeps the last of two equal keys; in a policy that hides a mistake.
+    Each distinct node is checked once (``done``): aliases share nodes, and walking
+    them again would be exponential."""
+    if id(node) in done:
+        return
+    done.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
@@ -135,10 +203,10 @@ def _check_duplicate_keys(node: yaml.Node, loc: Loc, filename: str, doc: int) ->
                                     line=key_node.start_mark.line + 1)
             seen.add(key)
             _check_duplicate_keys(value_node, loc + ((key,) if key is not None else ()),
-                                  filename, doc)
+                                  filename, doc, done)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, loc + (i,), filename, doc)
+            _check_duplicate_keys(item, loc + (i,), filename, doc, done)
 
 
 def _validate(data: Any, node: yaml.Node, filename: str, doc: int) -> Resource:

@@ -30,6 +30,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from villi.kvstore.tls import KvstoreTLS, Pki, make_pki
+
 ETCD_BINARY = "/usr/bin/etcd"
 _PR_SET_PDEATHSIG = 1
 
@@ -63,7 +65,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EtcdServer:
     """One single-member etcd cluster on loopback for the duration of a test."""
 
-    def __init__(self, binary: str = ETCD_BINARY, *, unix_socket: bool = False) -> None:
+    def __init__(self, binary: str = ETCD_BINARY, *, unix_socket: bool = False,
+                 tls: bool = False, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.name = f"villi-test-{uuid.uuid4().hex[:10]}"
         self.host = "127.0.0.1"
@@ -73,12 +76,23 @@ class EtcdServer:
         self._unix = unix_socket
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+        # tls: client URL https://, and etcd requires a client certificate signed by
+        # the throw-away CA (``client_tls`` holds what a client needs).
+        self.tls = tls
+        self.extra_args = tuple(extra_args)
+        self.pki: Pki | None = None
 
     # --- addresses -------------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def client_tls(self) -> KvstoreTLS | None:
+        """CA, client certificate and key for this server (None without TLS)."""
+        return self.pki.client if self.pki is not None else None
 
     @property
     def socket_path(self) -> str | None:
@@ -107,6 +121,8 @@ class EtcdServer:
         if first:
             self._tmp = Path(tempfile.mkdtemp(prefix="villi-etcd-"))
             atexit.register(self.close)
+            if self.tls:
+                self.pki = make_pki(self._tmp / "pki", [self.host])
         for attempt in range(3):
             if first:
                 self.client_port, self.peer_port = free_port(), free_port()
@@ -143,6 +159,10 @@ class EtcdServer:
             "--initial-cluster-token", self.name,
             "--initial-cluster-state", "new",
         ]
+        if self.pki is not None:
+            args += ["--client-cert-auth", "--trusted-ca-file", self.pki.ca,
+                     "--cert-file", self.pki.server_cert, "--key-file", self.pki.server_key]
+        args += list(self.extra_args)
         self._log = self._tmp / "etcd.log"
         # Linux kills etcd if the thread that started it dies, so a test run killed by
         # SIGKILL leaves no etcd behind. Only for the main thread: a worker thread that
@@ -162,7 +182,9 @@ class EtcdServer:
             if self._proc is None or self._proc.poll() is not None:
                 raise RuntimeError(f"etcd exited during start-up:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as resp:
+                ctx = self.pki.client.context() if self.pki is not None else None
+                with urllib.request.urlopen(self.endpoint + "/health", timeout=1,
+                                            context=ctx) as resp:
                     if b'"true"' in resp.read():
                         return
             except (urllib.error.URLError, OSError):

@@ -14,13 +14,20 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from contextlib import aclosing
 from typing import TypeVar
 
 from villi.errors import StoreUnavailable
 from villi.kvstore.embedded import EmbeddedStore
-from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, WatchEvent
+from villi.kvstore.store import KeyValue, LeaseID, ListResult, Store, TxnOp, WatchEvent
 
 T = TypeVar("T")
 
@@ -106,6 +113,9 @@ class DelegatingStore(Store):
 
     async def revision(self) -> int:
         return await self.inner.revision()
+
+    async def commit(self, ops: Sequence[TxnOp], expect: Mapping[str, int]) -> int | None:
+        return await self.inner.commit(ops, expect)
 
     async def compact(self, revision: int) -> None:
         await self.inner.compact(revision)

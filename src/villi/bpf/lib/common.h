@@ -41,6 +41,9 @@
 #define DROP_NO_SERVICE         158
 #define DROP_UNSUPPORTED_L2     166
 #define DROP_POLICY_DENY        181
+/* villi's own: a pod's packet to a control-plane address (kvstore, node IPs) that
+ * no egress rule of the pod allows explicitly (guarded.h). */
+#define DROP_CONTROL_PLANE      190
 
 /* --- event types (Cilium's CILIUM_NOTIFY_* numbers) ------------------------- */
 #define EVENT_DROP           1
@@ -90,6 +93,16 @@ struct ipcache_key {
 struct ipcache_value {
 	__u32 identity;
 	__u32 node_ip;       /* network order; 0 = this node or not a pod */
+};
+
+/* A guarded control-plane destination: address, port and protocol (port 0 and
+ * protocol 0: every port of the address). The value is an ipcache_value whose
+ * identity names what lives there (kube-apiserver for the kvstore). */
+struct guarded_key {
+	__u32 addr;          /* network order */
+	__u16 dport;         /* network order */
+	__u8  protocol;
+	__u8  pad;
 };
 
 /* endpoints: hash, pod IPv4 → the local endpoint that owns it. */

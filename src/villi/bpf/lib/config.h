@@ -34,6 +34,9 @@
 #ifndef ENABLE_HOST_ROUTING
 #define ENABLE_HOST_ROUTING 1           /* same-node delivery with bpf_redirect_peer */
 #endif
+#ifndef GUARDED_MAP_SIZE
+#define GUARDED_MAP_SIZE 256
+#endif
 #ifndef IPCACHE_MAP_SIZE
 #define IPCACHE_MAP_SIZE 512000
 #endif
