@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the main demonstration: the Star Wars scenario in a lab")
 
+    from villi.cloudsim.main import add_arguments as add_cloudsim_arguments
+    p = sub.add_parser("cloud-sim", help="run a simulated cloud provider API (ENI IPAM tests)")
+    add_cloudsim_arguments(p)
+
     # Subcommand families with their own modules register their parsers themselves.
     from villi.cli import lab as lab_cli
     from villi.cli import observe as observe_cli
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from villi.cli.demo import demo_command
             return demo_command(args)
+        if args.command == "cloud-sim":
+            from villi.cloudsim.main import run as run_cloudsim
+            return run_cloudsim(args)
         if args.command in ("lab", "connectivity"):
             from villi.cli import lab as lab_cli
             return lab_cli.run(args)
