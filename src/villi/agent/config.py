@@ -29,6 +29,7 @@ class AgentConfig:
     pod_cidr: str | None = None
     cluster_cidr: str = "10.64.0.0/10"
     ipam_node_update_rate: float = 15.0
+    ipam: str = "cluster-pool"
     lease_ttl: int = 15
     monitor_aggregation: str = "medium"
     host_routing: bool = True
@@ -70,6 +71,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cluster-cidr", help="the cluster's pod range (default 10.64.0.0/10)")
     ap.add_argument("--ipam-node-update-rate", type=float,
                     help="min seconds between IPAM usage reports to the node entry (15)")
+    ap.add_argument("--ipam", choices=["cluster-pool", "eni"],
+                    help="cluster-pool (pod CIDRs from the operator, default) or eni (IPs of "
+                    "cloud interfaces the operator attaches; see docs/ipam.md)")
     ap.add_argument("--lease-ttl", type=int, help="node lease TTL in seconds (15)")
     ap.add_argument("--monitor-aggregation", choices=sorted(AGGREGATION_LEVELS))
     ap.add_argument("--no-host-routing", dest="host_routing", action="store_false",

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim-grace", type=float, default=30.0,
                    help="seconds a vanished node keeps its pod CIDR")
     p.add_argument("--identity-gc-interval", type=float, default=900.0)
+    from villi.operator.eni_flags import add_eni_arguments
+    add_eni_arguments(p)
 
     for name, verb in (("apply", "store"), ("delete", "remove")):
         p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")

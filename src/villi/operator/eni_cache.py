@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from villi.operator.cloud import CloudClient
+if TYPE_CHECKING:  # aiohttp's client only when a cache is actually built
+    from villi.operator.cloud import CloudClient
 
 log = logging.getLogger(__name__)
 
