@@ -88,7 +88,12 @@ def lab_up(args: argparse.Namespace) -> int:
         try:
             state = cluster.up(args.nodes, args.lab_kvstore, lease_ttl=args.lease_ttl,
                                underlay_cidr=args.underlay, cluster_cidr=args.cluster_cidr,
-                               timeout=args.timeout, progress=steps)
+                               timeout=args.timeout, progress=steps,
+                               ipam=getattr(args, "ipam", "cluster-pool"),
+                               cloud_latency_ms=getattr(args, "cloud_latency", 0.0),
+                               cloud_rate_limit=getattr(args, "cloud_rate_limit", 0.0),
+                               excess_ip_release_delay=getattr(
+                                   args, "excess_ip_release_delay", 180.0))
         except BaseException:
             steps.fail_pending()
             raise
