@@ -75,8 +75,9 @@ def _launch(env: Env, node: str, subnet: str = "subnet-a") -> str:
 
 def _alloc(env: Env, store: object, cloud: CloudClient, **kw: object) -> ENIAllocator:
     strategy = str(kw.pop("strategy", "incremental"))
+    kw.setdefault("gc_interval_s", 0.0)
     settings = ENISettings(op_interval_s=1.0, release_delay_s=5.0, node_grace_s=0.0,
-                           gc_interval_s=0.0, **kw)  # type: ignore[arg-type]
+                           **kw)  # type: ignore[arg-type]
     cache = InterfaceCache(cloud, strategy=strategy, clock=env.clock)
     return ENIAllocator(store, cache, settings, clock=env.clock)  # type: ignore[arg-type]
 
@@ -189,10 +190,10 @@ async def test_resync_strategies(env: Env, strategy: str, describes_full: int,
                                  by_instance: bool) -> None:
     _launch(env, "n1")
     async with memory_store() as store, CloudClient(env.url) as cloud:
-        alloc = _alloc(env, store, cloud, strategy=strategy)
+        alloc = _alloc(env, store, cloud, strategy=strategy, gc_interval_s=1e6)
         await alloc.cache.full_resync()
         assert cloud.calls["DescribeNetworkInterfaces"] == describes_full
-        alloc.last_full = env.clock.now
+        alloc.last_full = alloc.last_gc = env.clock.now
         alloc.node_seen("n1")
         before = cloud.calls["DescribeNetworkInterfaces"]
         await alloc.cycle()

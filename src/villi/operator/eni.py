@@ -352,12 +352,24 @@ class ENIAllocator:
             node.published = raw
 
     async def _gc(self) -> None:
-        """Delete our interfaces left by terminated instances or departed nodes."""
+        """Delete our interfaces left by terminated instances or departed nodes.
+
+        Lists this cluster's interfaces by tag (one paginated Describe, like Cilium's
+        GC of dangling ENIs) rather than trusting the cache: instances are terminated
+        behind the operator's back, and the next full resync may be a minute away."""
         now = self.clock()
         detached: set[str] = set()
-        for eni in list(self.cache.interfaces.values()):
-            if eni.tags.get(CLUSTER_TAG) != self.s.cluster_name:
-                continue
+        listed = await self.cache.cloud.describe_all(
+            "DescribeNetworkInterfaces", "NetworkInterfaces",
+            TagFilter={CLUSTER_TAG: self.s.cluster_name})
+        for doc in listed:
+            fresh = CachedInterface.from_api(doc)
+            cached = self.cache.interfaces.get(fresh.id)
+            if cached is None:
+                self.cache.interfaces[fresh.id] = fresh
+            else:
+                cached.instance_id, cached.index = fresh.instance_id, fresh.index
+        for eni in [self.cache.interfaces[d["NetworkInterfaceId"]] for d in listed]:
             owner = self.nodes.get(eni.tags.get(NODE_TAG, ""))
             departed = (owner is not None and owner.gone_since is not None
                         and now - owner.gone_since >= self.s.node_grace_s)
