@@ -46,9 +46,9 @@ def test_allocate_release_exhaustion_and_persistence(tmp_path: Path) -> None:
     assert pool.allocate("a") == a  # retried ADD: same IP
     b = pool.allocate("b")
     assert a != b and pool.usage().free == 5  # nothing left in the pool, 5 attachable
-    pool.pending = 0
-    with pytest.raises(PoolExhausted, match=r"2 in use, 2 in pool.*attaching more"):
-        pool.allocate("c")
+    for _ in range(3):  # a runtime retrying the same pod counts once
+        with pytest.raises(PoolExhausted, match=r"2 in use, 2 in pool.*attaching more"):
+            pool.allocate("c")
     assert pool.status().pending == 1
     pool.release(str(a))
     # restart: allocations come back from disk

@@ -21,6 +21,7 @@ allocatable pod IPs, the figure published as ``villi.io/ip``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -36,6 +37,8 @@ from villi.ipam.eni import (
 )
 
 STATE_FILE = "eni-ipam.json"
+#: How long a refused pod counts as pending (a runtime that gave up stops counting).
+PENDING_WINDOW_S = 30.0
 
 
 class ENIPool:
@@ -49,7 +52,7 @@ class ENIPool:
         self._owners: dict[str, str] = {}     # ip -> owner
         self._released: set[str] = set()      # answered ready-for-release: never hand out
         self._cursor = ""                     # next-fit: start after the last handed out
-        self.pending = 0                      # refusals since the last status report
+        self._waiting: dict[str, float] = {}  # owner refused for lack of IPs -> when
         self._restore()
 
     # -- operator side ----------------------------------------------------------------
@@ -75,6 +78,15 @@ class ENIPool:
                 release[ip] = DO_NOT_RELEASE if ip in self._owners else READY_FOR_RELEASE
             return ENIAgentStatus(dict(self._owners), release, self.pending)
 
+    @property
+    def pending(self) -> int:
+        """Pods refused an IP within the last :data:`PENDING_WINDOW_S` (each counted
+        once however often its runtime retries): the operator's surge figure."""
+        now = time.monotonic()
+        self._waiting = {o: t for o, t in self._waiting.items()
+                         if now - t < PENDING_WINDOW_S}
+        return len(self._waiting)
+
     # -- pods -------------------------------------------------------------------------
 
     def allocate(self, owner: str) -> IPv4Address:
@@ -84,14 +96,14 @@ class ENIPool:
                     return IPv4Address(ip)  # a retried ADD gets the same IP
             free = self._free()
             if not free:
-                self.pending += 1
+                self._waiting[owner] = time.monotonic()
                 raise PoolExhausted(self._exhausted_message())
             last = IPv4Address(self._cursor) if self._cursor else None
             after = [ip for ip in free if last is None or IPv4Address(ip) > last]
             ip = str((after or free)[0])
             self._owners[ip] = owner
             self._cursor = ip
-            self.pending = 0
+            self._waiting.pop(owner, None)
             self._persist()
             return IPv4Address(ip)
 
