@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,13 @@ def _wait(check: Any, within: float = 20.0, what: str = "") -> Any:
         time.sleep(0.3)
 
 
+def _packets(netns: str, dev: str, direction: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", netns, "cat",
+                          f"/sys/class/net/{dev}/statistics/{direction}_packets"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
 def _pod_ip(lab: Lab, ref: str, *extra: str) -> str:
     out = lab.ok("lab", "pod", "add", ref, *extra)
     return out.split("IP ")[1].split()[0].rstrip(",")
@@ -86,6 +94,21 @@ def test_pods_get_interface_ips_and_reach_each_other_across_nodes(lab: Lab) -> N
     assert [e["index"] for e in nodes["node1"]["eni"]] == [1, 2]
     assert b in {ip for e in _nodes(lab)["node2"]["eni"] for ip in e["ips"]}
     assert lab.eventually("default/b", "default/a", "80/tcp", True, within=10)
+    # ...through the interfaces that own the pods' IPs, not the node's own link
+    n1, n2 = (n["netns"] for n in state["nodes"])
+    idx_a = next(e["index"] for e in nodes["node1"]["eni"] if a in e["ips"])
+    idx_b = next(e["index"] for e in _nodes(lab)["node2"]["eni"] if b in e["ips"])
+    before = (_packets(n1, f"eni{idx_a}", "rx"), _packets(n2, f"eni{idx_b}", "tx"),
+              _packets(n1, "eth0", "rx"))
+    for _ in range(3):
+        assert lab.probe("default/b", "default/a", "80/tcp")
+    after = (_packets(n1, f"eni{idx_a}", "rx"), _packets(n2, f"eni{idx_b}", "tx"),
+             _packets(n1, "eth0", "rx"))
+    assert after[0] - before[0] >= 6 and after[1] - before[1] >= 6, (before, after)
+    assert after[2] - before[2] < 3, "pod traffic crossed the node's underlay link"
+    rules = subprocess.run(["ip", "netns", "exec", n1, "ip", "rule"], capture_output=True,
+                           text=True).stdout
+    assert f"from {a} lookup {100 + idx_a}" in rules
     # the interfaces exist in the cloud, tagged for this cluster and node
     ours = lab_eni.interfaces(state, "node1")
     assert sorted(e["NetworkInterfaceId"] for e in ours) == sorted(

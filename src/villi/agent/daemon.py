@@ -547,7 +547,10 @@ def _make_ipam(cfg: Any, state: Any, node: str) -> NodeIPAM | ENINodeIPAM:
     if cfg.ipam == "eni":
         if cfg.pod_cidr:
             raise VilliError("--pod-cidr cannot be used with --ipam eni")
-        return ENINodeIPAM(state, node)
+        from villi.agent.eni_links import ENILinks
+
+        # routing per interface only in a node namespace (never the machine's own)
+        return ENINodeIPAM(state, node, None if cfg.allow_root_netns else ENILinks())
     if cfg.ipam != "cluster-pool":
         raise VilliError(f"--ipam must be cluster-pool or eni, not {cfg.ipam!r}")
     return NodeIPAM(state, node)

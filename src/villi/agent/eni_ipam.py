@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from villi.agent.eni_links import ENILinks
 from villi.errors import IPAMError
 from villi.ipam import RateLimitedReporter
 from villi.ipam.eni import ENIRecord, eni_key, eni_status_key
@@ -30,9 +31,10 @@ log = logging.getLogger(__name__)
 class ENINodeIPAM:
     """Pod IPs from the node's ENI pool, plus the status report to the operator."""
 
-    def __init__(self, state_dir: Path, node: str) -> None:
+    def __init__(self, state_dir: Path, node: str, links: ENILinks | None = None) -> None:
         self.node = node
         self.pool = ENIPool(node, state_dir=state_dir)
+        self.links = links  # per-interface routing in the node namespace (agent only)
         self.reporter: RateLimitedReporter | None = None
         self.status_reporter: RateLimitedReporter | None = None
         self._store: Store | None = None
@@ -56,15 +58,25 @@ class ENINodeIPAM:
 
     def allocate(self, owner: str) -> str:
         try:
-            return str(self.pool.allocate(owner))
+            ip = str(self.pool.allocate(owner))
         finally:
             self.notify()  # a refusal is a pending pod: the operator should know soon
+        self._sync_links()
+        return ip
 
     def release(self, ip: str) -> bool:
-        return self.pool.release(ip)
+        done = self.pool.release(ip)
+        self._sync_links()
+        return done
 
     def release_owner(self, owner: str) -> bool:
-        return self.pool.release_owner(owner)
+        done = self.pool.release_owner(owner)
+        self._sync_links()
+        return done
+
+    def _sync_links(self) -> None:
+        if self.links is not None:
+            self.links.sync(self.pool.record, self.pool.owners())
 
     def cidr_of(self, ip: str) -> str | None:
         return self.pool.interface_of(ip)
@@ -100,6 +112,7 @@ class ENINodeIPAM:
                 continue
             before = self.cidrs
             self.pool.set_record(record)
+            self._sync_links()
             self.notify()
             if self.cidrs != before and self.on_pool_change is not None:
                 await self.on_pool_change()
@@ -118,3 +131,5 @@ class ENINodeIPAM:
         for r in (self.reporter, self.status_reporter):
             if r is not None:
                 await r.aclose()
+        if self.links is not None:
+            self.links.close()

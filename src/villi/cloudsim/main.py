@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token bucket size (default: one second's worth)")
     p.add_argument("--consistency-delay-ms", type=float, default=0.0,
                    help="how long a new interface stays invisible to Describe")
+    p.add_argument("--plumb-links", metavar="BRIDGE",
+                   help="lab: attaching an interface to an instance tagged villi.io/netns "
+                   "creates a veth on BRIDGE with its peer eni<index> in that namespace")
     p.add_argument("--port-file", type=Path,
                    help="write the bound port here once listening (for the lab)")
 
@@ -60,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
 
     async def main() -> None:
-        runner, port = await serve(CloudSimServer(cloud, settings), host, int(port_text))
+        plumber = None
+        if args.plumb_links:
+            from villi.cloudsim.links import LinkPlumber
+
+            plumber = LinkPlumber(args.plumb_links)
+        runner, port = await serve(CloudSimServer(cloud, settings, plumber=plumber), host,
+                                   int(port_text))
         log.info("cloud-sim (a simulator, not a cloud) listening on %s:%d", host, port)
         if args.port_file is not None:
             tmp = args.port_file.with_suffix(".tmp")

@@ -67,8 +67,10 @@ class CloudSimServer:
     """The aiohttp application around one :class:`Cloud`; counters are public so tests
     in the same process can read them without scraping."""
 
-    def __init__(self, cloud: Cloud, settings: SimSettings | None = None) -> None:
+    def __init__(self, cloud: Cloud, settings: SimSettings | None = None, *,
+                 plumber: Any = None) -> None:
         self.cloud = cloud
+        self.plumber = plumber  # villi.cloudsim.links.LinkPlumber, or None
         self.settings = settings or SimSettings()
         s = self.settings
         self.bucket = TokenBucket(s.rate_limit, s.burst or s.rate_limit)
@@ -103,12 +105,32 @@ class CloudSimServer:
             self.errors[action] += 1
             return _error(SimError("MalformedRequest", "body must be a JSON object"))
         async with self._lock:  # one mutation at a time, like a provider's control plane
+            before = self._attachments() if self.plumber is not None else {}
             try:
                 result = getattr(self.cloud, action)(params)
             except SimError as exc:
                 self.errors[action] += 1
                 return _error(exc)
+            if self.plumber is not None:
+                await asyncio.to_thread(self._plumb, before, self._attachments())
         return web.json_response(result)
+
+    def _attachments(self) -> dict[str, tuple[str, int]]:
+        return {e.id: (e.instance_id, e.device_index) for e in self.cloud.interfaces.values()
+                if e.instance_id is not None and e.device_index}
+
+    def _plumb(self, before: dict[str, tuple[str, int]],
+               after: dict[str, tuple[str, int]]) -> None:
+        from villi.cloudsim.links import NETNS_TAG
+
+        for eid in before.keys() - after.keys():
+            self.plumber.detach(eid)
+        for eid in after.keys() - before.keys():
+            iid, index = after[eid]
+            inst = self.cloud.instances.get(iid)
+            netns = inst.tags.get(NETNS_TAG) if inst is not None else None
+            if netns:
+                self.plumber.attach(eid, netns, index)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lines = ["# HELP villi_cloudsim_api_calls_total API calls received, by action.",

@@ -118,17 +118,20 @@ class ENIInterface:
     subnet: str
     primary_ip: IPv4Address
     ips: tuple[IPv4Address, ...]  # secondary IPs: the pod pool
+    cidr: str = ""  # the subnet's CIDR: the interface's on-link network
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "index": self.index, "subnet": self.subnet,
-                "primaryIP": str(self.primary_ip), "ips": [str(a) for a in self.ips]}
+                "cidr": self.cidr, "primaryIP": str(self.primary_ip),
+                "ips": [str(a) for a in self.ips]}
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> ENIInterface:
         try:
             return cls(str(doc["id"]), int(doc["index"]), str(doc["subnet"]),
                        IPv4Address(doc["primaryIP"]),
-                       tuple(IPv4Address(a) for a in doc.get("ips") or []))
+                       tuple(IPv4Address(a) for a in doc.get("ips") or []),
+                       str(doc.get("cidr") or ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise IPAMError(f"{where}: invalid interface {doc!r}: {exc}") from None
 

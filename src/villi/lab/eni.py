@@ -60,7 +60,7 @@ def cloud_cmd(state: dict[str, Any], villi_cmd: Any) -> list[str]:
     args = ["--netns", state["underlay"]["netns"], "cloud-sim",
             "--listen", f"{state['underlay']['gateway']}:{CLOUD_PORT}",
             "--topology", str(topo), "--latency-ms", str(cfg["latency_ms"]),
-            "--rate-limit", str(cfg["rate_limit"])]
+            "--rate-limit", str(cfg["rate_limit"]), "--plumb-links", state["underlay"]["bridge"]]
     return list(villi_cmd(*args))
 
 
@@ -107,7 +107,8 @@ def start(state: dict[str, Any], villi_cmd: Any, timeout: float = 30.0) -> None:
     call(state, "DescribeInstanceTypes", timeout=timeout)
     for node in state["nodes"]:
         doc = call(state, "RunInstances", InstanceType=INSTANCE_TYPE,
-                   SubnetId=SUBNETS[0][0], Tags={NODE_TAG: node["name"]})
+                   SubnetId=SUBNETS[0][0],
+                   Tags={NODE_TAG: node["name"], "villi.io/netns": node["netns"]})
         node["instance_id"] = doc["Instance"]["InstanceId"]
 
 

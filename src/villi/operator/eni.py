@@ -346,7 +346,8 @@ class ENIAllocator:
             used = len(node.status.used)
             rec = ENIRecord(
                 node.name, inst.id, inst.type, max_ifaces, ips_per,
-                tuple(ENIInterface(e.id, e.index or 0, e.subnet, e.primary_ip, tuple(e.ips))
+                tuple(ENIInterface(e.id, e.index or 0, e.subnet, e.primary_ip, tuple(e.ips),
+                                   self._cidr(e.subnet))
                       for e in ifaces),
                 dict(node.release), attachable, needed_ips(self.s.pool, available, used),
                 excess_ips(self.s.pool, available, used), node.error)
@@ -354,6 +355,10 @@ class ENIAllocator:
         if raw != node.published:
             await self.store.put(eni_key(node.name), raw)
             node.published = raw
+
+    def _cidr(self, subnet: str) -> str:
+        cached = self.cache.subnets.get(subnet)
+        return cached.cidr if cached is not None else ""
 
     async def _gc(self) -> None:
         """Delete our interfaces left by terminated instances or departed nodes.
