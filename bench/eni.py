@@ -159,9 +159,8 @@ async def _burst_once(strategy: str, pods: int, nodes: int, rate: float, latency
             alloc = ENIAllocator(store, InterfaceCache(client, strategy=strategy), settings)
             agents = []
             for n in range(nodes):
-                ipam = ENINodeIPAM(Path(tmp.name) / f"node{n}", f"node{n}")
                 (Path(tmp.name) / f"node{n}").mkdir()
-                ipam.pool = type(ipam.pool)(f"node{n}", state_dir=Path(tmp.name) / f"node{n}")
+                ipam = ENINodeIPAM(Path(tmp.name) / f"node{n}", f"node{n}")
 
                 async def publish() -> None:
                     return None

@@ -61,8 +61,8 @@ class ENILinks:
                 for e in record.interfaces:
                     where = self._configure(ipr, e.id, e.index, str(e.primary_ip), e.cidr)
                     if where is not None:
-                        for ip in e.ips:
-                            by_ip[str(ip)] = where
+                        for addr in e.ips:
+                            by_ip[str(addr)] = where
                 wanted = {ip: by_ip[ip] for ip in owners if ip in by_ip}
                 for ip, where in list(self._pods.items()):
                     if wanted.get(ip) != where:

@@ -197,6 +197,9 @@ def lab_status(args: argparse.Namespace) -> int:
         entry = st["entries"].get(n["name"], {})
         cidrs = "\n".join(entry.get("podCIDRs") or (h or {}).get("ipam", {}).get("cidrs") or
                           ["-"])
+        if entry.get("eni") is not None:  # ENI mode: one line per interface, not per IP
+            cidrs = "\n".join(f"{e['id']}: {len(e.get('ips') or [])} IPs"
+                              for e in entry["eni"]) or "no ENI yet"
         t.add_row(n["name"], n["netns"], n["ip"], cidrs, agent,
                   str(h["endpoints"]) if h else "-",
                   h["ipam"]["status"].split(" from ")[0] if h else "-")

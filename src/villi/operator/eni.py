@@ -233,11 +233,11 @@ class ENIAllocator:
         pending = node.status.pending
         for eni in self._pod_interfaces(inst):
             room = room_per - len(eni.ips)
-            subnet = self.cache.subnets.get(eni.subnet)
-            if room <= 0 or subnet is None or subnet.available <= 0:
+            cached = self.cache.subnets.get(eni.subnet)
+            if room <= 0 or cached is None or cached.available <= 0:
                 continue
             count = allocation_size(self.s.pool, needed, pending, room_on_interface=room,
-                                    free_on_subnet=subnet.available)
+                                    free_on_subnet=cached.available)
             self._record_request(count, needed, pending)
             await self.cache.assign(eni, count)
             self.ops += 1
@@ -300,15 +300,15 @@ class ENIAllocator:
         if ready and self.clock() - node.last_op >= self.s.op_interval_s:
             by_eni: dict[str, list[IPv4Address]] = {}
             owner = {str(ip): e for e in self._pod_interfaces(inst) for ip in e.ips}
-            for ip in ready:
-                by_eni.setdefault(owner[ip].id, []).append(IPv4Address(ip))
+            for text in ready:
+                by_eni.setdefault(owner[text].id, []).append(IPv4Address(text))
             eid, ips = next(iter(by_eni.items()))
             await self.cache.unassign(self.cache.interfaces[eid], ips)
             self.ops += 1
             self.op_log.append((node.name, f"unassign {len(ips)}"))
             node.last_op = self.clock()
-            for ip in ips:
-                node.release.pop(str(ip), None)
+            for addr in ips:
+                node.release.pop(str(addr), None)
             log.info("node %s: released %d excess IPs from %s", node.name, len(ips), eid)
             await self.cache.after_change(inst.id)
             return True
