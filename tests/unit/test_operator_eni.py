@@ -241,3 +241,27 @@ async def test_eventual_consistency_does_not_double_create() -> None:
             assert len((await _record(store, "n1")).pool()) == 4
     finally:
         await runner.cleanup()
+
+
+def test_operator_flags() -> None:
+    import argparse
+
+    from villi.operator.eni_flags import add_eni_arguments, eni_settings_from_args
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reclaim-grace", type=float, default=30.0)
+    add_eni_arguments(ap)
+    s = eni_settings_from_args(ap.parse_args(
+        ["--ipam", "eni", "--cloud-url", "http://127.0.0.1:1", "--eni-resync", "all",
+         "--pre-allocate", "4", "--max-above-watermark", "2",
+         "--excess-ip-release-delay", "5"]))
+    assert (s.resync, s.pool.pre_allocate, s.pool.max_above_watermark, s.release_delay_s) \
+        == ("all", 4, 2, 5.0)
+    assert s.pool.min_allocate == 0 and s.op_interval_s == 1.0
+    with pytest.raises(SystemExit, match="needs --cloud-url"):
+        eni_settings_from_args(ap.parse_args(["--ipam", "eni"]))
+    with pytest.raises(SystemExit, match="max-allocate must be >= min-allocate"):
+        eni_settings_from_args(ap.parse_args(
+            ["--cloud-url", "x", "--min-allocate", "5", "--max-allocate", "2"]))
+    with pytest.raises(ValueError, match="unknown ENI resync strategy"):
+        InterfaceCache(None, strategy="sometimes")  # type: ignore[arg-type]
