@@ -118,6 +118,14 @@ def test_pods_get_interface_ips_and_reach_each_other_across_nodes(lab: Lab) -> N
     assert "villi.io/ip" in text
 
 
+def test_connectivity_suite_passes_with_eni_routing(lab: Lab) -> None:
+    """Policies, entities and "world" traffic all work over the interfaces (the
+    underlay reaches pod IPs through the subnets' router addresses)."""
+    out = lab.ok("connectivity", "test", timeout=300)
+    assert "scenarios passed" in out and "✗" not in out, out[-2000:]
+    assert not [k for k in lab.state["pods"] if k.startswith("villi-test/")]
+
+
 def test_refill_at_the_watermark(lab: Lab) -> None:
     for i in range(3):
         lab.ok("lab", "pod", "add", f"default/w{i}", "--node", "1")

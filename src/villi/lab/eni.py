@@ -99,9 +99,32 @@ def call(state: dict[str, Any], action: str, timeout: float = 10.0,
             time.sleep(0.1)
 
 
+def _subnet_router(state: dict[str, Any]) -> None:
+    """Give the underlay bridge each subnet's first address (the provider reserves it
+    for its router): the underlay then reaches every pod IP on-link, answered by the
+    interface that owns it, so "world" replies find pods whose IPs came after lab up."""
+    import ipaddress
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from villi.netns._ipr import ipr_in
+
+    with ipr_in(state["underlay"]["netns"]) as ipr:
+        bridge = ipr.link_lookup(ifname=state["underlay"]["bridge"])[0]
+        for _, cidr in SUBNETS:
+            net = ipaddress.IPv4Network(cidr)
+            try:
+                ipr.addr("add", index=bridge, address=str(net.network_address + 1),
+                         prefixlen=net.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST
+                    raise LabError(f"cannot add the subnet router {net}: {exc}") from exc
+
+
 def start(state: dict[str, Any], villi_cmd: Any, timeout: float = 30.0) -> None:
     """Start cloud-sim and launch one instance per node."""
     d = Path(state["dir"])
+    _subnet_router(state)
     pid = _procs.spawn(cloud_cmd(state, villi_cmd), d / "cloud-sim.log")
     state["processes"]["cloud-sim"] = {"pid": pid, "log": str(d / "cloud-sim.log")}
     call(state, "DescribeInstanceTypes", timeout=timeout)
