@@ -21,6 +21,7 @@ an errno for kernel errors, a CNI code for the plugin, a file/field path for pol
     ├── IdentityError          identity allocation/release failed
     ├── IPAMError              an address could not be allocated or released
     │   └── PoolExhausted      no free address left (CNI code 11: try again later)
+    ├── CloudAPIError          the (simulated) cloud provider's API refused a call
     ├── EndpointError          endpoint lifecycle failed
     └── AgentUnavailable       the agent's API could not be reached in time
 """
@@ -131,6 +132,16 @@ class IPAMError(VilliError):
 
 class PoolExhausted(IPAMError):
     """No free address is left in the node's pod CIDRs."""
+
+
+class CloudAPIError(VilliError):
+    """A cloud API call failed; ``code`` is the provider's error code
+    (``RequestLimitExceeded``, ``AttachmentLimitExceeded``…), ``action`` the call."""
+
+    def __init__(self, action: str, code: str, message: str) -> None:
+        super().__init__(f"{action}: {code}: {message}")
+        self.action = action
+        self.code = code
 
 
 class EndpointError(VilliError):

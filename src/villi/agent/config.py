@@ -29,6 +29,7 @@ class AgentConfig:
     pod_cidr: str | None = None
     cluster_cidr: str = "10.64.0.0/10"
     ipam_node_update_rate: float = 15.0
+    ipam: str = "cluster-pool"
     #: Node and ipcache entries live under this lease: an agent that is down (or cut off
     #: from the store) for less than this keeps its pods reachable from every other node
     #: (fail-static, as Cilium's 15-minute default). A node removed on purpose is
@@ -77,6 +78,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cluster-cidr", help="the cluster's pod range (default 10.64.0.0/10)")
     ap.add_argument("--ipam-node-update-rate", type=float,
                     help="min seconds between IPAM usage reports to the node entry (15)")
+    ap.add_argument("--ipam", choices=["cluster-pool", "eni"],
+                    help="cluster-pool (pod CIDRs from the operator, default) or eni (IPs of "
+                    "cloud interfaces the operator attaches; see docs/ipam.md)")
     ap.add_argument("--lease-ttl", type=int, help="TTL in seconds of the lease that holds "
                     "this node's entry and its pods' ipcache entries (900): how long other "
                     "nodes keep routing to its pods while this agent is down")

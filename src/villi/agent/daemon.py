@@ -30,6 +30,7 @@ from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
 from villi.agent.guard import guard_control_plane, kvstore_endpoints
+from villi.agent.eni_ipam import ENINodeIPAM
 from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
@@ -120,7 +121,7 @@ class Agent:
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
         restored = await self.kernel(self.endpoints.restore)
         log.info("restored %d endpoints from %s", len(restored), state)
-        self.ipam = NodeIPAM(state, self.node)
+        self.ipam = _make_ipam(cfg, state, self.node)
         self.ipam.reconcile({ep.ipv4: _owner(ep) for ep in restored})
 
         self.store = open_store(cfg.kvstore)
@@ -141,9 +142,16 @@ class Agent:
         self.ipcache_sync = IpcacheSync(self.store, self.datapath, self.node,
                                         on_change=self._on_pod_change)
 
-        await self._acquire_pod_cidr()
-        self.ipam.start_reporting(self.store, self._publish_node,
-                                  cfg.ipam_node_update_rate)
+        if isinstance(self.ipam, ENINodeIPAM):
+            self.ipam.start_reporting(self.store, self._publish_node,
+                                      cfg.ipam_node_update_rate,
+                                      lambda: self.lease.lease if self.lease else None)
+            self.ipam.on_pool_change = self._publish_node
+            self._spawn(self.ipam.follow(), "eni-ipam")
+        else:
+            await self._acquire_pod_cidr()
+            self.ipam.start_reporting(self.store, self._publish_node,
+                                      cfg.ipam_node_update_rate)
         await self._publish_node()
 
         ready = asyncio.Event()
@@ -258,8 +266,13 @@ class Agent:
                 await self._publish_node()
 
     def node_entry(self) -> dict[str, Any]:
-        return {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
-                "ipam": self.ipam.usage(), "apiSocket": str(self.config.api_socket)}
+        usage = self.ipam.usage()
+        entry = {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
+                 "ipam": usage, "apiSocket": str(self.config.api_socket),
+                 "villi.io/ip": usage["free"]}  # allocatable pod IPs (placement)
+        if isinstance(self.ipam, ENINodeIPAM):
+            entry["eni"] = self.ipam.interfaces()
+        return entry
 
     async def _timed(self, action: str, coro: Any) -> Any:
         """Run a kvstore operation, recording its duration and outcome."""
@@ -544,8 +557,8 @@ class Agent:
             "kvstore": {"status": kvstore, "url": self.config.kvstore},
             "datapath": {"status": "ok", "pinned": str(self.datapath.pin_dir)},
             "ipam": {"status": f"IPv4: {usage['allocated']}/{usage['capacity']} allocated"
-                               f" from {', '.join(self.ipam.cidrs) or 'no CIDR'}",
-                     **usage, "cidrs": self.ipam.cidrs},
+                               f" from {_pool_summary(self.ipam)}",
+                     **usage, "cidrs": self.ipam.cidrs, "villi.io/ip": usage["free"]},
             "endpoints": len(self.endpoints.endpoints),
         }
 
@@ -576,6 +589,28 @@ class Agent:
 
     def service_view(self) -> list[dict[str, Any]]:
         return self.services.table.view()
+
+
+def _make_ipam(cfg: Any, state: Any, node: str) -> NodeIPAM | ENINodeIPAM:
+    """The IPAM of ``--ipam``: cluster-pool CIDRs, or the operator's ENI pool."""
+    if cfg.ipam == "eni":
+        if cfg.pod_cidr:
+            raise VilliError("--pod-cidr cannot be used with --ipam eni")
+        from villi.agent.eni_links import ENILinks
+
+        # routing per interface only in a node namespace (never the machine's own)
+        return ENINodeIPAM(state, node, None if cfg.allow_root_netns else ENILinks())
+    if cfg.ipam != "cluster-pool":
+        raise VilliError(f"--ipam must be cluster-pool or eni, not {cfg.ipam!r}")
+    return NodeIPAM(state, node)
+
+
+def _pool_summary(ipam: NodeIPAM | ENINodeIPAM) -> str:
+    if isinstance(ipam, ENINodeIPAM):
+        ifaces = ipam.interfaces()
+        return (f"{len(ifaces)} ENI(s) {', '.join(e['id'] for e in ifaces)}" if ifaces
+                else "no ENI yet")
+    return ", ".join(ipam.cidrs) or "no CIDR"
 
 
 def _owner(ep: Endpoint) -> str:

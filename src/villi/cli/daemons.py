@@ -53,10 +53,18 @@ def run_operator_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise VilliError(f"villi operator: {e}") from e
 
+    if args.ipam == "eni":
+        from villi.operator.eni_flags import eni_settings_from_args, run_eni_operator
+
+        eni = eni_settings_from_args(args)
+
     async def run() -> None:
         store = open_store(target.kvstore)
         try:
-            await run_operator(store, settings)
+            if args.ipam == "eni":
+                await run_eni_operator(store, settings, eni)
+            else:
+                await run_operator(store, settings)
         finally:
             await store.close()
 

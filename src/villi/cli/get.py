@@ -77,11 +77,14 @@ def get_command(args: argparse.Namespace) -> int:
         nodes = [json.loads(v) for _, v in items]
         if args.output == "json":
             dump_json(nodes)
+        elif any("eni" in n for n in nodes):
+            _eni_nodes_table(nodes, args.no_headers)
         else:
-            table(["NAME", "IPv4", "POD CIDRS", "IPAM"],
+            table(["NAME", "IPv4", "POD CIDRS", "IPAM", "ALLOCATABLE"],
                   [[n["name"], n.get("ipv4") or "-", n.get("podCIDRs") or ["-"],
                     f"{n.get('ipam', {}).get('allocated', 0)}/"
-                    f"{n.get('ipam', {}).get('capacity', 0)}"] for n in nodes],
+                    f"{n.get('ipam', {}).get('capacity', 0)}", _allocatable(n)]
+                   for n in nodes],
                   no_headers=args.no_headers)
         return 0
     if what == "services":
@@ -129,3 +132,24 @@ def _warn_missing(missing: list[str]) -> None:
         import sys
 
         print(f"warning: no answer from node(s): {', '.join(missing)}", file=sys.stderr)
+
+
+def _allocatable(node: dict[str, Any]) -> str:
+    """``villi.io/ip``: pod IPs the node can still hand out (placement's figure)."""
+    value = node.get("villi.io/ip", node.get("ipam", {}).get("free"))
+    return "-" if value is None else str(value)
+
+
+def _eni_nodes_table(nodes: list[dict[str, Any]], no_headers: bool) -> None:
+    """ENI mode: one line per interface (id, device index, IPs) under each node."""
+    rows = []
+    for n in nodes:
+        ifaces = n.get("eni") or []
+        ipam = n.get("ipam", {})
+        rows.append([n["name"], n.get("ipv4") or "-",
+                     [f"{e['id']} (#{e['index']}, {e['subnet']})" for e in ifaces] or ["-"],
+                     [str(len(e.get("ips") or [])) for e in ifaces] or ["-"],
+                     f"{ipam.get('allocated', 0)}/{ipam.get('capacity', 0)}",
+                     _allocatable(n)])
+    table(["NAME", "IPv4", "INTERFACES", "IPs", "IPAM", "ALLOCATABLE (villi.io/ip)"], rows,
+          no_headers=no_headers)

@@ -37,6 +37,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "lab's namespaces only)")
     p.add_argument("--cluster-cidr", default="10.64.0.0/10")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for agents")
+    p.add_argument("--ipam", choices=["cluster-pool", "eni"], default="cluster-pool",
+                   help="eni: pod IPs from interfaces of a simulated cloud (villi cloud-sim)")
+    p.add_argument("--cloud-latency", type=float, default=0.0, metavar="MS",
+                   help="eni: latency of every cloud API call")
+    p.add_argument("--cloud-rate-limit", type=float, default=0.0, metavar="N",
+                   help="eni: cloud API calls per second before throttling (0: none)")
+    p.add_argument("--excess-ip-release-delay", type=float, default=180.0, metavar="S",
+                   help="eni: seconds a node holds excess IPs before they are released")
 
     ls.add_parser("down", help="remove the lab: processes, namespaces, pins, files")
     p = ls.add_parser("status", help="nodes, agents, health and pods")

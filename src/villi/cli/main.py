@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds between full pod CIDR passes when nothing changed (300)")
     p.add_argument("--retry-cap", type=float, default=30.0, help="max seconds between "
                    "retries of failed watches and passes (30; full jitter below it)")
+    from villi.operator.eni_flags import add_eni_arguments
+    add_eni_arguments(p)
 
     for name, verb in (("apply", "store"), ("delete", "remove")):
         p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")
@@ -69,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
     sub.add_parser("demo", help="the main demonstration: the Star Wars scenario in a lab")
+
+    from villi.cloudsim.main import add_arguments as add_cloudsim_arguments
+    p = sub.add_parser("cloud-sim", help="run a simulated cloud provider API (ENI IPAM tests)")
+    add_cloudsim_arguments(p)
 
     # Subcommand families with their own modules register their parsers themselves.
     from villi.cli import lab as lab_cli
@@ -120,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from villi.cli.demo import demo_command
             return demo_command(args)
+        if args.command == "cloud-sim":
+            from villi.cloudsim.main import run as run_cloudsim
+            return run_cloudsim(args)
         if args.command in ("lab", "connectivity"):
             from villi.cli import lab as lab_cli
             return lab_cli.run(args)

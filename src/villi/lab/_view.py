@@ -88,7 +88,12 @@ def lab_up(args: argparse.Namespace) -> int:
         try:
             state = cluster.up(args.nodes, args.lab_kvstore, lease_ttl=args.lease_ttl,
                                underlay_cidr=args.underlay, cluster_cidr=args.cluster_cidr,
-                               timeout=args.timeout, progress=steps)
+                               timeout=args.timeout, progress=steps,
+                               ipam=getattr(args, "ipam", "cluster-pool"),
+                               cloud_latency_ms=getattr(args, "cloud_latency", 0.0),
+                               cloud_rate_limit=getattr(args, "cloud_rate_limit", 0.0),
+                               excess_ip_release_delay=getattr(
+                                   args, "excess_ip_release_delay", 180.0))
         except BaseException:
             steps.fail_pending()
             raise
@@ -202,6 +207,9 @@ def lab_status(args: argparse.Namespace) -> int:
         entry = st["entries"].get(n["name"], {})
         cidrs = "\n".join(entry.get("podCIDRs") or (h or {}).get("ipam", {}).get("cidrs") or
                           ["-"])
+        if entry.get("eni") is not None:  # ENI mode: one line per interface, not per IP
+            cidrs = "\n".join(f"{e['id']}: {len(e.get('ips') or [])} IPs"
+                              for e in entry["eni"]) or "no ENI yet"
         t.add_row(n["name"], n["netns"], n["ip"], cidrs, agent,
                   str(h["endpoints"]) if h else "-",
                   h["ipam"]["status"].split(" from ")[0] if h else "-")

@@ -31,6 +31,7 @@ from typing import Any
 from villi._nsenter import in_netns
 from villi.kvstore.tls import KvstoreTLS, make_pki
 from villi.lab import _cgroup, _network, _procs, _state
+from villi.lab import eni as _eni
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
 
@@ -60,8 +61,14 @@ def villi_cmd(*args: str) -> list[str]:
 def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
        underlay_cidr: str = _network.DEFAULT_UNDERLAY,
        cluster_cidr: str = DEFAULT_CLUSTER_CIDR, timeout: float = 120.0,
-       progress: Progress = _quiet) -> dict[str, Any]:
-    """Create a lab and return its state; LabError when one is already running."""
+       progress: Progress = _quiet, ipam: str = "cluster-pool", cloud_latency_ms: float = 0.0,
+       cloud_rate_limit: float = 0.0, excess_ip_release_delay: float = 180.0
+       ) -> dict[str, Any]:
+    """Create a lab and return its state; LabError when one is already running.
+
+    ``ipam="eni"`` adds a simulated cloud (:mod:`villi.lab.eni`) with that latency per
+    call and rate limit (calls/s, 0 = none); the operator then attaches interfaces."""
+    cloud = _eni.settings(ipam, cloud_latency_ms, cloud_rate_limit, excess_ip_release_delay)
     if not 1 <= nodes <= 64:
         raise LabError(f"--nodes must be between 1 and 64, not {nodes}")
     if kvstore not in ("etcd", "embedded"):
@@ -84,6 +91,8 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
             progress("previous lab", "ok", f"removed crashed lab {old['id']}")
         lab_id = _new_id()
         state = _initial_state(lab_id, nodes, kvstore, lease_ttl, underlay.cidr, cluster_cidr)
+        if ipam == "eni":
+            state["ipam"], state["cloud"] = "eni", cloud
         # state first, registry second: a concurrent `lab down` scanning for orphans
         # must never see this id registered without the state file that owns it
         _state.save(state)
@@ -182,10 +191,19 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
     else:
         progress("etcd", "ok", f"embedded store {state['kvstore']}")
 
+    if state.get("ipam") == "eni":
+        progress("cloud-sim", "start", _eni.url(state))
+        _eni.start(state, villi_cmd, timeout=min(timeout, 30.0))
+        _state.save(state)
+        progress("cloud-sim", "ok", f"simulated cloud API {_eni.url(state)} · "
+                 f"{len(state['nodes'])} instances")
+
     progress("operator", "start", "")
     op_cmd = villi_cmd("--kvstore", state["kvstore"], *_tls_flags(state),
                        "--netns", underlay.netns, "operator",
                        "--cluster-cidr", state["cluster_cidr"])
+    if state.get("ipam") == "eni":
+        op_cmd += _eni.operator_args(state)
     pid = _procs.spawn(op_cmd, d / "operator.log")
     state["processes"]["operator"] = {"pid": pid, "log": str(d / "operator.log")}
     _state.save(state)
@@ -211,7 +229,9 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
             h = healthz(node["socket"], timeout=1.0)
             if h and h.get("status") == "ok" and h.get("ipam", {}).get("cidrs"):
                 node["pod_cidrs"] = h["ipam"]["cidrs"]
-                progress(name, "ok", f"{node['ip']} · pods {', '.join(node['pod_cidrs'])}")
+                pods = (f"{len(node['pod_cidrs'])} ENI IPs" if state.get("ipam") == "eni"
+                        else ", ".join(node["pod_cidrs"]))
+                progress(name, "ok", f"{node['ip']} · pods {pods}")
                 del pending[name]
         for proc, info in state["processes"].items():
             if not _procs.alive(info["pid"], marker):
@@ -285,7 +305,8 @@ def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
                      "--cluster", state["cluster"], "--kvstore", state["kvstore"],
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
-                     "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1")
+                     "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1",
+                     *(["--ipam", "eni"] if state.get("ipam") == "eni" else []))
 
 
 def sync_underlay_routes(state: dict[str, Any]) -> dict[str, str]:

@@ -115,7 +115,7 @@ def _node(state: dict[str, Any], node: str | None) -> dict[str, Any]:
         counts = {n["name"]: 0 for n in nodes}
         for pod in state["pods"].values():
             counts[pod["node"]] = counts.get(pod["node"], 0) + 1
-        return min(live, key=lambda n: (counts[n["name"]], n["index"]))
+        return _place(state, live, counts)
     for n in nodes:
         if node in (n["name"], str(n["index"])):
             if not _procs.alive(n.get("pid"), marker):
@@ -124,6 +124,40 @@ def _node(state: dict[str, Any], node: str | None) -> dict[str, Any]:
             return n
     raise LabError(f"no node {node!r} in this lab: use 1..{len(nodes)} or one of "
                    f"{', '.join(n['name'] for n in nodes)}")
+
+
+def _place(state: dict[str, Any], live: list[dict[str, Any]], counts: dict[str, int]
+           ) -> dict[str, Any]:
+    """The node for a pod placed without ``--node``: never one with no allocatable pod
+    IP (``villi.io/ip``, read live from each agent, minus pods being created there);
+    with ENI IPAM the one with the most, else the least loaded. Every node full: a
+    LabError at once, instead of a pod stuck in creation."""
+    from villi.errors import PoolExhausted
+    from villi.ipam.capacity import IPAMUsage, NodeCapacity, pick_node
+
+    creating: dict[str, int] = {}
+    for pod in state["pods"].values():
+        if pod.get("status") == "creating":
+            creating[pod["node"]] = creating.get(pod["node"], 0) + 1
+    caps = []
+    for n in live:
+        ipam = (healthz(n["socket"], timeout=2.0) or {}).get("ipam") or {}
+        try:
+            usage = IPAMUsage(int(ipam["allocated"]), int(ipam["capacity"]))
+        except (KeyError, TypeError, ValueError):
+            usage = None
+        caps.append(NodeCapacity(n["name"], usage))
+    try:
+        if state.get("ipam") == "eni":
+            best = pick_node(caps, creating)
+            return next(n for n in live if n["name"] == best)
+        pick_node(caps, creating)  # raises when every node is known to be full
+    except PoolExhausted as exc:
+        raise LabError(f"cannot place the pod: {exc}") from None
+    full = {c.name for c in caps
+            if c.usage is not None and c.usage.free - creating.get(c.name, 0) <= 0}
+    return min((n for n in live if n["name"] not in full),
+               key=lambda n: (counts[n["name"]], n["index"]))
 
 
 def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = None,
