@@ -39,7 +39,8 @@ def run_operator_command(args: argparse.Namespace) -> int:
     target = resolve(args.kvstore)
     settings = OperatorSettings(cluster_cidr=args.cluster_cidr, node_mask=args.node_cidr_mask,
                                 grace_period_s=args.reclaim_grace,
-                                identity_gc_interval_s=args.identity_gc_interval)
+                                identity_gc_interval_s=args.identity_gc_interval,
+                                start_jitter_s=args.start_jitter)
 
     async def run() -> None:
         store = open_store(target.kvstore)

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim-grace", type=float, default=30.0,
                    help="seconds a vanished node keeps its pod CIDR")
     p.add_argument("--identity-gc-interval", type=float, default=900.0)
+    p.add_argument("--start-jitter", type=float, default=0.0, metavar="SECONDS",
+                   help="wait a random 0..SECONDS before the first kvstore request")
 
     for name, verb in (("apply", "store"), ("delete", "remove")):
         p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")
