@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""The seed's scale on real etcd (issue 16): 20,000 nodes, 350,000 pods, 3,000 policies.
+
+Real: etcd (the ``etcd`` binary, one member, loopback and a unix socket), every key
+written with villi's key formats and its etcd client, one real ``villi agent`` in a
+node namespace with its real datapath. Simulated: the other N-1 agents, as lightweight
+sessions in this process (``_scale_sessions.py``: lease keep-alive, node entry,
+multiplexed watches of the shared prefixes; they count the events instead of decoding
+them and do not download the full listings).
+
+Phases (``--phases``):
+  populate  N-1 leases, node entries under them, I identities, namespaces and K
+            policies, P ipcache entries under their nodes' leases; DB size.
+  agent     the real agent syncs it: time to ready, ipcache map count, RSS (and per
+            remote pod, against the same agent on an empty store), endpoint creation,
+            policy change → kernel p50/p99 (the N-1 sessions keep their leases alive).
+  steady    the sessions watch; pod churn writes ipcache entries and IPAM reports (at
+            most one per node per --ipam-node-update-rate); etcd's request rate and
+            latency, events delivered, etcd CPU and memory.
+  herd      etcd restarted under the sessions, --restarts times per strategy (none,
+            equal, full jitter); requests issued per 100 ms; peak/mean over the
+            recovery window; each session's time back to watching.
+  storm     all sessions (re)start at once, without and with --start-jitter.
+
+    .venv/bin/python bench/scale.py --quick        # about a minute
+    nice -n 19 .venv/bin/python bench/scale.py     # the seed's size
+
+Writes bench/results/scale.json (``--out``) and, with --plots DIR, PNGs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+# The agent runs as `python -m villi.cli.main`: the same source tree as this script.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+
+import httpx  # noqa: E402
+from _scale_sessions import CAP, WINDOW, Sessions, pct  # noqa: E402
+from _scale_state import ClusterState, Size, node_name, populate  # noqa: E402
+
+from villi.agent import keys  # noqa: E402
+from villi.kvstore import EtcdStore  # noqa: E402
+from villi.testing.etcd import EtcdServer  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "scale.json"
+PHASES = ("populate", "agent", "steady", "herd", "storm")
+STRATEGIES = ("none", "equal", "full")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- etcd observations ----------------------------------------------------------------------
+def etcd_metrics(server: EtcdServer) -> dict[str, float]:
+    text = httpx.get(server.endpoint + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_handled_total{"):
+            method = re.search(r'grpc_method="([^"]+)"', line)
+            if method:
+                key = "rpc:" + method.group(1)
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        for name in ("etcd_mvcc_db_total_size_in_bytes", "process_resident_memory_bytes",
+                     "process_cpu_seconds_total", "etcd_debugging_mvcc_watcher_total",
+                     "etcd_debugging_mvcc_keys_total"):
+            if line.startswith(name + " "):
+                out[name] = float(line.split()[1])
+    return out
+
+
+def rpc_rates(before: dict[str, float], after: dict[str, float], seconds: float
+              ) -> dict[str, float]:
+    return {k[4:]: round((after.get(k, 0) - before.get(k, 0)) / seconds, 1)
+            for k in after if k.startswith("rpc:") and after.get(k, 0) > before.get(k, 0)}
+
+
+def peak_over_mean(series: list[int]) -> dict[str, Any]:
+    if not series or not sum(series):
+        return {"peak": 0, "mean": 0.0, "ratio": None}
+    mean = sum(series) / len(series)
+    return {"peak": max(series), "mean": round(mean, 2), "ratio": round(max(series) / mean, 2)}
+
+
+# --- phases ---------------------------------------------------------------------------------
+async def phase_agent(args: argparse.Namespace, server: EtcdServer, store: EtcdStore,
+                      state: ClusterState, baseline_kib: int | None) -> dict[str, Any]:
+    import _scale_agent
+
+    loop = asyncio.get_running_loop()
+
+    def put(key: str, value: bytes) -> int:
+        # The agent phase runs in a thread (pyroute2, blocking polls); writes go to the
+        # store on this loop, which keeps the sessions' leases alive meanwhile.
+        return asyncio.run_coroutine_threadsafe(store.put(key, value), loop).result()
+
+    def run() -> dict[str, Any]:
+        return _scale_agent.run(
+            "unix://" + str(server.socket_path), put, state, local_pods=args.local_pods,
+            changes=args.policy_changes, timeout=args.agent_timeout)
+
+    result = await asyncio.to_thread(run)
+    remote = state.size.pods
+    rss = result["rss_kib_ready"]
+    result["rss_mib_ready"] = round(rss / 1024, 1)
+    result["rss_bytes_per_remote_pod"] = round(rss * 1024 / remote, 1)
+    if baseline_kib:
+        result["baseline_rss_kib"] = baseline_kib
+        result["rss_growth_bytes_per_remote_pod"] = round((rss - baseline_kib) * 1024 / remote, 1)
+    return result
+
+
+async def churn(sessions: Sessions, state: ClusterState, rate: float, ipam_rate: float,
+                stop: asyncio.Event) -> None:
+    """Pod churn: re-publish ipcache entries; IPAM reports at most once per node per
+    ``ipam_rate`` seconds, as the agent's RateLimitedReporter does."""
+    rng = random.Random(7)
+    last_report: dict[int, float] = {}
+    by_index = {s.index: s for s in sessions.sessions}
+    serial = 0
+    while not stop.is_set():
+        serial += 1
+        j = rng.randrange(state.size.pods)
+        node, ip, entry = state.pod(j)
+        node_i = int(node.split("-")[1])
+        s = by_index[node_i]
+        entry["podName"] = f"{entry['podName']}-{serial}"
+        data = json.dumps(entry).encode()
+        asyncio.create_task(sessions.call("ipcache_put", lambda s=s, ip=ip, data=data:
+                                          s.client.put(keys.ipcache_key(ip), data,
+                                                       lease=s.lease)))
+        now = time.monotonic()
+        if now - last_report.get(node_i, -1e9) >= ipam_rate:
+            last_report[node_i] = now
+            doc = state.node_entry(node_i)
+            doc["ipam"]["allocated"] += serial % 2
+            asyncio.create_task(sessions.put_node(s, json.dumps(doc).encode()))
+        await asyncio.sleep(1.0 / rate)
+
+
+async def phase_steady(args: argparse.Namespace, server: EtcdServer, sessions: Sessions,
+                       state: ClusterState) -> dict[str, Any]:
+    await sessions.stop()
+    sessions.rec.start(time.monotonic())
+    sessions.start(watch=True)
+    setup_s = await sessions.wait_watching(args.watch_timeout)
+    log(f"steady: {len(sessions.sessions)} sessions watching after {setup_s:.1f} s")
+    await asyncio.sleep(2.0)
+    events0 = sessions.events
+    m0 = etcd_metrics(server)
+    t0 = time.monotonic()
+    sessions.rec.start(t0)
+    stop = asyncio.Event()
+    writer = asyncio.create_task(churn(sessions, state, args.churn, args.ipam_node_update_rate,
+                                       stop))
+    await asyncio.sleep(args.steady_seconds)
+    stop.set()
+    await writer
+    seconds = time.monotonic() - t0
+    m1 = etcd_metrics(server)
+    rec = sessions.rec
+    return {
+        "watch_setup_s": round(setup_s, 2), "seconds": round(seconds, 1),
+        "client_requests_per_s": {k: round(v / seconds, 1) for k, v in rec.kinds.items()},
+        "client_errors": dict(rec.errors),
+        "latency_ms": {k: {"p50": round(1000 * (pct(v, 0.5) or 0), 2),
+                           "p99": round(1000 * (pct(v, 0.99) or 0), 2), "n": len(v)}
+                       for k, v in rec.latency.items()},
+        "etcd_rpcs_per_s": rpc_rates(m0, m1, seconds),
+        "etcd_cpu_cores": round((m1.get("process_cpu_seconds_total", 0)
+                                 - m0.get("process_cpu_seconds_total", 0)) / seconds, 2),
+        "etcd_rss_mib": round(m1.get("process_resident_memory_bytes", 0) / 2**20, 1),
+        "etcd_watchers": m1.get("etcd_debugging_mvcc_watcher_total"),
+        "events_delivered_per_s": round((sessions.events - events0) / seconds, 1),
+        "keepalive_required_per_s": round((len(sessions.sessions)) / (sessions.ttl / 3), 1),
+    }
+
+
+async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
+                       strategy: str, timeout: float) -> dict[str, Any]:
+    await sessions.wait_watching(timeout)
+    sessions.revision = await store.revision()
+    sessions.strategy = strategy
+    await asyncio.sleep(0.5)
+    t_stop = time.monotonic()
+    sessions.rec.start(t_stop)
+    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(server.start, 120.0)
+    t_up = time.monotonic()
+    all_s = await sessions.wait_watching(timeout) + (time.monotonic() - t_up) * 0
+    t_all = max(s.back_at for s in sessions.sessions)
+    rec = sessions.rec
+    series = rec.series(until=t_all)
+    first = int((t_up - t_stop) / WINDOW)
+    window = series[first:int((t_all - t_stop) / WINDOW) + 1]
+    back = [s.back_at - t_up for s in sessions.sessions]
+    return {
+        "strategy": strategy, "down_s": round(t_up - t_stop, 2),
+        "all_back_after_up_s": round(t_all - t_up, 2), "wait_s": round(all_s, 2),
+        "back_p50_s": round(pct(back, 0.5) or 0, 2), "back_p99_s": round(pct(back, 0.99) or 0, 2),
+        "recovery": peak_over_mean(window),
+        "attempts_mean": round(sum(s.attempts for s in sessions.sessions)
+                               / len(sessions.sessions), 2),
+        "requests": dict(rec.kinds), "series_100ms": series, "up_index": first,
+    }
+
+
+async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdStore,
+                     sessions: Sessions) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for strategy in STRATEGIES:
+        for r in range(args.restarts):
+            res = await restart_once(server, store, sessions, strategy, args.watch_timeout)
+            log(f"herd {strategy} #{r + 1}: down {res['down_s']} s, all back "
+                f"{res['all_back_after_up_s']} s after up, peak/mean "
+                f"{res['recovery']['ratio']}")
+            runs.append(res)
+    summary = {}
+    for strategy in STRATEGIES:
+        mine = [r for r in runs if r["strategy"] == strategy]
+        summary[strategy] = {
+            "peak_over_mean": [r["recovery"]["ratio"] for r in mine],
+            "all_back_after_up_s": [r["all_back_after_up_s"] for r in mine],
+            "back_p99_s": [r["back_p99_s"] for r in mine]}
+    return {"runs": runs, "summary": summary, "backoff": {"base": 0.05, "cap": CAP}}
+
+
+async def phase_storm(args: argparse.Namespace, sessions: Sessions) -> dict[str, Any]:
+    out = {}
+    for jitter in (0.0, args.start_jitter):
+        await sessions.stop()
+        rng = random.Random(3)
+        t0 = time.monotonic()
+        sessions.rec.start(t0)
+        sessions.start_pumps()
+
+        async def one(s: Any, jitter: float = jitter, rng: random.Random = rng) -> None:
+            await asyncio.sleep(rng.uniform(0, jitter))
+            # An agent restarting inside its lease's TTL: refresh the lease, publish its
+            # node entry, list (one 100-key page, see the docstring), watch.
+            await sessions.keep_alive(s, "lease")
+            await sessions.put_node(s)
+            await sessions.call("list", lambda: s.client._gw.call(
+                "/v3/kv/range", {**_range_body(keys.NODES), "limit": 100, "keys_only": True}))
+            await sessions.watch(s)
+
+        await asyncio.gather(*(one(s) for s in sessions.sessions))
+        all_s = await sessions.wait_watching(args.watch_timeout)
+        t_all = max(s.back_at for s in sessions.sessions)
+        series = sessions.rec.series(until=t_all)
+        out[f"jitter_{jitter:g}s"] = {
+            "start_jitter_s": jitter, "all_watching_s": round(t_all - t0, 2),
+            "peak_per_100ms": max(series), "ratio": peak_over_mean(series)["ratio"],
+            "requests": dict(sessions.rec.kinds),
+            "latency_p99_ms": {k: round(1000 * (pct(v, 0.99) or 0), 1)
+                               for k, v in sessions.rec.latency.items()},
+            "series_100ms": series, "wait_s": all_s}
+        log(f"storm jitter {jitter:g} s: all watching after {t_all - t0:.1f} s, "
+            f"peak {max(series)}/100 ms")
+    await sessions.stop()
+    return out
+
+
+def _range_body(prefix: str) -> dict[str, str]:
+    from villi.kvstore.etcd import _range
+
+    return _range(prefix)
+
+
+def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    herd = result.get("herd")
+    if herd:
+        fig, axes = plt.subplots(len(STRATEGIES), 1, figsize=(9, 8), sharex=True)
+        for ax, strategy in zip(axes, STRATEGIES, strict=True):
+            for i, run in enumerate(r for r in herd["runs"] if r["strategy"] == strategy):
+                up = run["up_index"]
+                ys = [v * 10 for v in run["series_100ms"][up:]]
+                ax.plot([k * WINDOW for k in range(len(ys))], ys, lw=0.9,
+                        label=f"restart {i + 1}: peak/mean {run['recovery']['ratio']}")
+            ax.set_title(f"{strategy} jitter", fontsize=10)
+            ax.set_ylabel("requests/s")
+            ax.legend(fontsize=8)
+        axes[-1].set_xlabel("seconds after etcd is back (100 ms windows)")
+        fig.suptitle(f"Thundering herd: {result['size']['nodes'] - 1} sessions reconnecting")
+        fig.tight_layout()
+        path = out_dir / "scale-herd.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        made.append(str(path))
+    storm = result.get("storm")
+    if storm:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        for run in storm.values():
+            ys = [v * 10 for v in run["series_100ms"]]
+            ax.plot([k * WINDOW for k in range(len(ys))], ys, lw=0.9,
+                    label=f"--start-jitter {run['start_jitter_s']:g} s: all watching "
+                          f"after {run['all_watching_s']} s")
+        ax.set_xlabel("seconds after the restart")
+        ax.set_ylabel("requests/s")
+        ax.legend(fontsize=8)
+        ax.set_title("Agent start storm (simulated sessions)")
+        fig.tight_layout()
+        path = out_dir / "scale-storm.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        made.append(str(path))
+    return made
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    size = Size(nodes=args.nodes, pods=args.pods, policies=args.policies,
+                namespaces=args.namespaces)
+    phases = set(args.phases.split(","))
+    result: dict[str, Any] = {
+        "size": {"nodes": size.nodes, "pods": size.pods, "policies": size.policies,
+                 "identities": size.identities, "namespaces": size.namespaces},
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
+                    "kernel": platform.release(), "python": platform.python_version(),
+                    "load_avg_start": os.getloadavg()},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plots")},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    state = ClusterState(size)
+    server = EtcdServer(unix_socket=True)
+    server.start()
+    store = EtcdStore(server.endpoint, request_timeout=60)
+    sessions = Sessions(server.endpoint, args.session_ttl, clients=args.clients)
+    try:
+        result["etcd_version"] = httpx.get(server.endpoint + "/version", timeout=5).json()
+        baseline = None
+        if "agent" in phases:
+            import _scale_agent
+
+            log("agent baseline (empty store)")
+            baseline = await asyncio.to_thread(_scale_agent.baseline_rss,
+                                               "unix://" + str(server.socket_path))
+        log(f"populate: {size}")
+        result["populate"] = await populate(store, state, args.session_ttl)
+        m = etcd_metrics(server)
+        result["populate"]["etcd_db_mib"] = round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
+                                                  / 2**20, 1)
+        result["populate"]["etcd_keys"] = m.get("etcd_debugging_mvcc_keys_total")
+        log(f"populate done: {result['populate']['total_s']:.1f} s, "
+            f"DB {result['populate']['etcd_db_mib']} MiB")
+        for i, lease in sorted(state.leases.items()):
+            sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
+        sessions.start(watch=False)   # the simulated agents keep their leases from now on
+        if "agent" in phases:
+            log("agent: one real agent syncs the state")
+            result["agent"] = await phase_agent(args, server, store, state, baseline)
+            a = result["agent"]
+            log(f"agent ready {a['ready_s']:.1f} s, RSS {a['rss_mib_ready']} MiB, policy "
+                f"change p99 {a['policy_change_s']['p99'] * 1000:.1f} ms")
+        if "steady" in phases or "herd" in phases:
+            result["steady"] = await phase_steady(args, server, sessions, state)
+            log(f"steady: {result['steady']['etcd_rpcs_per_s']}")
+        if "herd" in phases:
+            result["herd"] = await phase_herd(args, server, store, sessions)
+        if "storm" in phases:
+            result["storm"] = await phase_storm(args, sessions)
+        m = etcd_metrics(server)
+        result["etcd_end"] = {"db_mib": round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
+                                              / 2**20, 1),
+                              "rss_mib": round(m.get("process_resident_memory_bytes", 0)
+                                               / 2**20, 1)}
+    finally:
+        await sessions.close()
+        await store.close()
+        server.close()
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 nodes, 3,000 pods: a smoke run")
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--pods", type=int)
+    ap.add_argument("--policies", type=int)
+    ap.add_argument("--namespaces", type=int, help="x10 apps = identities")
+    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--session-ttl", type=int, default=60,
+                    help="lease TTL of the simulated agents (keep-alive every TTL/3)")
+    ap.add_argument("--clients", type=int, default=8, help="etcd clients the sessions share")
+    ap.add_argument("--churn", type=float, default=5.0, help="ipcache updates per second")
+    ap.add_argument("--ipam-node-update-rate", type=float, default=15.0)
+    ap.add_argument("--steady-seconds", type=float)
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--start-jitter", type=float)
+    ap.add_argument("--local-pods", type=int, default=3)
+    ap.add_argument("--policy-changes", type=int)
+    ap.add_argument("--agent-timeout", type=float, default=900.0)
+    ap.add_argument("--watch-timeout", type=float, default=600.0)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    args = ap.parse_args(argv)
+    quick = dict(nodes=200, pods=3000, policies=300, namespaces=10, steady_seconds=5.0,
+                 start_jitter=2.0, policy_changes=10)
+    full = dict(nodes=20_000, pods=350_000, policies=3000, namespaces=300,
+                steady_seconds=20.0, start_jitter=20.0, policy_changes=100)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.nodes < 2 or args.pods < 1:
+        ap.error("--nodes must be >= 2 and --pods >= 1")
+    if args.pods > (args.nodes - 1) * 124:
+        ap.error(f"--pods {args.pods}: at most 124 per simulated node (/25 pod CIDRs)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = asyncio.run(amain(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.plots:
+        result["plots"] = plots(result, args.plots)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
