@@ -69,13 +69,16 @@ class Recorder:
     def start(self, t0: float) -> None:
         self.t0 = t0
         self.issued: Counter[int] = Counter()
+        self.issued_kind: Counter[tuple[str, int]] = Counter()
         self.kinds: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.latency: dict[str, list[float]] = {}
 
     def issue(self, kind: str, n: int = 1) -> float:
         now = time.monotonic()
-        self.issued[int((now - self.t0) / WINDOW)] += n
+        bucket = int((now - self.t0) / WINDOW)
+        self.issued[bucket] += n
+        self.issued_kind[kind, bucket] += n
         self.kinds[kind] += n
         return now
 
@@ -85,10 +88,12 @@ class Recorder:
         else:
             self.errors[kind] += 1
 
-    def series(self, until: float | None = None) -> list[int]:
+    def series(self, until: float | None = None, kind: str | None = None) -> list[int]:
         last = max(self.issued, default=0)
         if until is not None:
             last = max(last, int((until - self.t0) / WINDOW))
+        if kind is not None:
+            return [self.issued_kind.get((kind, i), 0) for i in range(last + 1)]
         return [self.issued.get(i, 0) for i in range(last + 1)]
 
 
@@ -167,7 +172,9 @@ class Sessions:
                                                                max_attempts=1))
         gw = store._gw
         gw._clients[0] = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0, connect=2.0, pool=600.0),
+            # villi's request timeouts (EtcdStore defaults); waiting for a pooled
+            # connection is this process's queue, not etcd's, so it does not time out.
+            timeout=httpx.Timeout(5.0, connect=2.0, pool=600.0),
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
         return store
 

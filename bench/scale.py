@@ -192,14 +192,22 @@ async def phase_steady(args: argparse.Namespace, server: EtcdServer, sessions: S
 
 
 async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
-                       strategy: str, timeout: float) -> dict[str, Any]:
+                       strategy: str, timeout: float, outage: float) -> dict[str, Any]:
     await sessions.wait_watching(timeout)
     sessions.revision = await store.revision()
     sessions.strategy = strategy
     await asyncio.sleep(0.5)
     t_stop = time.monotonic()
     sessions.rec.start(t_stop)
-    await asyncio.to_thread(server.stop)
+    # SIGKILL: the process exits at once (a crash, an OOM kill, a node reboot) and
+    # every connection resets; a graceful stop leaves requests hanging on open
+    # connections until it finishes, which hides the clients' backoff.
+    await asyncio.to_thread(server._kill)
+    if server.socket_path:  # a killed etcd leaves its unix socket behind
+        Path(server.socket_path).unlink(missing_ok=True)
+    # Down for --outage seconds (the time a crashed member takes to come back): the
+    # clients' attempts fail fast meanwhile, and their backoff shapes the return.
+    await asyncio.sleep(max(0.0, outage - (time.monotonic() - t_stop)))
     await asyncio.to_thread(server.start, 120.0)
     t_up = time.monotonic()
     all_s = await sessions.wait_watching(timeout) + (time.monotonic() - t_up) * 0
@@ -209,14 +217,18 @@ async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
     first = int((t_up - t_stop) / WINDOW)
     window = series[first:int((t_all - t_stop) / WINDOW) + 1]
     back = [s.back_at - t_up for s in sessions.sessions]
+    attempts = rec.series(until=t_all, kind="reconnect")
     return {
         "strategy": strategy, "down_s": round(t_up - t_stop, 2),
         "all_back_after_up_s": round(t_all - t_up, 2), "wait_s": round(all_s, 2),
         "back_p50_s": round(pct(back, 0.5) or 0, 2), "back_p99_s": round(pct(back, 0.99) or 0, 2),
         "recovery": peak_over_mean(window),
+        "recovery_reconnects_only": peak_over_mean(
+            attempts[first:int((t_all - t_stop) / WINDOW) + 1]),
         "attempts_mean": round(sum(s.attempts for s in sessions.sessions)
                                / len(sessions.sessions), 2),
         "requests": dict(rec.kinds), "series_100ms": series, "up_index": first,
+        "reconnect_series_100ms": attempts,
     }
 
 
@@ -225,7 +237,8 @@ async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdSt
     runs: list[dict[str, Any]] = []
     for strategy in STRATEGIES:
         for r in range(args.restarts):
-            res = await restart_once(server, store, sessions, strategy, args.watch_timeout)
+            res = await restart_once(server, store, sessions, strategy, args.watch_timeout,
+                                     args.outage)
             log(f"herd {strategy} #{r + 1}: down {res['down_s']} s, all back "
                 f"{res['all_back_after_up_s']} s after up, peak/mean "
                 f"{res['recovery']['ratio']}")
@@ -235,6 +248,8 @@ async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdSt
         mine = [r for r in runs if r["strategy"] == strategy]
         summary[strategy] = {
             "peak_over_mean": [r["recovery"]["ratio"] for r in mine],
+            "peak_over_mean_reconnects": [r["recovery_reconnects_only"]["ratio"] for r in mine],
+            "peak_per_100ms": [r["recovery"]["peak"] for r in mine],
             "all_back_after_up_s": [r["all_back_after_up_s"] for r in mine],
             "back_p99_s": [r["back_p99_s"] for r in mine]}
     return {"runs": runs, "summary": summary, "backoff": {"base": 0.05, "cap": CAP}}
@@ -409,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ipam-node-update-rate", type=float, default=15.0)
     ap.add_argument("--steady-seconds", type=float)
     ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--outage", type=float, default=3.0,
+                    help="seconds etcd stays down in each restart of the herd phase")
     ap.add_argument("--start-jitter", type=float)
     ap.add_argument("--local-pods", type=int, default=3)
     ap.add_argument("--policy-changes", type=int)
