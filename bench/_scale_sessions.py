@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from villi.agent import keys
-from villi.errors import StoreError
+from villi.errors import StoreError, StoreUnavailable
 from villi.kvstore import BackoffPolicy, EtcdStore, LeaseID
 from villi.kvstore._keys import prefix_range
 
@@ -116,6 +116,8 @@ def _create(prefix: str, start_revision: int) -> dict[str, Any]:
     return {"create_request": req}
 
 
+KA_BATCH = 100  # keep-alives per request: the gateway reads ~100 before it answers
+
 STALL = 1.0  # seconds without a created answer before a stream's rest moves on
 
 
@@ -126,6 +128,7 @@ class Session:
     lease: LeaseID
     entry: bytes
     client: EtcdStore
+    keepalives: KeepAlives
     broken: asyncio.Event = field(default_factory=asyncio.Event)
     watching: bool = False
     broken_at: float = 0.0
@@ -133,6 +136,60 @@ class Session:
     attempts: int = 0
     stream: int = 0   # which watch stream carries this session's watches
     queued_at: float = 0.0
+
+
+class KeepAlives:
+    """Lease keep-alives of many sessions, multiplexed as clientv3 does it: one
+    LeaseKeepAlive stream carries the keep-alives of every lease of the client. Through
+    the gateway that is one POST whose body holds up to KA_BATCH requests; etcd answers
+    each (``ID``, ``TTL``; TTL 0 = the lease is gone). Each keep-alive is still one
+    request to etcd and is counted as one; only the HTTP round trip is shared."""
+
+    def __init__(self, endpoint: str, client: httpx.AsyncClient, flushers: int = 8) -> None:
+        self.url = endpoint + "/v3/lease/keepalive"
+        self.client = client
+        self.queue: asyncio.Queue[tuple[int, asyncio.Future[bool]]] = asyncio.Queue()
+        self.tasks = [asyncio.create_task(self._flush()) for _ in range(flushers)]
+
+    async def keep_alive(self, lease: int) -> bool:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((lease, fut))
+        return await fut
+
+    async def _flush(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < KA_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            body = "\n".join(json.dumps({"ID": str(lease)}) for lease, _ in batch).encode()
+            waiting: dict[int, list[asyncio.Future[bool]]] = {}
+            for lease, fut in batch:
+                waiting.setdefault(int(lease), []).append(fut)
+            error: BaseException | None = None
+            try:
+                async with self.client.stream("POST", self.url, content=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if not line.strip():
+                            continue
+                        result = json.loads(line).get("result", {})
+                        futs = waiting.pop(int(result.get("ID", 0)), [])
+                        for fut in futs:
+                            if not fut.done():
+                                fut.set_result(int(result.get("TTL", 0)) > 0)
+                        if not waiting:
+                            break
+            except (httpx.HTTPError, OSError, ValueError) as exc:
+                error = exc
+            for futs in waiting.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(StoreUnavailable(
+                            f"keep-alive unanswered: {error or 'no answer'}"))
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 @dataclass(eq=False)
@@ -162,6 +219,7 @@ class Sessions:
         self._streams: set[asyncio.Task[Any]] = set()
         self._stream_ids = 0
         self.clients = [self._client(pool) for _ in range(clients)]
+        self.keepalives = [KeepAlives(endpoint, c._gw.client(0)) for c in self.clients]
         self._watch_http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None),
                                              limits=httpx.Limits(max_connections=None))
 
@@ -179,8 +237,9 @@ class Sessions:
         return store
 
     def add(self, index: int, node: str, lease: LeaseID, entry: bytes) -> None:
-        client = self.clients[index % len(self.clients)]
-        self.sessions.append(Session(index, node, lease, entry, client))
+        k = index % len(self.clients)
+        self.sessions.append(Session(index, node, lease, entry, self.clients[k],
+                                     self.keepalives[k]))
 
     # --- requests ---------------------------------------------------------------------------
     async def call(self, kind: str, coro_fn: Any) -> Any:
@@ -194,7 +253,7 @@ class Sessions:
         return result
 
     async def keep_alive(self, s: Session, kind: str = "keepalive") -> bool:
-        return bool(await self.call(kind, lambda: s.client.keep_alive(s.lease)))
+        return bool(await self.call(kind, lambda: s.keepalives.keep_alive(s.lease)))
 
     async def put_node(self, s: Session, entry: bytes | None = None) -> None:
         if entry is not None:
@@ -354,6 +413,8 @@ class Sessions:
 
     async def close(self) -> None:
         await self.stop()
+        for k in self.keepalives:
+            await k.close()
         for c in self.clients:
             await c.close()
         await self._watch_http.aclose()

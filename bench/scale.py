@@ -50,16 +50,26 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
 
 import httpx  # noqa: E402
-from _scale_sessions import CAP, WINDOW, Sessions, pct  # noqa: E402
+from _scale_sessions import CAP, VILLI, WINDOW, Sessions, pct  # noqa: E402
 from _scale_state import ClusterState, Size, node_name, populate  # noqa: E402
 
 from villi.agent import keys  # noqa: E402
-from villi.kvstore import EtcdStore  # noqa: E402
+from villi.errors import StoreError  # noqa: E402
+from villi.kvstore import EtcdStore, retry  # noqa: E402
 from villi.testing.etcd import EtcdServer  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "scale.json"
 PHASES = ("populate", "agent", "steady", "herd", "storm")
 STRATEGIES = ("none", "equal", "full")
+
+
+def past_deadline(args: argparse.Namespace) -> bool:
+    """True once the --deadline (HH:MM UTC) has passed: no new phase or restart starts."""
+    if not args.deadline:
+        return False
+    hh, mm = (int(x) for x in args.deadline.split(":"))
+    now = time.gmtime()
+    return (now.tm_hour, now.tm_min) >= (hh, mm)
 
 
 def log(msg: str) -> None:
@@ -235,8 +245,13 @@ async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
 async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdStore,
                      sessions: Sessions) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
-    for strategy in STRATEGIES:
-        for r in range(args.restarts):
+    # Interleaved (none, equal, full, none, ...): a run cut short by --deadline still
+    # has every strategy.
+    for r in range(args.restarts):
+        for strategy in STRATEGIES:
+            if past_deadline(args):
+                log(f"herd: --deadline reached, stopping after {len(runs)} restarts")
+                break
             res = await restart_once(server, store, sessions, strategy, args.watch_timeout,
                                      args.outage)
             log(f"herd {strategy} #{r + 1}: down {res['down_s']} s, all back "
@@ -258,6 +273,9 @@ async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdSt
 async def phase_storm(args: argparse.Namespace, sessions: Sessions) -> dict[str, Any]:
     out = {}
     for jitter in (0.0, args.start_jitter):
+        if past_deadline(args):
+            log("storm: --deadline reached, skipped")
+            break
         await sessions.stop()
         rng = random.Random(3)
         t0 = time.monotonic()
@@ -266,20 +284,30 @@ async def phase_storm(args: argparse.Namespace, sessions: Sessions) -> dict[str,
 
         async def one(s: Any, jitter: float = jitter, rng: random.Random = rng) -> None:
             await asyncio.sleep(rng.uniform(0, jitter))
-            # An agent restarting inside its lease's TTL: refresh the lease, publish its
-            # node entry, list (one 100-key page, see the docstring), watch.
-            await sessions.keep_alive(s, "lease")
-            await sessions.put_node(s)
-            await sessions.call("list", lambda: s.client._gw.call(
-                "/v3/kv/range", {**_range_body(keys.NODES), "limit": 100, "keys_only": True}))
+            # An agent restarting inside its lease's TTL: refresh the lease (a new one if
+            # it expired), publish its node entry, list (one 100-key page, see the
+            # docstring), watch. Each step retries as the agent does (full jitter).
+
+            async def lease() -> None:
+                if not await sessions.keep_alive(s, "lease"):
+                    s.lease = await sessions.call("lease_grant",
+                                                  lambda: s.client.grant_lease(sessions.ttl))
+
+            await retry(lease, VILLI, retry_on=StoreError)
+            await retry(lambda: sessions.put_node(s), VILLI, retry_on=StoreError)
+            await retry(lambda: sessions.call("list", lambda: s.client._gw.call(
+                "/v3/kv/range", {**_range_body(keys.NODES), "limit": 100, "keys_only": True})),
+                VILLI, retry_on=StoreError)
             await sessions.watch(s)
 
-        await asyncio.gather(*(one(s) for s in sessions.sessions))
-        all_s = await sessions.wait_watching(args.watch_timeout)
-        t_all = max(s.back_at for s in sessions.sessions)
+        storming = sessions.sessions[:args.storm_sessions or None]
+        await asyncio.gather(*(one(s) for s in storming))
+        all_s = await wait_all(storming, args.watch_timeout)
+        t_all = max(s.back_at for s in storming)
         series = sessions.rec.series(until=t_all)
         out[f"jitter_{jitter:g}s"] = {
-            "start_jitter_s": jitter, "all_watching_s": round(t_all - t0, 2),
+            "start_jitter_s": jitter, "sessions": len(storming),
+            "all_watching_s": round(t_all - t0, 2),
             "peak_per_100ms": max(series), "ratio": peak_over_mean(series)["ratio"],
             "requests": dict(sessions.rec.kinds),
             "latency_p99_ms": {k: round(1000 * (pct(v, 0.99) or 0), 1)
@@ -289,6 +317,15 @@ async def phase_storm(args: argparse.Namespace, sessions: Sessions) -> dict[str,
             f"peak {max(series)}/100 ms")
     await sessions.stop()
     return out
+
+
+async def wait_all(group: list[Any], timeout: float) -> float:
+    t0 = time.monotonic()
+    while not all(s.watching for s in group):
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"sessions not watching after {timeout} s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
 
 
 def _range_body(prefix: str) -> dict[str, str]:
@@ -344,6 +381,12 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     return made
 
 
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write what is measured so far (every phase ends with a save)."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     size = Size(nodes=args.nodes, pods=args.pods, policies=args.policies,
                 namespaces=args.namespaces)
@@ -379,6 +422,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         result["populate"]["etcd_keys"] = m.get("etcd_debugging_mvcc_keys_total")
         log(f"populate done: {result['populate']['total_s']:.1f} s, "
             f"DB {result['populate']['etcd_db_mib']} MiB")
+        save(args, result)
         for i, lease in sorted(state.leases.items()):
             sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
         sessions.start(watch=False)   # the simulated agents keep their leases from now on
@@ -388,13 +432,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             a = result["agent"]
             log(f"agent ready {a['ready_s']:.1f} s, RSS {a['rss_mib_ready']} MiB, policy "
                 f"change p99 {a['policy_change_s']['p99'] * 1000:.1f} ms")
-        if "steady" in phases or "herd" in phases:
+            save(args, result)
+        if ("steady" in phases or "herd" in phases) and not past_deadline(args):
             result["steady"] = await phase_steady(args, server, sessions, state)
             log(f"steady: {result['steady']['etcd_rpcs_per_s']}")
-        if "herd" in phases:
+            save(args, result)
+        if "herd" in phases and not past_deadline(args):
             result["herd"] = await phase_herd(args, server, store, sessions)
-        if "storm" in phases:
+            save(args, result)
+        if "storm" in phases and not past_deadline(args):
             result["storm"] = await phase_storm(args, sessions)
+            save(args, result)
         m = etcd_metrics(server)
         result["etcd_end"] = {"db_mib": round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
                                               / 2**20, 1),
@@ -431,6 +479,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policy-changes", type=int)
     ap.add_argument("--agent-timeout", type=float, default=900.0)
     ap.add_argument("--watch-timeout", type=float, default=600.0)
+    ap.add_argument("--storm-sessions", type=int, default=0,
+                    help="how many sessions restart in the storm (0 = all)")
+    ap.add_argument("--deadline", metavar="HH:MM",
+                    help="UTC time after which no new phase or etcd restart starts "
+                    "(results so far are in the JSON)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     args = ap.parse_args(argv)
@@ -451,10 +504,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(amain(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.plots:
         result["plots"] = plots(result, args.plots)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    save(args, result)
     log(f"wrote {args.out}")
     return 0
 
