@@ -373,11 +373,17 @@ class Sessions:
             await self._reconnect(s)
             next_ka = loop.time() + period
 
-    def start(self, *, watch: bool) -> None:
-        """Run every session: keep-alives, and (``watch``) the multiplexed watches."""
+    def start(self, *, watch: bool, group: list[Session] | None = None) -> None:
+        """Run the sessions (all, or ``group``): keep-alives, and (``watch``) the
+        multiplexed watches."""
         if watch:
             self.start_pumps()
-        self._tasks += [asyncio.create_task(self._run(s, watch)) for s in self.sessions]
+        self._tasks += [asyncio.create_task(self._run(s, watch))
+                        for s in (self.sessions if group is None else group)]
+
+    def keep_alive_loop(self, s: Session) -> None:
+        """Keep one session's lease alive from now on (its watches are handled apart)."""
+        self._tasks.append(asyncio.create_task(self._run(s, False)))
 
     def start_pumps(self) -> None:
         self._tasks += [asyncio.create_task(self._pump()) for _ in range(4)]
