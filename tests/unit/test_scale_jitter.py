@@ -93,3 +93,40 @@ def test_status_sums_agents_demands_against_the_machine(monkeypatch) -> None:  #
     warning = status.neighbour_warning(results)
     assert warning is not None and "1200 entries" in warning
     assert status.neighbour_warning({"n1": {"neigh": {"demand": 300}}}) is None
+
+
+def test_node_sync_leaves_routes_alone_when_only_ipam_usage_changes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from villi.agent import keys, sync
+    from villi.kvstore import EventType, WatchEvent
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(sync.routes, "replace_route", lambda cidr, via: calls.append(("r", cidr)))
+    monkeypatch.setattr(sync.routes, "delete_route", lambda cidr: calls.append(("d", cidr)))
+
+    class Map:
+        def update(self, *a: object) -> None:
+            calls.append(("ipcache", "update"))
+
+        def delete(self, *a: object) -> None:
+            calls.append(("ipcache", "delete"))
+
+    class Datapath:
+        ipcache = Map()
+
+    node_sync = sync.NodeSync(store=None, datapath=Datapath(), self_name="me")  # type: ignore[arg-type]
+
+    def put(entry: dict, rev: int) -> None:
+        node_sync.apply(WatchEvent(EventType.PUT, keys.node_key("n2"),
+                                   _json.dumps(entry).encode(), rev))
+
+    entry = {"name": "n2", "ipv4": "172.20.0.3", "podCIDRs": ["10.64.1.0/24"],
+             "ipam": {"allocated": 1}}
+    put(entry, 1)
+    assert ("r", "10.64.1.0/24") in calls
+    calls.clear()
+    put({**entry, "ipam": {"allocated": 2}}, 2)       # an IPAM report: no kernel work
+    assert calls == [] and node_sync.nodes["n2"]["ipam"] == {"allocated": 2}
+    put({**entry, "podCIDRs": ["10.64.2.0/24"]}, 3)   # a new CIDR: routes follow
+    assert ("d", "10.64.1.0/24") in calls and ("r", "10.64.2.0/24") in calls

@@ -37,6 +37,11 @@ def _json(event: WatchEvent) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _routing(entry: dict) -> tuple[Any, ...]:
+    """What of a node entry the kernel cares about: its IP and pod CIDRs."""
+    return entry.get("ipv4"), tuple(entry.get("podCIDRs") or ())
+
+
 class NodeSync:
     """Routes to other nodes' pod CIDRs and ipcache entries for node IPs."""
 
@@ -63,6 +68,14 @@ class NodeSync:
         """Runs on the agent's kernel thread (routes go through netlink)."""
         name = event.key[len(keys.NODES):]
         data = _json(event)
+        old = self.nodes.get(name)
+        if data is not None and old is not None and name in self._routes \
+                and _routing(data) == _routing(old):
+            # Only the IPAM usage changed (a report every --ipam-node-update-rate per
+            # node): nothing to do in the kernel. Redoing the routes made every agent's
+            # work grow with the cluster's report rate, i.e. with N (docs/scale.md).
+            self.nodes[name] = data
+            return
         old = self.nodes.pop(name, None)
         if old and old.get("ipv4"):
             self._set_node_ip(old["ipv4"], None)
