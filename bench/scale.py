@@ -470,6 +470,92 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _ok(value: float | None, goal: float) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if value <= goal else "**not met**"
+
+
+def report(result: dict[str, Any]) -> str:
+    """The figures of a result as Markdown tables, each next to its goal."""
+    size = result["size"]
+    lines = [f"Size: {size['nodes']:,} nodes ({size['nodes'] - 1:,} simulated + 1 real agent), "
+             f"{size['pods']:,} pods, {size['identities']:,} identities, "
+             f"{size['policies']:,} policies, {size['namespaces']} namespaces. "
+             f"Run {result['started']} → {result.get('finished', '(cut short)')}, "
+             f"{result['machine']['cpus']} CPUs, kernel {result['machine']['kernel']}, "
+             f"etcd {result.get('etcd_version', {}).get('etcdserver', '?')}.", ""]
+    pop = result.get("populate")
+    if pop:
+        lines += ["| populate | value |", "|---|---|",
+                  f"| leases granted | {pop['keys']['leases']:,} in {pop['leases_s']:.1f} s |",
+                  f"| node entries | {pop['keys']['nodes']:,} in {pop['nodes_s']:.1f} s |",
+                  f"| identities / namespaces + policies | {pop['keys']['identities']:,} / "
+                  f"{pop['keys']['namespaces']:,} + {pop['keys']['policies']:,} |",
+                  f"| ipcache entries | {pop['keys']['ipcache']:,} in {pop['ipcache_s']:.1f} s |",
+                  f"| etcd DB size | {pop['etcd_db_mib']} MiB |", ""]
+    a = result.get("agent")
+    if a:
+        pc = a["policy_change_s"]
+        lines += [
+            "| real agent | measured | goal | |", "|---|---|---|---|",
+            f"| time to first ready (full sync) | {a['ready_s']:.1f} s | ≤ 60 s | "
+            f"{_ok(a['ready_s'], 60)} |",
+            f"| ipcache map entries at ready | {a['ipcache_map_entries']:,} "
+            f"(≥ {a['ipcache_expected_min']:,} expected; max_entries "
+            f"{a['ipcache_max_entries']:,}) | complete | "
+            f"{'met' if a['ipcache_complete_at_ready'] else '**not met**'} |",
+            f"| RSS at ready | {a['rss_mib_ready']} MiB | ≤ 512 MiB | "
+            f"{_ok(a['rss_mib_ready'], 512)} |",
+            f"| RSS per remote pod (growth over an empty-store agent of "
+            f"{a.get('baseline_rss_kib', 0) / 1024:.0f} MiB) | "
+            f"{a.get('rss_growth_bytes_per_remote_pod', 0):,.0f} B | ≤ 1,024 B | "
+            f"{_ok(a.get('rss_growth_bytes_per_remote_pod'), 1024)} |",
+            f"| endpoint creation (policy for a new pod) | "
+            f"{', '.join(f'{x * 1000:.0f}' for x in a['endpoint_add_s'])} ms | | |",
+            f"| policy map keys of the local endpoints | "
+            f"{a['policy_map_keys_per_endpoint']} (agent's view: "
+            f"{a['policy_view_entries']} entries) | complete | |",
+            f"| policy change → kernel, p50 / p99 ({pc['n']} changes) | "
+            f"{pc['p50'] * 1000:.1f} / {pc['p99'] * 1000:.1f} ms | p99 ≤ 50 ms | "
+            f"{_ok(pc['p99'] * 1000, 50)} |", ""]
+    st = result.get("steady")
+    if st:
+        lat = ", ".join(f"{k} {v['p50']}/{v['p99']} ms" for k, v in st["latency_ms"].items())
+        lines += [
+            "| steady state (simulated agents watching) | value |", "|---|---|",
+            f"| watches set up | {st['etcd_watchers']:,.0f} watchers in "
+            f"{st['watch_setup_s']} s |",
+            f"| etcd RPCs/s | {st['etcd_rpcs_per_s']} |",
+            f"| keep-alives needed at this TTL | {st['keepalive_required_per_s']}/s |",
+            f"| client latency p50/p99 | {lat} |",
+            f"| watch events delivered | {st['events_delivered_per_s']:,.0f}/s |",
+            f"| etcd CPU / RSS | {st['etcd_cpu_cores']} cores / {st['etcd_rss_mib']} MiB |",
+            ""]
+    storm = result.get("storm")
+    if storm:
+        lines += ["| start storm | sessions | all watching after | peak /100 ms | "
+                  "peak ÷ mean |", "|---|---|---|---|---|"]
+        for run in storm.values():
+            lines.append(f"| --start-jitter {run['start_jitter_s']:g} s | {run['sessions']:,} | "
+                         f"{run['all_watching_s']} s | {run['peak_per_100ms']} | "
+                         f"{run['ratio']} |")
+        lines.append("")
+    herd = result.get("herd")
+    if herd:
+        lines += ["| etcd restart, strategy | down | all back after etcd is up | p99 back | "
+                  "peak ÷ mean (recovery window) | peak ÷ mean (cap + 1 s window) | "
+                  "peak /100 ms |", "|---|---|---|---|---|---|---|"]
+        for run in herd["runs"]:
+            lines.append(
+                f"| {run['strategy']} | {run['down_s']} s | {run['all_back_after_up_s']} s | "
+                f"{run['back_p99_s']} s | {run['recovery']['ratio']} | "
+                f"{run.get('recovery_fixed_window', {}).get('ratio')} | "
+                f"{run['recovery']['peak']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 nodes, 3,000 pods: a smoke run")
@@ -515,11 +601,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--report":
+        result = json.loads(Path(sys.argv[2]).read_text())  # tables/plots of a saved run
+        print(report(result))
+        return 0
     args = parse_args(argv)
     result = asyncio.run(amain(args))
     if args.plots:
         result["plots"] = plots(result, args.plots)
     save(args, result)
+    print(report(result))
     log(f"wrote {args.out}")
     return 0
 
