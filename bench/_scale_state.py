@@ -134,8 +134,9 @@ async def bulk_put(store: EtcdStore, items: list[tuple[str, bytes, LeaseID | Non
 
 
 async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
-                   concurrency: int = 16) -> dict[str, Any]:
-    """Write the whole cluster state; returns timings and counts."""
+                   on_leases: Any = None, concurrency: int = 16) -> dict[str, Any]:
+    """Write the whole cluster state; returns timings and counts. ``on_leases()`` is
+    called once the leases exist (whoever keeps them alive starts then)."""
     t0 = time.perf_counter()
     sem = asyncio.Semaphore(concurrency)
     n = state.size.nodes
@@ -145,6 +146,8 @@ async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
             state.leases[i] = await store.grant_lease(lease_ttl)
 
     await asyncio.gather(*(grant(i) for i in range(1, n)))
+    if on_leases is not None:
+        on_leases()
     t_leases = time.perf_counter()
 
     await bulk_put(store, [(keys.node_key(node_name(i)),

@@ -424,7 +424,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             baseline = await asyncio.to_thread(_scale_agent.baseline_rss,
                                                "unix://" + str(server.socket_path))
         log(f"populate: {size}")
-        result["populate"] = await populate(store, state, args.session_ttl)
+        def keep_leases() -> None:  # the simulated agents keep their leases from now on
+            for i, lease in sorted(state.leases.items()):
+                sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
+            sessions.start(watch=False)
+
+        result["populate"] = await populate(store, state, args.session_ttl, keep_leases)
         m = etcd_metrics(server)
         result["populate"]["etcd_db_mib"] = round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
                                                   / 2**20, 1)
@@ -432,9 +437,6 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         log(f"populate done: {result['populate']['total_s']:.1f} s, "
             f"DB {result['populate']['etcd_db_mib']} MiB")
         save(args, result)
-        for i, lease in sorted(state.leases.items()):
-            sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
-        sessions.start(watch=False)   # the simulated agents keep their leases from now on
         if "agent" in phases:
             log("agent: one real agent syncs the state")
             result["agent"] = await phase_agent(args, server, store, state, baseline)
