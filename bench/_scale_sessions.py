@@ -236,10 +236,11 @@ class Sessions:
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
         return store
 
-    def add(self, index: int, node: str, lease: LeaseID, entry: bytes) -> None:
+    def add(self, index: int, node: str, lease: LeaseID, entry: bytes) -> Session:
         k = index % len(self.clients)
-        self.sessions.append(Session(index, node, lease, entry, self.clients[k],
-                                     self.keepalives[k]))
+        s = Session(index, node, lease, entry, self.clients[k], self.keepalives[k])
+        self.sessions.append(s)
+        return s
 
     # --- requests ---------------------------------------------------------------------------
     async def call(self, kind: str, coro_fn: Any) -> Any:

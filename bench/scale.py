@@ -424,12 +424,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             baseline = await asyncio.to_thread(_scale_agent.baseline_rss,
                                                "unix://" + str(server.socket_path))
         log(f"populate: {size}")
-        def keep_leases() -> None:  # the simulated agents keep their leases from now on
-            for i, lease in sorted(state.leases.items()):
-                sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
-            sessions.start(watch=False)
+        def keep_lease(i: int, lease: Any) -> None:  # the simulated agent keeps it from now on
+            s = sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
+            sessions.start(watch=False, group=[s])
 
-        result["populate"] = await populate(store, state, args.session_ttl, keep_leases)
+        result["populate"] = await populate(store, state, args.session_ttl, keep_lease)
         m = etcd_metrics(server)
         result["populate"]["etcd_db_mib"] = round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
                                                   / 2**20, 1)
