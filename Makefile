@@ -24,7 +24,7 @@ $(APT_STAMP):
 $(PIP_STAMP): $(APT_STAMP) pyproject.toml
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	@touch $@
 
 demo: deps

@@ -46,9 +46,22 @@ class AgentConfig:
     flows_capacity: int = 4095
     flow_export: Path | None = None
     cidr_wait_timeout: float = 60.0
+    pod_cidr_backoff_cap: float = 1.0
+    start_jitter: float = 0.0
+    neigh_gc_thresh: str = "off"
     events_ringbuf_size: int = 8 * 1024 * 1024
     service_cgroup: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.start_jitter < 0:
+            raise VilliError(f"--start-jitter must be >= 0 seconds, not {self.start_jitter}")
+        if self.pod_cidr_backoff_cap <= 0:
+            raise VilliError("--pod-cidr-backoff-cap must be > 0 seconds, not "
+                             f"{self.pod_cidr_backoff_cap}")
+        if self.neigh_gc_thresh not in ("auto", "off"):
+            raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
+                             f"{self.neigh_gc_thresh!r}")
 
     @property
     def state_path(self) -> Path:
@@ -102,6 +115,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="cgroup v2 directory whose processes get socket-level service load "
                     "balancing (default <cgroup2>/villi/<cluster>/<node>; the cgroup2 root "
                     "for a whole machine; 'none' to disable)")
+    ap.add_argument("--start-jitter", type=float, metavar="SECONDS",
+                    help="wait a random 0..SECONDS before connecting to the kvstore, so "
+                    "agents restarted together (a node-image rollout) do not all list at "
+                    "once (default 0; restored endpoints keep working meanwhile)")
+    ap.add_argument("--pod-cidr-backoff-cap", type=float, metavar="SECONDS",
+                    help="longest sleep (full jitter) between polls for the operator's pod "
+                    "CIDR (1)")
+    ap.add_argument("--neigh-gc-thresh", metavar="auto|off",
+                    help="auto: raise net.ipv4.neigh.default.gc_thresh1/2/3 for this node's "
+                    "pod capacity and underlay subnet where this namespace has them (a real "
+                    "host); in a node namespace they are machine-wide and only reported")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

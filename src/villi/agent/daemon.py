@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -44,8 +45,9 @@ from villi.errors import EndpointError, StoreUnavailable, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
-from villi.kvstore import BackoffPolicy, LeaseID, LeaseKeeper, Store, open_store
-from villi.netns import routes, set_sysctl
+from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.kvstore.backoff import Backoff, BackoffPolicy
+from villi.netns import neigh, routes, set_sysctl
 from villi.netns.veth import GATEWAY_IPV4
 
 log = logging.getLogger("villi.agent")
@@ -124,6 +126,12 @@ class Agent:
         self.ipam = _make_ipam(cfg, state, self.node)
         self.ipam.reconcile({ep.ipv4: _owner(ep) for ep in restored})
 
+        if cfg.start_jitter > 0:
+            # Restored endpoints already forward; only the store connection waits, so a
+            # fleet restarted at once reaches etcd spread over the window.
+            delay = random.uniform(0.0, cfg.start_jitter)
+            log.info("start jitter: connecting to the kvstore in %.2f s", delay)
+            await asyncio.sleep(delay)
         self.store = open_store(cfg.kvstore)
         self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost,
                                  backoff=BackoffPolicy(0.1, cfg.kvstore_retry_cap, None))
@@ -150,6 +158,7 @@ class Agent:
             self._spawn(self.ipam.follow(), "eni-ipam")
         else:
             await self._acquire_pod_cidr()
+            self.neigh = await self._size_neighbour_table()
             self.ipam.start_reporting(self.store, self._publish_node,
                                       cfg.ipam_node_update_rate)
         await self._publish_node()
@@ -242,7 +251,8 @@ class Agent:
         key = keys.podcidrs_key(self.node)
         await self._publish_node()  # the operator allocates for nodes it sees
         deadline = asyncio.get_running_loop().time() + self.config.cidr_wait_timeout
-        delay = 0.05
+        backoff = Backoff(BackoffPolicy(base=0.05, cap=self.config.pod_cidr_backoff_cap,
+                                        max_attempts=None))
         while True:
             kv = await self.store.get(key)
             if kv is not None:
@@ -255,8 +265,36 @@ class Agent:
                 raise VilliError(f"no pod CIDR for node {self.node} after "
                                  f"{self.config.cidr_wait_timeout:.0f}s: is `villi operator` "
                                  "running against the same kvstore?")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await backoff.failed()  # full jitter: a fleet waiting together polls spread
+
+    async def _size_neighbour_table(self) -> dict[str, Any]:
+        """What this node needs of the neighbour table, and (``--neigh-gc-thresh auto``,
+        where the sysctls exist in this namespace) raise the thresholds to it."""
+        underlay = None
+        if self.node_ip:
+            try:
+                underlay = await self.kernel(routes.ipv4_interface_of, self.node_ip)
+            except Exception as e:  # report without the subnet rather than fail start-up
+                log.warning("cannot read the underlay prefix of %s: %s", self.node_ip, e)
+        demand = neigh.neighbour_demand(self.ipam.usage().get("capacity", 0), underlay)
+        want = neigh.recommended(demand)
+        info: dict[str, Any] = {"demand": demand, "underlay": underlay,
+                                "recommended": want.as_dict(),
+                                "mode": self.config.neigh_gc_thresh}
+        current = neigh.read_thresholds()
+        if self.config.neigh_gc_thresh == "auto":
+            try:
+                current = neigh.write_thresholds(want)
+                info["set"] = True
+            except OSError as e:
+                info["set"] = False
+                log.warning("--neigh-gc-thresh auto: %s; set %s", e,
+                            " ".join(want.sysctl_lines()))
+        info["current"] = current.as_dict() if current else None
+        warning = neigh.check(demand, current)
+        if warning:
+            log.warning("%s", warning)
+        return info
 
     async def _follow_pod_cidrs(self, key: str, revision: int) -> None:
         assert self.store is not None
@@ -560,6 +598,7 @@ class Agent:
                                f" from {_pool_summary(self.ipam)}",
                      **usage, "cidrs": self.ipam.cidrs, "villi.io/ip": usage["free"]},
             "endpoints": len(self.endpoints.endpoints),
+            "neigh": getattr(self, "neigh", None),
         }
 
     def policy_view(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 from villi.agent import keys
@@ -46,6 +46,11 @@ def _json(event: WatchEvent) -> dict | None:
         log.warning("ignoring malformed JSON at %s", event.key)
         return None
     return data if isinstance(data, dict) else None
+
+
+def _routing(entry: dict) -> tuple[Any, ...]:
+    """What of a node entry the kernel cares about: its IP and pod CIDRs."""
+    return entry.get("ipv4"), tuple(entry.get("podCIDRs") or ())
 
 
 class NodeSync:
@@ -74,6 +79,14 @@ class NodeSync:
         """Runs on the agent's kernel thread (routes go through netlink)."""
         name = event.key[len(keys.NODES):]
         data = _json(event)
+        old = self.nodes.get(name)
+        if data is not None and old is not None and name in self._routes \
+                and _routing(data) == _routing(old):
+            # Only the IPAM usage changed (a report every --ipam-node-update-rate per
+            # node): nothing to do in the kernel. Redoing the routes made every agent's
+            # work grow with the cluster's report rate, i.e. with N (docs/scale.md).
+            self.nodes[name] = data
+            return
         old = self.nodes.pop(name, None)
         if old and old.get("ipv4"):
             self._set_node_ip(old["ipv4"], None)
@@ -102,6 +115,38 @@ class NodeSync:
             self.datapath.ipcache.update(key, abi.IpcacheValue(identity=identity))
 
 
+class RawJSONEntries(MutableMapping[str, dict]):
+    """IP → ipcache entry, kept as the stored JSON bytes and decoded on access.
+
+    An agent holds one entry per pod of the cluster; as dicts (labels, named ports)
+    they cost about 2 KiB each, as the bytes they arrived in about 350 B
+    (bench/scale.py, docs/scale.md). Readers (flow enrichment) touch few of them."""
+
+    def __init__(self) -> None:
+        self._raw: dict[str, bytes] = {}
+
+    def set_raw(self, ip: str, raw: bytes) -> None:
+        self._raw[ip] = bytes(raw)
+
+    def __getitem__(self, ip: str) -> dict:
+        return json.loads(self._raw[ip])
+
+    def __setitem__(self, ip: str, value: dict) -> None:
+        self._raw[ip] = json.dumps(value).encode()
+
+    def __delitem__(self, ip: str) -> None:
+        del self._raw[ip]
+
+    def __contains__(self, ip: object) -> bool:
+        return ip in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 class IpcacheSync:
     """Every pod's IP → identity, from the store into this node's ipcache map.
 
@@ -114,7 +159,7 @@ class IpcacheSync:
         self.store = store
         self.datapath = datapath
         self.self_name = self_name
-        self.entries: dict[str, dict] = {}
+        self.entries = RawJSONEntries()
         # Recently removed entries, so flows of departed pods still carry names.
         self.departed: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.on_change = on_change
@@ -136,7 +181,7 @@ class IpcacheSync:
             if old is not None and old.get("node") != self.self_name:
                 self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)))
         else:
-            self.entries[ip] = data
+            self.entries.set_raw(ip, event.value)
             if data.get("node") != self.self_name:
                 node_ip = data.get("nodeIP")
                 self.datapath.ipcache.update(

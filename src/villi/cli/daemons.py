@@ -48,6 +48,7 @@ def run_operator_command(args: argparse.Namespace) -> int:
             grace_period_s=args.reclaim_grace,
             identity_gc_interval_s=args.identity_gc_interval,
             resync_interval_s=args.resync_interval,
+            start_jitter_s=args.start_jitter,
             backoff=BackoffPolicy(RESYNC_BACKOFF.base, max(args.retry_cap, RESYNC_BACKOFF.base),
                                   None))
     except ValueError as e:

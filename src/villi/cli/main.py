@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                    "retries of failed watches and passes (30; full jitter below it)")
     from villi.operator.eni_flags import add_eni_arguments
     add_eni_arguments(p)
+    p.add_argument("--start-jitter", type=float, default=0.0, metavar="SECONDS",
+                   help="wait a random 0..SECONDS before the first kvstore request")
 
     for name, verb in (("apply", "store"), ("delete", "remove")):
         p = sub.add_parser(name, help=f"{verb} resources (policies, namespaces, services)")

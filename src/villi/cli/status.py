@@ -8,6 +8,27 @@ from villi.cli.client import AgentClient
 from villi.cli.context import resolve
 from villi.cli.output import dump_json
 from villi.errors import AgentUnavailable, VilliError
+from villi.netns import neigh
+
+
+def neighbour_warning(results: dict[str, dict]) -> str | None:
+    """The neighbour-table warning for the agents this CLI sees, or None.
+
+    The IPv4 neighbour table is one per machine, shared by every namespace: the agents'
+    demands add up (each node namespace holds its own entries) and are compared with
+    the machine's gc_thresh values, read here on the host."""
+    demand = sum(int((r.get("neigh") or {}).get("demand", 0)) for r in results.values()
+                 if "error" not in r)
+    if not demand:
+        return None
+    current = neigh.read_thresholds()
+    if current is None:  # this CLI runs in a namespace without them: ask an agent's view
+        for r in results.values():
+            cur = (r.get("neigh") or {}).get("current")
+            if cur:
+                current = neigh.NeighThresholds(**cur)
+                break
+    return neigh.check(demand, current)
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -19,6 +40,7 @@ def status_command(args: argparse.Namespace) -> int:
                 results[node] = c.get("/v1/healthz")
         except (AgentUnavailable, VilliError) as e:
             results[node] = {"status": "error", "error": str(e)}
+    warning = neighbour_warning(results)
     if args.output == "json":
         dump_json(results)
         return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
@@ -46,4 +68,6 @@ def status_command(args: argparse.Namespace) -> int:
         print(f"  IPAM:        {r['ipam']['status']}")
         print(f"  Endpoints:   {r['endpoints']}")
         print(f"  Status:      {r['status'].upper()}")
+    if warning:
+        print(f"Warning: {warning}")
     return 1 if bad else 0

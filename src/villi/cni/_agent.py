@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import time
 
@@ -23,6 +24,18 @@ if TYPE_CHECKING:
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:")
 _RETRYABLE_CONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
+#: Connect retries: full jitter, each sleep uniform in [0, min(cap, base * 2**n)].
+CONNECT_BACKOFF_BASE = 0.05
+CONNECT_BACKOFF_CAP = 0.5
+
+
+def full_jitter(attempt: int, base: float = CONNECT_BACKOFF_BASE,
+                cap: float = CONNECT_BACKOFF_CAP) -> float:
+    """One full-jitter sleep (as ``villi.kvstore.backoff``, without importing it: the
+    plugin's import path stays light). Pods of a node whose agent restarts all retry
+    at once; drawing each sleep from the whole window spreads them."""
+    ceiling = min(cap, base * (1 << min(attempt, 30)))
+    return ceiling * int.from_bytes(os.urandom(4), "big") / 0xFFFFFFFF
 
 
 def quote(text: str) -> str:
@@ -97,7 +110,7 @@ class UnixHTTP:
         )
 
     def _connect(self, deadline: float, retry: bool) -> socket.socket:
-        delay = 0.05
+        attempt = 0
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -112,8 +125,8 @@ class UnixHTTP:
                 left = deadline - time.monotonic()
                 if not retry or e.errno not in _RETRYABLE_CONNECT or left <= 0:
                     raise self._unreachable(_reason(e)) from e
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, 0.5)
+                time.sleep(min(full_jitter(attempt), left))
+                attempt += 1
 
     def request(
         self, method: str, target: str, body: object = None, *, retry_connect: bool = False

@@ -80,3 +80,12 @@ def first_ipv4(netns: str | None = None) -> str | None:
             if a["scope"] == 0:
                 return a.get("IFA_ADDRESS")
     return None
+
+
+def ipv4_interface_of(address: str, netns: str | None = None) -> str | None:
+    """``address/prefixlen`` as configured in the namespace (its subnet), or None."""
+    with ipr_in(netns) as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get("IFA_ADDRESS") == address:
+                return f"{address}/{a['prefixlen']}"
+    return None

@@ -48,7 +48,9 @@ class OperatorSettings:
     uniformly within ``± identity_gc_jitter`` of it so operators restarted together do
     not sweep in step (Cilium: 15 min). ``resync_interval_s``: a full reconcile even
     when no change was seen. ``backoff``: retry policy of watches and failed passes
-    (full jitter). Invalid values raise at construction, before anything runs.
+    (full jitter). ``start_jitter_s``: wait uniformly up to this long before the first
+    store request (``--start-jitter``), so operators restarted together do not list the
+    whole store in step. Invalid values raise at construction, before anything runs.
     """
 
     cluster_cidr: str = DEFAULT_CLUSTER_CIDR
@@ -58,6 +60,7 @@ class OperatorSettings:
     identity_gc_jitter: float = 0.2
     resync_interval_s: float = 300.0
     backoff: BackoffPolicy = RESYNC_BACKOFF
+    start_jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
         validate_cluster_cidr(self.cluster_cidr, self.node_mask)
@@ -69,6 +72,8 @@ class OperatorSettings:
             raise ValueError("identity GC jitter must be in [0, 1)")
         if self.resync_interval_s <= 0:
             raise ValueError("resync interval must be > 0 s")
+        if self.start_jitter_s < 0:
+            raise ValueError(f"start jitter must be >= 0 s, got {self.start_jitter_s}")
 
     @property
     def cluster_network(self) -> IPv4Network:
@@ -110,6 +115,8 @@ class Operator:
         s = self.settings
         log.info("operator starting: cluster CIDR %s, /%d per node, grace %.0f s",
                  s.cluster_cidr, s.node_mask, s.grace_period_s)
+        if s.start_jitter_s > 0:
+            await self._sleep(self._rng.uniform(0.0, s.start_jitter_s))
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(
