@@ -61,10 +61,12 @@ def l7_entries(entries: Iterable[PolicyEntry],
     for entry in entries:
         if not entry.redirect:
             continue
-        if not any((v := state.get(k)) is not None and v.redirect for k in entry_keys(entry)):
-            continue
+        redirected = any((v := state.get(k)) is not None and v.redirect
+                         for k in entry_keys(entry))
+        # A plain L4 allow won this key: connections that were proxied before that
+        # change keep going through the proxy, which must then allow everything.
         out.append(L7Entry(entry.direction, int(entry.identity), entry.port, entry.end_port,
-                           entry.cookie, entry.http))
+                           entry.cookie, entry.http if redirected else ()))
     return sorted(out)
 
 
