@@ -30,6 +30,7 @@ from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
 from villi.agent.ipam import NodeIPAM
+from villi.agent.l7 import L7Proxy
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
 from villi.agent.services import ServiceSync
@@ -163,6 +164,8 @@ class Agent:
 
         self.observer, self.flow_context = build_observer(self)
         self.observer.start()
+        self.l7 = L7Proxy(self)
+        await self.l7.start()
         start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
         self.started.set()
@@ -174,6 +177,8 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if hasattr(self, "l7"):
+            await self.l7.stop()
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:
@@ -524,6 +529,8 @@ class Agent:
         """A pod anywhere in the cluster appeared, changed or went away."""
         self.policy.on_ipcache_change(ip, data)
         self.services.on_pod(ip, data)
+        if hasattr(self, "l7"):
+            self.l7.request_push()
 
     def service_view(self) -> list[dict[str, Any]]:
         return self.services.table.view()

@@ -29,6 +29,7 @@ class MapKeyLike(Protocol):
 class MapValueLike(Protocol):
     deny: bool
     cookie: int
+    redirect: bool
 
 
 def match_type(key: MapKeyLike) -> int:
@@ -49,9 +50,18 @@ def kernel_key(endpoint_id: int, key: MapKeyLike) -> abi.PolicyKey:
                          dport=socket.htons(key.port))
 
 
+def proxy_port(key: MapKeyLike, value: MapValueLike) -> int:
+    """The node proxy listener an L7 entry redirects to (by the key's direction)."""
+    if not value.redirect or value.deny:
+        return 0
+    if key.direction == abi.Dir.INGRESS:
+        return abi.PROXY_INGRESS_PORT
+    return abi.PROXY_EGRESS_PORT
+
+
 def kernel_value(key: MapKeyLike, value: MapValueLike) -> abi.PolicyValue:
     return abi.PolicyValue(deny=1 if value.deny else 0, match_type=match_type(key),
-                           cookie=value.cookie)
+                           proxy_port=proxy_port(key, value), cookie=value.cookie)
 
 
 def apply_diff(

@@ -32,8 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--egress-port", type=int, default=DEFAULT_EGRESS_PORT)
     p.add_argument("--state-file", type=Path, default=None,
                    help="where the last policy snapshot is kept for restarts")
-    p.add_argument("--header-timeout", type=float, default=Limits.header_timeout)
-    p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout)
+    defaults = Limits()
+    p.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                   help="seconds a request head may take to arrive (slowloris)")
+    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+                   help="seconds an idle keep-alive connection is kept")
     p.add_argument("--no-transparent", action="store_true",
                    help="plain listeners and upstream sockets (tests without a datapath)")
     p.add_argument("--ready-file", type=Path, default=None,
