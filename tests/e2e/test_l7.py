@@ -1,7 +1,8 @@
 """Issue 12 end-to-end: L7 HTTP policy in a real lab (eBPF steering + villi-proxy).
 
-A one-node lab with Cilium's Star Wars pods: the deathstar answers per path like
-Cilium's, the tiefighter (empire) and the xwing (alliance) are clients. Real curl, real
+A two-node lab with Cilium's Star Wars pods: the deathstar (node 1) answers per path
+like Cilium's, the tiefighter (empire) and the xwing (alliance) are clients on its node,
+a second tiefighter on node 2 tests the cross-node path. Real curl, real
 kernel: packets are assigned to the proxy's sockets with bpf_sk_assign, the proxy
 judges each request and connects upstream from the client's own address.
 """
@@ -62,14 +63,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
     lab_id = None
     try:
-        lab.ok("lab", "up", "--nodes", "1")
+        lab.ok("lab", "up", "--nodes", "2")
         lab_id = lab.state["id"]
-        lab.ok("lab", "pod", "add", "default/deathstar", "--labels",
+        lab.ok("lab", "pod", "add", "default/deathstar", "--node", "1", "--labels",
                "org=empire,class=deathstar", "--serve", "80/tcp", "--http-reply",
                "Ship landed", "--http-route", "PUT /v1/exhaust-port=Panic: deathstar exploded")
-        lab.ok("lab", "pod", "add", "default/tiefighter", "--labels",
+        lab.ok("lab", "pod", "add", "default/tiefighter", "--node", "1", "--labels",
                "org=empire,class=tiefighter")
-        lab.ok("lab", "pod", "add", "default/xwing", "--labels", "org=alliance,class=xwing")
+        lab.ok("lab", "pod", "add", "default/xwing", "--node", "1", "--labels",
+               "org=alliance,class=xwing")
+        lab.ok("lab", "pod", "add", "default/tiefighter2", "--node", "2", "--labels",
+               "org=empire,class=tiefighter")
         yield lab
     finally:
         if lab.state_path.exists():
@@ -117,6 +121,19 @@ def test_star_wars_l7_policy(lab: Lab) -> None:
     # the proxy runs as its own process in the node namespace
     node = lab.state["nodes"][0]
     assert _procs.find(str(Path(node["state_dir"]) / "proxy.sock"))
+
+
+def test_cross_node_ingress_l7(lab: Lab) -> None:
+    lab.ok("apply", "-f", str(EXAMPLES / "sw_l3_l4_l7_policy.yaml"))
+    assert eventually_body(lab, "default/tiefighter2", "PUT", "/v1/exhaust-port",
+                           "Access denied") == (0, "Access denied")
+    assert curl(lab, "default/tiefighter2", "POST", "/v1/request-landing") == (
+        0, "Ship landed")
+    lab.apply(PEER, "peer")
+    assert eventually_body(lab, "default/tiefighter2", "GET", "/.villi/peer",
+                           _ip(lab, "default/tiefighter2")) == (
+        0, _ip(lab, "default/tiefighter2"))
+    lab.apply(PEER, "peer", delete=True)
 
 
 def test_server_sees_the_client_ip(lab: Lab) -> None:

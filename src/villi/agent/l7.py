@@ -55,6 +55,7 @@ class L7Proxy:
     async def start(self) -> None:
         """Attach to a proxy that outlived the previous agent; start feeding."""
         if self.control.exists():
+            await self.agent.kernel(self._attach_netdev)
             await self._attach()
         self._task = asyncio.create_task(self._push_loop(), name="villi-l7-push")
         self.request_push()
@@ -86,6 +87,7 @@ class L7Proxy:
         except OSError:
             await self.agent.kernel(routes.ensure_local_mark_routing, abi.MARK_MAGIC_TO_PROXY,
                                     abi.MARK_MAGIC_MASK, abi.PROXY_ROUTE_TABLE)
+            await self.agent.kernel(self._attach_netdev)
             cmd = [sys.executable, "-m", "villi.proxy.main", "--control", str(self.control),
                    "--state-file", str(self.state_file),
                    "--ingress-port", str(abi.PROXY_INGRESS_PORT),
@@ -102,6 +104,16 @@ class L7Proxy:
         await self._attach()
         assert self.client is not None
         await asyncio.wait_for(self.client.connected.wait(), 10)
+
+    def _attach_netdev(self) -> None:
+        """L7 redirects of traffic from other nodes happen on the underlay device."""
+        node_ip = getattr(self.agent, "node_ip", None)
+        ifindex = routes.ifindex_of(node_ip) if node_ip else None
+        if ifindex is None:
+            log.warning("no device holds the node IP %s: ingress L7 rules will drop "
+                        "traffic from other nodes (reason 178)", node_ip)
+            return
+        self.agent.datapath.attach_netdev(ifindex)
 
     def snapshot(self) -> dict[str, Any]:
         agent = self.agent

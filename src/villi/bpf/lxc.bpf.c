@@ -7,6 +7,8 @@
  *             netns with bpf_redirect_peer (no trip through the node's IP stack).
  *   to_pod    tc egress: traffic entering the pod through the node's stack (other
  *             nodes, the node itself). Enforces the pod's ingress policy.
+ *   from_netdev  tc ingress of the node's underlay device: ingress L7 redirects for
+ *             traffic from other nodes (see below).
  *
  * L7: a connection whose policy entry carries a proxy port is steered to the node's
  * proxy with bpf_sk_assign (lib/proxy.h) instead of being delivered: in from_pod for the
@@ -274,6 +276,43 @@ int to_pod(struct __sk_buff *skb)
 	trace_forwarded(skb, &p, &in, ep->endpoint_id, DIR_INGRESS, src_id, ep->identity,
 			OBS_TO_LXC, 0);
 	return TC_ACT_OK;
+}
+
+/* from_netdev  tc ingress of the node's underlay device: TCP from other nodes to a
+ * local endpoint's L7 port is assigned to the proxy here, since to_pod (tc egress)
+ * cannot assign sockets. Everything else passes untouched (to_pod enforces it); the
+ * cost for ordinary traffic is one CT lookup, plus a policy lookup per new connection. */
+SEC("tc")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct endpoint_value *ep;
+	struct ct_value *ct = NULL;
+	struct policy_result res = {};
+	struct verdict in;
+	__u32 src_id;
+	int state;
+
+	if (parse_packet(skb, &p) || p.protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	ep = endpoint_lookup(p.daddr);
+	if (!ep)
+		return TC_ACT_OK;
+	state = ct_lookup(&p, DIR_INGRESS, &ct);
+	if (state == CT_REPLY || (state == CT_ESTABLISHED && ct &&
+				  !(ct->proxy_flags & CT_F_TO_PROXY)))
+		return TC_ACT_OK;
+	src_id = ipcache_identity(p.saddr);
+	if (state == CT_NEW && (policy_check(ep, DIR_INGRESS, src_id, &p, &res) ||
+				!res.proxy_port))
+		return TC_ACT_OK;
+	enforce(&p, ep, DIR_INGRESS, src_id, &in, 0);
+	if (in.reason)
+		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
+				   ep->identity, in.cookie, in.match_type, in.ct_state);
+	if (!in.proxy_port)
+		return TC_ACT_OK;
+	return to_proxy(skb, &p, &in, ep->endpoint_id, DIR_INGRESS, src_id, ep->identity);
 }
 
 char _license[] SEC("license") = "GPL";

@@ -103,3 +103,12 @@ def ensure_local_mark_routing(mark: int, mask: int, table: int,
                       scope=254)
     except NetlinkError as e:
         raise NetnsError(f"cannot install the proxy's local-delivery routing: {e}") from e
+
+
+def ifindex_of(address: str, netns: str | None = None) -> int | None:
+    """The interface that holds ``address`` (the node's underlay device), if any."""
+    with ipr_in(netns) as ipr:
+        for a in ipr.get_addr(family=AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                return int(a["index"])
+    return None
