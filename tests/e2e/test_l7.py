@@ -118,6 +118,24 @@ def test_star_wars_l7_policy(lab: Lab) -> None:
     assert curl(lab, "default/tiefighter", "POST", "/v1/request-landing") == (0, "Ship landed")
     code, _ = curl(lab, "default/xwing", "POST", "/v1/request-landing")
     assert code == 28  # dropped at L3/L4: curl times out
+    # Hubble-shaped L7 flows, and REDIRECTED/to-proxy for the redirected packets
+    deadline = time.monotonic() + 10
+    while True:
+        out = lab.ok("observe", "--type", "l7", "--http-method", "PUT", "--last", "50",
+                     "--explain")
+        if "http-request DROPPED" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ip = _ip(lab, "default/deathstar")
+    assert f"http-request DROPPED (HTTP/1.1 PUT http://{ip}/v1/exhaust-port)" in out, out
+    assert "http-response FORWARDED (HTTP/1.1 403" in out
+    assert "denied: no HTTP rule of CiliumNetworkPolicy default/rule1 ingress[0]" in out
+    flows = [json.loads(line)["flow"] for line in lab.ok(
+        "observe", "--protocol", "http", "--http-status", "2+", "-o", "json",
+        "--last", "50").splitlines() if line.strip()]
+    assert any(f["l7"]["http"]["url"].endswith("/v1/request-landing") for f in flows)
+    redirected = lab.ok("observe", "--verdict", "REDIRECTED", "--last", "5")
+    assert "to-proxy REDIRECTED" in redirected, redirected
     # the proxy runs as its own process in the node namespace
     node = lab.state["nodes"][0]
     assert _procs.find(str(Path(node["state_dir"]) / "proxy.sock"))

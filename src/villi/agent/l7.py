@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from villi.datapath import abi
 from villi.netns import routes
 from villi.proxy.control import ProxyClient
@@ -51,6 +53,8 @@ class L7Proxy:
         self.records_received = 0
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.last_stats: dict[str, int] = {}
+        agent.metrics.registry.register(_ProxyCollector(self))
 
     async def start(self) -> None:
         """Attach to a proxy that outlived the previous agent; start feeding."""
@@ -137,6 +141,8 @@ class L7Proxy:
             try:
                 await asyncio.wait_for(self._wanted.wait(), WATCHDOG)
             except TimeoutError:
+                if self.client is not None and self.client.connected.is_set():
+                    self.last_stats = await self.client.stats() or self.last_stats
                 # The proxy died (or was killed): start a new one with the last policy.
                 if self.pushed is not None and self.client is not None and \
                         not self.client.connected.is_set():
@@ -177,6 +183,36 @@ class L7Proxy:
 
     async def stats(self) -> dict[str, int] | None:
         return await self.client.stats() if self.client is not None else None
+
+
+class _ProxyCollector:
+    """The proxy's counters (polled over the control socket) as agent metrics."""
+
+    COUNTERS = {"requests": "HTTP requests seen", "forwarded": "requests forwarded",
+                "denied": "requests denied by L7 policy (403)",
+                "upstream_errors": "upstream failures (503/504)",
+                "bad_requests": "malformed requests (400)",
+                "timeouts": "clients that timed out sending a request head",
+                "connections": "client connections accepted",
+                "upgrades": "connections upgraded (no L7 after)"}
+
+    def __init__(self, owner: L7Proxy) -> None:
+        self.owner = owner
+
+    def collect(self) -> Any:
+        stats = self.owner.last_stats
+        for name, doc in self.COUNTERS.items():
+            family = CounterMetricFamily(f"villi_proxy_{name}", f"villi-proxy: {doc}")
+            family.add_metric([], stats.get(name, 0))
+            yield family
+        active = GaugeMetricFamily("villi_proxy_active_connections",
+                                   "villi-proxy: client connections open now")
+        active.add_metric([], stats.get("active", 0))
+        yield active
+        received = CounterMetricFamily("villi_proxy_records_received",
+                                       "L7 records the agent received from villi-proxy")
+        received.add_metric([], self.owner.records_received)
+        yield received
 
 
 __all__ = ["L7Proxy", "Path"]
