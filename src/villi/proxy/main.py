@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="plain listeners and upstream sockets (tests without a datapath)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="written once the listeners are up")
+    p.add_argument("--upstream", metavar="HOST:PORT", default=None,
+                   help="treat HOST:PORT as every connection's original destination "
+                   "(benchmarks without a datapath; implies plain listeners on 127.0.0.1)")
     return p
 
 
@@ -54,9 +57,15 @@ async def serve(args: argparse.Namespace) -> None:
     server: ProxyServer
     control = ControlServer(args.control, store, lambda: server.stats.as_dict())
     server = ProxyServer(store, control.emit, limits, transparent=not args.no_transparent)
+    host = "0.0.0.0"
+    if args.upstream:
+        up_host, _, up_port = args.upstream.rpartition(":")
+        fixed = (up_host, int(up_port))
+        server.orig_dst = lambda _w: fixed
+        server.transparent, server.mark, host = False, 0, "127.0.0.1"
     await control.start()
-    ingress = await server.listen(Direction.INGRESS, args.ingress_port)
-    egress = await server.listen(Direction.EGRESS, args.egress_port)
+    ingress = await server.listen(Direction.INGRESS, args.ingress_port, host)
+    egress = await server.listen(Direction.EGRESS, args.egress_port, host)
     if args.ready_file is not None:
         args.ready_file.write_text(f"{ingress} {egress}\n")
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,23 @@ class _Ipcache:
             net = ipaddress.IPv4Network(prefix, strict=False)
             self._by_len.setdefault(net.prefixlen, {})[int(net.network_address)] = identity
         self._lengths = sorted(self._by_len, reverse=True)
+        self._cache: dict[str, int] = {}
 
     def lookup(self, ip: str) -> int:
-        address = int(ipaddress.IPv4Address(ip))
+        found = self._cache.get(ip)
+        if found is not None:
+            return found
+        address = int.from_bytes(socket.inet_aton(ip), "big")
+        found = WORLD_IDENTITY
         for length in self._lengths:
             mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
-            found = self._by_len[length].get(address & mask)
-            if found is not None:
-                return found
-        return WORLD_IDENTITY
+            hit = self._by_len[length].get(address & mask)
+            if hit is not None:
+                found = hit
+                break
+        if len(self._cache) < 65536:  # the snapshot is immutable: cache per address
+            self._cache[ip] = found
+        return found
 
 
 @dataclass(frozen=True, slots=True)
