@@ -229,6 +229,41 @@ def test_egress_l7_rules(lab: Lab) -> None:
                            "Ship landed") == (0, "Ship landed")
 
 
+def test_cross_node_egress_l7(lab: Lab) -> None:
+    lab.apply(EGRESS, "egress")
+    lab.ok("apply", "-f", str(EXAMPLES / "sw_l3_l4_policy.yaml"))  # ingress: L4 only
+    try:
+        assert eventually_body(lab, "default/tiefighter2", "PUT", "/v1/exhaust-port",
+                               "Access denied") == (0, "Access denied")
+        assert curl(lab, "default/tiefighter2", "GET", "/.villi/peer") == (
+            0, _ip(lab, "default/tiefighter2"))
+    finally:
+        lab.apply(EGRESS, "egress", delete=True)
+
+
+def test_bad_requests_through_the_datapath(lab: Lab) -> None:
+    lab.ok("apply", "-f", str(EXAMPLES / "sw_l3_l4_l7_policy.yaml"))
+    eventually_body(lab, "default/tiefighter", "PUT", "/v1/exhaust-port", "Access denied")
+    script = (
+        "import socket,sys,time\n"
+        "s=socket.create_connection((sys.argv[1],80),timeout=5)\n"
+        "s.sendall(b'GARBAGE\\r\\n\\r\\n')\n"
+        "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
+        "t=socket.create_connection((sys.argv[1],80),timeout=20)\n"
+        "t.sendall(b'POST /v1/request-landing HTTP/1.1\\r\\n')\n"
+        "t0=time.monotonic()\n"
+        "print(t.recv(100) == b'', round(time.monotonic()-t0))\n")
+    res = lab.run("lab", "exec", "default/tiefighter", "--", sys.executable, "-c", script,
+                  _ip(lab, "default/deathstar"), timeout=60)
+    assert res.returncode == 0, res.stderr
+    first, slow = res.stdout.splitlines()
+    assert first == "HTTP/1.1 400 Bad Request"
+    closed, seconds = slow.split()
+    assert closed == "True" and 8 <= int(seconds) <= 15  # the proxy's 10 s head timeout
+    # others are served meanwhile, and the proxy is still fine
+    assert curl(lab, "default/tiefighter", "POST", "/v1/request-landing") == (0, "Ship landed")
+
+
 def test_agent_restart_during_l7_traffic_fails_no_request(lab: Lab) -> None:
     lab.ok("apply", "-f", str(EXAMPLES / "sw_l3_l4_l7_policy.yaml"))
     eventually_body(lab, "default/tiefighter", "PUT", "/v1/exhaust-port", "Access denied")

@@ -302,6 +302,13 @@ int from_netdev(struct __sk_buff *skb)
 	if (state == CT_REPLY || (state == CT_ESTABLISHED && ct &&
 				  !(ct->proxy_flags & CT_F_TO_PROXY)))
 		return TC_ACT_OK;
+	/* Not a SYN and no CT entry: a reply to a connection villi-proxy opened from this
+	 * node to another (egress L7), which no program saw leave. Only such packets (and
+	 * strays) pay a socket lookup; ordinary replies are CT_REPLY above. */
+	if (state == CT_NEW && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+		proxy_assign(skb, &p, 0); /* not the proxy's: unchanged, to_pod decides */
+		return TC_ACT_OK;
+	}
 	src_id = ipcache_identity(p.saddr);
 	if (state == CT_NEW && (policy_check(ep, DIR_INGRESS, src_id, &p, &res) ||
 				!res.proxy_port))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -40,6 +41,11 @@ log = logging.getLogger("villi.proxy")
 IP_TRANSPARENT = 19
 SO_MARK = 36
 READ_SIZE = 65536
+#: Source ports of upstream connections (bound to the client's IP): above the pods'
+#: ephemeral range (Linux default 32768-60999), so a proxied connection never gets the
+#: same 4-tuple, hence the same conntrack entry, as a connection of the client pod itself.
+UPSTREAM_PORTS = range(61000, 65536)
+_next_port = itertools.count()
 
 
 def _local(code: int, reason: str, body: bytes, close: bool = False) -> bytes:
@@ -176,6 +182,18 @@ class _ResponseEvents:
 
 
 Emit = Callable[[L7Record], None]
+
+
+def _bind_upstream(sock: socket.socket, ip: str) -> None:
+    for _ in range(64):
+        port = UPSTREAM_PORTS[next(_next_port) % len(UPSTREAM_PORTS)]
+        try:
+            sock.bind((ip, port))
+            return
+        except OSError as exc:
+            if exc.errno != 98:  # EADDRINUSE: try the next port
+                raise
+    raise OSError(98, f"no free upstream port for {ip} in {UPSTREAM_PORTS}")
 
 
 class ClientConnection:
@@ -474,7 +492,7 @@ class ClientConnection:
             if self.transparent:
                 # Connect from the client's address: the server (and its policy) sees it.
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                sock.bind((self.client[0], 0))
+                _bind_upstream(sock, self.client[0])
             if self.mark:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             await asyncio.wait_for(loop.sock_connect(sock, self.dst),
