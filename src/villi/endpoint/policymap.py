@@ -29,7 +29,6 @@ class MapKeyLike(Protocol):
 class MapValueLike(Protocol):
     deny: bool
     cookie: int
-    redirect: bool
 
 
 def match_type(key: MapKeyLike) -> int:
@@ -52,7 +51,7 @@ def kernel_key(endpoint_id: int, key: MapKeyLike) -> abi.PolicyKey:
 
 def proxy_port(key: MapKeyLike, value: MapValueLike) -> int:
     """The node proxy listener an L7 entry redirects to (by the key's direction)."""
-    if not value.redirect or value.deny:
+    if value.deny or not getattr(value, "redirect", False):  # L3/L4-only value types
         return 0
     if key.direction == abi.Dir.INGRESS:
         return abi.PROXY_INGRESS_PORT
