@@ -79,8 +79,9 @@ def _explain(rec: dict[str, Any], ctx: FlowContext, direction: str) -> dict[str,
     else:
         rule = where
         text = f"denied: no HTTP rule of {where} matches {rec['method']} {rec['url']}"
-    out = {"direction": direction, "decision": "FORWARDED" if allowed else "DROPPED",
-           "rule": rule, "text": text}
+    out: dict[str, Any] = {"direction": direction,
+                           "decision": "FORWARDED" if allowed else "DROPPED",
+                           "rule": rule, "text": text}
     if ref is not None:
         out["policy"] = _policy(ref)
     return out

@@ -80,10 +80,10 @@ class HTTPRule:
     @classmethod
     def from_wire(cls, data: dict[str, object]) -> HTTPRule:
         raw_matches = data.get("headerMatches") or []
-        assert isinstance(raw_matches, list)
+        raw_headers = data.get("headers") or []
+        assert isinstance(raw_matches, list) and isinstance(raw_headers, list)
         return cls(str(data.get("method", "")), str(data.get("path", "")),
-                   str(data.get("host", "")),
-                   tuple(str(h) for h in data.get("headers") or ()),  # type: ignore[union-attr]
+                   str(data.get("host", "")), tuple(str(h) for h in raw_headers),
                    tuple(HeaderMatch(str(m["name"]), str(m.get("value", "")),
                                      str(m.get("mismatch", ""))) for m in raw_matches))
 
