@@ -352,6 +352,11 @@ class ClientConnection:
             return
         head = self._serialize(method, target, version, raw_headers, decision.verdict.edits)
         upstream.writer.write(head)
+        if not has_body and not upgrade:
+            # Nothing to stream alongside the response: relay it right here (no task
+            # per request on the common path; pipelined requests wait anyway).
+            await self._relay_response(ex, upstream)
+            return
         self.response_task = asyncio.create_task(self._relay_response(ex, upstream))
 
     async def _on_body(self, body: bytes) -> None:
