@@ -131,6 +131,25 @@ def test_plain_l4_allow_of_same_peer_and_port_wins() -> None:
     assert sim.ingress("default/deathstar", "default/tiefighter", "TCP", 80).redirect
 
 
+def test_wildcard_peer_l4_allow_of_the_port_allows_every_request() -> None:
+    sim = _sim()
+    sim.apply(load_files([EXAMPLES / "sw_l3_l4_l7_policy.yaml"]))
+    sim.apply_yaml("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: any80, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""")
+    tie = sim.identity_of("default/tiefighter")
+    table = sim.resolver.l7_table(sim.pods["default/deathstar"].endpoint)
+    applicable = select(table, Direction.INGRESS, tie, 80)
+    put = decide(applicable, Request("PUT", "/v1/exhaust-port"))
+    assert put.verdict.allowed  # the L4 allow of any peer on port 80 wins
+    assert sim.ingress("default/deathstar", "default/xwing", "TCP", 80).allowed
+
+
 def test_any_protocol_port_with_l7_redirects_tcp_only() -> None:
     sim = _sim()
     sim.apply_yaml(HEAD.replace("protocol: TCP", "protocol: ANY") +

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from villi.policy.entry import Direction, PolicyEntry
+from villi.policy.entry import Direction, PolicyEntry, Protocol
 from villi.policy.http import HTTPRule, Request, Verdict, evaluate
 from villi.policy.mapstate import MapKey, MapValue, entry_keys
 
@@ -58,8 +58,18 @@ def l7_entries(entries: Iterable[PolicyEntry],
                state: Mapping[MapKey, MapValue]) -> list[L7Entry]:
     """The endpoint's L7 entries that still redirect in its map state."""
     out = []
+    l7 = [e for e in entries if e.redirect]
+    if not l7:
+        return []
     for entry in entries:
         if not entry.redirect:
+            # A plain allow that covers an L7 entry's traffic (e.g. a wildcard-peer L4
+            # allow of the same port) allows every request of it, as in Cilium, even
+            # when the datapath redirects on the narrower identity-specific entry.
+            if not entry.deny and entry.protocol in (Protocol.ANY, Protocol.TCP) and any(
+                    _overlaps(entry, e) for e in l7):
+                out.append(L7Entry(entry.direction, int(entry.identity), entry.port,
+                                   entry.end_port, entry.cookie, ()))
             continue
         redirected = any((v := state.get(k)) is not None and v.redirect
                          for k in entry_keys(entry))
@@ -68,6 +78,14 @@ def l7_entries(entries: Iterable[PolicyEntry],
         out.append(L7Entry(entry.direction, int(entry.identity), entry.port, entry.end_port,
                            entry.cookie, entry.http if redirected else ()))
     return sorted(out)
+
+
+def _overlaps(plain: PolicyEntry, l7: PolicyEntry) -> bool:
+    if plain.direction != l7.direction or plain.identity not in (0, l7.identity):
+        return False
+    if plain.port == 0 or l7.port == 0:
+        return True
+    return plain.port <= (l7.end_port or l7.port) and l7.port <= (plain.end_port or plain.port)
 
 
 def select(table: Sequence[L7Entry], direction: int, identity: int,
