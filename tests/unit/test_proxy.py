@@ -355,6 +355,20 @@ class ControlClientBad:
         return reply["op"] == "ack"
 
 
+def test_egress_to_a_same_node_server_applies_its_ingress_rules_too() -> None:
+    from villi.policy.http import Request
+
+    egress = L7Entry(Direction.EGRESS, 0, 80, 0, 1, (HTTPRule("GET|PUT"),))
+    ingress = L7Entry(Direction.INGRESS, 0, 80, 0, 2, (HTTPRule("GET"),))
+    store = PolicyStore()
+    store.replace({"endpoints": [
+        {"id": 1, "ip": "10.0.0.1", "identity": 100, "l7": [egress.to_wire()]},
+        {"id": 2, "ip": "10.0.0.2", "identity": 200, "l7": [ingress.to_wire()]}]})
+    get, _ = store.decide(Direction.EGRESS, "10.0.0.1", "10.0.0.2", 80, Request("GET", "/"))
+    put, _ = store.decide(Direction.EGRESS, "10.0.0.1", "10.0.0.2", 80, Request("PUT", "/"))
+    assert get.verdict.allowed and not put.verdict.allowed and put.cookie == 2
+
+
 def test_state_file_survives_proxy_restart(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     entry = L7Entry(Direction.INGRESS, 0, 80, 0, 1, (HTTPRule("GET"),))

@@ -135,4 +135,16 @@ class PolicyStore:
                                             else src_ip)
         table: Sequence[L7Entry] = local.l7 if local else ()
         peer = ctx.src_identity if direction is Direction.INGRESS else ctx.dst_identity
-        return decide(select(table, direction, peer, port), request), ctx
+        decision = decide(select(table, direction, peer, port), request)
+        if direction is Direction.EGRESS and decision.verdict.allowed:
+            # A same-node server's ingress L7 rules: the upstream connection is not
+            # redirected a second time, so they are applied here (another node's proxy
+            # applies them for remote servers).
+            server = self.snapshot.endpoints.get(dst_ip)
+            if server is not None and server.l7:
+                applicable = select(server.l7, Direction.INGRESS, ctx.src_identity, port)
+                if applicable:
+                    ingress = decide(applicable, request)
+                    if not ingress.verdict.allowed:
+                        return ingress, ctx
+        return decision, ctx
