@@ -190,7 +190,8 @@ class PolicySync:
                 "ingressEnforced": pol.ingress_enforced, "egressEnforced": pol.egress_enforced,
                 "entries": [{"identity": int(e.identity), "direction": e.direction.name,
                              "protocol": e.protocol.name, "port": e.port,
-                             "endPort": e.end_port, "deny": e.deny, "cookie": e.cookie}
+                             "endPort": e.end_port, "deny": e.deny, "cookie": e.cookie,
+                             **({"http": [r.to_wire() for r in e.http]} if e.http else {})}
                             for e in sorted(pol.entries)]}
         return {"resources": out, "endpoints": eps, "regenerations": self.regenerations}
 

@@ -79,6 +79,9 @@ class Observer:
         self.l7_seq += len(flows)
         self.processed += len(flows)
         self.l7_metrics.count(flows)
+        for f in flows:
+            self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
+                                      f["verdict"]).inc()
         if self.exporter is not None:
             self.exporter.write([f for f in flows if flow_matches(self.export_filter, f)])
         self._changed.set()
