@@ -369,6 +369,20 @@ def test_egress_to_a_same_node_server_applies_its_ingress_rules_too() -> None:
     assert get.verdict.allowed and not put.verdict.allowed and put.cookie == 2
 
 
+def test_policy_removed_endpoint_not_enforced_allows_proxied_requests() -> None:
+    from villi.policy.http import Request
+
+    store = PolicyStore()
+    store.replace({"endpoints": [{"id": 2, "ip": "10.0.0.2", "l7": [],
+                                  "enforced": [False, False]}]})
+    ok, _ = store.decide(Direction.INGRESS, "10.0.0.1", "10.0.0.2", 80, Request("PUT", "/"))
+    assert ok.verdict.allowed
+    store.replace({"endpoints": [{"id": 2, "ip": "10.0.0.2", "l7": [],
+                                  "enforced": [True, False]}]})
+    no, _ = store.decide(Direction.INGRESS, "10.0.0.1", "10.0.0.2", 80, Request("PUT", "/"))
+    assert not no.verdict.allowed  # enforced and no rule allows it any more
+
+
 def test_state_file_survives_proxy_restart(tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     entry = L7Entry(Direction.INGRESS, 0, 80, 0, 1, (HTTPRule("GET"),))

@@ -126,11 +126,13 @@ class L7Proxy:
         for ep in agent.endpoints.endpoints.values():
             try:
                 table = agent.policy.resolver.l7_table(ep.id)
+                pol = agent.policy.resolver.policy(ep.id)
+                enforced = [pol.ingress_enforced, pol.egress_enforced]
             except KeyError:
-                table = []
+                table, enforced = [], [True, True]
             any_l7 = any_l7 or bool(table)
             endpoints.append({"id": ep.id, "ip": ep.ipv4, "identity": ep.identity,
-                              "l7": [e.to_wire() for e in table]})
+                              "l7": [e.to_wire() for e in table], "enforced": enforced})
         ipcache = {ip: int(data.get("identity", 2))
                    for ip, data in agent.ipcache_sync.entries.items()}
         ipcache.update(agent.policy.cidr_identities())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from villi.policy.entry import Direction
-from villi.policy.http import Request
+from villi.policy.http import Request, Verdict
 from villi.policy.l7table import Decision, L7Entry, decide, select
 
 WORLD_IDENTITY = 2
@@ -30,6 +30,8 @@ class LocalEndpoint:
     ip: str
     identity: int
     l7: tuple[L7Entry, ...]
+    #: (ingress, egress) default deny; a direction not enforced any more allows all
+    enforced: tuple[bool, bool] = (True, True)
 
 
 class _Ipcache:
@@ -77,8 +79,10 @@ def parse_snapshot(data: Mapping[str, Any]) -> Snapshot:
         endpoints = {}
         for ep in data.get("endpoints", []):
             entries = tuple(L7Entry.from_wire(e) for e in ep.get("l7", []))
-            endpoints[str(ep["ip"])] = LocalEndpoint(int(ep["id"]), str(ep["ip"]),
-                                                     int(ep.get("identity", 0)), entries)
+            enforced = ep.get("enforced", [True, True])
+            endpoints[str(ep["ip"])] = LocalEndpoint(
+                int(ep["id"]), str(ep["ip"]), int(ep.get("identity", 0)), entries,
+                (bool(enforced[0]), bool(enforced[1])))
         ipcache = {str(k): int(v) for k, v in (data.get("ipcache") or {}).items()}
         for ep in endpoints.values():
             ipcache.setdefault(ep.ip, ep.identity)
@@ -135,7 +139,12 @@ class PolicyStore:
                                             else src_ip)
         table: Sequence[L7Entry] = local.l7 if local else ()
         peer = ctx.src_identity if direction is Direction.INGRESS else ctx.dst_identity
-        decision = decide(select(table, direction, peer, port), request)
+        if local is not None and not local.enforced[int(direction)]:
+            # The policy that redirected this connection is gone and the endpoint is
+            # no longer enforced in this direction: every request is allowed.
+            decision = Decision(Verdict(True))
+        else:
+            decision = decide(select(table, direction, peer, port), request)
         if direction is Direction.EGRESS and decision.verdict.allowed:
             # A same-node server's ingress L7 rules: the upstream connection is not
             # redirected a second time, so they are applied here (another node's proxy
