@@ -8,6 +8,7 @@ connects upstream from the client's own address (``IP_TRANSPARENT``), so the ser
 its policy still see the client.
 
 Modules: ``store`` (rules + ipcache the agent feeds, kept while the agent is away),
+``_wire`` (canned responses, limits, counters, httptools callback objects),
 ``relay`` (one client connection: HTTP/1.1 parsing with httptools, verdicts, streaming),
 ``records`` (L7 records sent back to the agent's observer), ``control`` (the unix socket
 protocol, server side and the agent's client), ``server`` (listeners, counters),

@@ -33,10 +33,24 @@ import httptools
 
 from villi.policy.entry import Direction
 from villi.policy.http import Request
+from villi.proxy._wire import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    FORBIDDEN_CLOSE,
+    GATEWAY_TIMEOUT,
+    UNAVAILABLE,
+    UNAVAILABLE_CLOSE,
+    Limits,
+    RequestEvents,
+    ResponseEvents,
+    Stats,
+)
 from villi.proxy.records import DROPPED, ERROR, FORWARDED, REQUEST, RESPONSE, L7Record
 from villi.proxy.store import ConnectionContext, PolicyStore
 
 log = logging.getLogger("villi.proxy")
+
+__all__ = ["ClientConnection", "Emit", "IP_TRANSPARENT", "Limits", "Stats", "UPSTREAM_PORTS"]
 
 IP_TRANSPARENT = 19
 SO_MARK = 36
@@ -46,53 +60,6 @@ READ_SIZE = 65536
 #: same 4-tuple, hence the same conntrack entry, as a connection of the client pod itself.
 UPSTREAM_PORTS = range(61000, 65536)
 _next_port = itertools.count()
-
-
-def _local(code: int, reason: str, body: bytes, close: bool = False) -> bytes:
-    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\n")
-    if close:
-        head += "Connection: close\r\n"
-    return head.encode() + b"\r\n" + body
-
-
-FORBIDDEN = _local(403, "Forbidden", b"Access denied\r\n")
-FORBIDDEN_CLOSE = _local(403, "Forbidden", b"Access denied\r\n", close=True)
-BAD_REQUEST = _local(400, "Bad Request", b"Bad Request\r\n", close=True)
-UNAVAILABLE = _local(503, "Service Unavailable", b"upstream connect error\r\n")
-UNAVAILABLE_CLOSE = _local(503, "Service Unavailable", b"upstream connect error\r\n",
-                           close=True)
-GATEWAY_TIMEOUT = _local(504, "Gateway Timeout", b"upstream request timeout\r\n", close=True)
-
-
-@dataclass(slots=True)
-class Limits:
-    """Timeouts (seconds) and sizes that keep one client from holding the proxy."""
-
-    header_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    body_timeout: float = 30.0
-    connect_timeout: float = 5.0
-    response_timeout: float = 60.0
-    max_head_bytes: int = 64 * 1024
-
-
-@dataclass(slots=True)
-class Stats:
-    """Proxy counters (exported as metrics by the agent)."""
-
-    connections: int = 0
-    active: int = 0
-    requests: int = 0
-    forwarded: int = 0
-    denied: int = 0
-    upstream_errors: int = 0
-    bad_requests: int = 0
-    timeouts: int = 0
-    upgrades: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -119,66 +86,6 @@ class Exchange:
     upgrade: bool = False
     switched: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class _RequestEvents:
-    """httptools callbacks: record events, read parser state when the head completes."""
-
-    def __init__(self) -> None:
-        self.parser: httptools.HttpRequestParser | None = None
-        self.events: list[tuple] = []
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.events.append(("begin",))
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        p = self.parser
-        assert p is not None
-        self.events.append(("head", p.get_method().decode("latin-1"), self.url, self.headers,
-                            p.get_http_version(), p.should_keep_alive(), p.should_upgrade()))
-
-    def on_body(self, body: bytes) -> None:
-        self.events.append(("body", body))
-
-    def on_message_complete(self) -> None:
-        self.events.append(("end",))
-
-
-class _ResponseEvents:
-    def __init__(self) -> None:
-        self.parser: httptools.HttpResponseParser | None = None
-        self.status = 0
-        self.final = False
-        self.head_done = False
-        self.keep_alive = True
-        self.sized = False
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        self.status = self.parser.get_status_code()
-        self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in (b"content-length", b"transfer-encoding"):
-            self.sized = True
-
-    def on_message_complete(self) -> None:
-        if not 100 <= self.status < 200:
-            self.final = True
-        else:
-            self.head_done = False  # an interim 1xx: the real response follows
 
 
 Emit = Callable[[L7Record], None]
@@ -241,7 +148,7 @@ class ClientConnection:
             self.writer.close()
 
     async def _run(self) -> None:
-        events = _RequestEvents()
+        events = RequestEvents()
         parser = httptools.HttpRequestParser(events)
         events.parser = parser
         upgrade_rest: bytes | None = None
@@ -401,7 +308,7 @@ class ClientConnection:
     # -- responses ---------------------------------------------------------------------
 
     async def _relay_response(self, ex: Exchange, upstream: Upstream) -> None:
-        events = _ResponseEvents()
+        events = ResponseEvents()
         parser = httptools.HttpResponseParser(events)
         events.parser = parser
         head_only = ex.method == "HEAD"
