@@ -214,7 +214,7 @@ def test_keep_alive_connection_follows_policy_changes(lab: Lab) -> None:
         assert ask("POST /v1/request-landing") == "200 Ship landed"
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
 
 
 def test_egress_l7_rules(lab: Lab) -> None:

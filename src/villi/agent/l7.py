@@ -85,6 +85,8 @@ class L7Proxy:
 
     async def _ensure_proxy(self) -> None:
         """Start the proxy unless one answers on the control socket."""
+        if self.client is not None and self.client.connected.is_set():
+            return  # connected: a probe connection would take the proxy's agent slot
         try:
             _r, w = await asyncio.open_unix_connection(str(self.control))
             w.close()

@@ -165,9 +165,10 @@ class ProxyClient:
             try:
                 writer.write(json.dumps(message).encode() + b"\n")
                 await writer.drain()
-                return await asyncio.wait_for(self._replies.get(), 10)
+                reply = await asyncio.wait_for(self._replies.get(), 10)
             except (ConnectionError, TimeoutError):
                 return None
+            return None if reply.get("op") == "closed" else reply
 
     async def _run(self) -> None:
         while True:
@@ -191,6 +192,12 @@ class ProxyClient:
             await asyncio.sleep(0.2)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            await self._read_lines(reader)
+        finally:
+            await self._replies.put({"op": "closed"})  # a pending request fails now
+
+    async def _read_lines(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             message = json.loads(line)
             if message.get("op") == "records":
