@@ -110,12 +110,12 @@ metadata: {name: p}
 kind: NetworkPolicy
 metadata: {name: p}
 """, "kind", "unknown kind 'NetworkPolicy' for apiVersion 'networking.k8s.io/v1beta1'", 2),
-    ("l7-rules", CNP_HEAD + """  ingress:
+    ("l7-kafka-rules", CNP_HEAD + """  ingress:
   - toPorts:
     - ports: [{port: "80", protocol: TCP}]
       rules:
-        http: [{method: GET, path: /}]
-""", "spec.ingress[0].toPorts[0].rules", "L7 rules are not supported yet", 11),
+        kafka: [{topic: t}]
+""", "spec.ingress[0].toPorts[0].rules.kafka", "Kafka L7 rules are not supported yet", 12),
     ("from-requires", CNP_HEAD + """  ingress:
   - fromRequires: [{matchLabels: {env: prod}}]
 """, "spec.ingress[0].fromRequires", "fromRequires is not supported", 9),

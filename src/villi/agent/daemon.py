@@ -33,6 +33,7 @@ from villi.agent.config import AgentConfig
 from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.eni_ipam import ENINodeIPAM
 from villi.agent.ipam import NodeIPAM
+from villi.agent.l7 import L7Proxy
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
 from villi.agent.services import ServiceSync
@@ -188,6 +189,8 @@ class Agent:
 
         self.observer, self.flow_context = build_observer(self)
         self.observer.start()
+        self.l7 = L7Proxy(self)
+        await self.l7.start()
         self._metrics_servers = await start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
         self.started.set()
@@ -201,6 +204,8 @@ class Agent:
             self._runner = None
         for server in getattr(self, "_metrics_servers", ()):
             await server.close()
+        if hasattr(self, "l7"):
+            await self.l7.stop()
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:
@@ -625,6 +630,8 @@ class Agent:
         """A pod anywhere in the cluster appeared, changed or went away."""
         self.policy.on_ipcache_change(ip, data)
         self.services.on_pod(ip, data)
+        if hasattr(self, "l7"):
+            self.l7.request_push()
 
     def service_view(self) -> list[dict[str, Any]]:
         return self.services.table.view()

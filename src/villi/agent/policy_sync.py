@@ -146,6 +146,9 @@ class PolicySync:
             self.regenerations += 1
             self.agent.metrics.regenerations.labels("success").inc()
         self.agent.metrics.regeneration_seconds.observe(time.perf_counter() - t0)
+        l7 = getattr(self.agent, "l7", None)
+        if l7 is not None:
+            l7.request_push()
 
     def _apply_cidrs(self, update: PolicyUpdate) -> None:
         ipcache = self.agent.datapath.ipcache
@@ -157,6 +160,10 @@ class PolicySync:
             ipcache.update(_lpm_key(prefix), abi.IpcacheValue(identity=int(identity)))
 
     # --- queries --------------------------------------------------------------------------
+    def cidr_identities(self) -> dict[str, int]:
+        """Policy-derived CIDR prefixes and their local identities (for the L7 proxy)."""
+        return dict(self._cidrs)
+
     def namespace_labels(self, namespace: str) -> dict[str, str]:
         return self.resolver.namespace_labels(namespace)
 
@@ -183,7 +190,8 @@ class PolicySync:
                 "ingressEnforced": pol.ingress_enforced, "egressEnforced": pol.egress_enforced,
                 "entries": [{"identity": int(e.identity), "direction": e.direction.name,
                              "protocol": e.protocol.name, "port": e.port,
-                             "endPort": e.end_port, "deny": e.deny, "cookie": e.cookie}
+                             "endPort": e.end_port, "deny": e.deny, "cookie": e.cookie,
+                             **({"http": [r.to_wire() for r in e.http]} if e.http else {})}
                             for e in sorted(pol.entries)]}
         return {"resources": out, "endpoints": eps, "regenerations": self.regenerations}
 

@@ -5,7 +5,12 @@ one per node) accepts landing requests on port 80; a ``tiefighter`` (Empire) and
 ``xwing`` (Alliance) both land while no policy exists; then an L3/L4
 CiliumNetworkPolicy (``examples/sw_l3_l4_policy.yaml``, unchanged from Cilium's demo)
 lets only ``org=empire`` in, so the tiefighter still lands and the xwing is dropped;
-the flows of both attempts come from ``villi observe``. The lab stays up to explore.
+the flows of both attempts come from ``villi observe``. Then the L7 chapter: the
+tiefighter can also blow up the deathstar (``PUT /v1/exhaust-port``), so Cilium's L7
+policy (``examples/sw_l3_l4_l7_policy.yaml``, unchanged) allows only ``POST
+/v1/request-landing``: the landing works, the exhaust port gets ``Access denied`` from
+the node's villi-proxy, the xwing is still dropped at L3/L4, and ``villi observe --type
+l7`` shows the HTTP requests. The lab stays up to explore.
 """
 
 from __future__ import annotations
@@ -46,6 +51,33 @@ spec:
       - port: "80"
         protocol: TCP
 """
+L7_POLICY_FILE = "sw_l3_l4_l7_policy.yaml"
+# The same policy as examples/sw_l3_l4_l7_policy.yaml (Cilium's, unchanged).
+L7_POLICY_TEXT = """\
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "rule1"
+spec:
+  description: "L7 policy to restrict access to specific HTTP call"
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: "POST"
+          path: "/v1/request-landing"
+"""
+EXHAUST_ROUTE = "PUT /v1/exhaust-port=Panic: deathstar exploded"
 SERVICE_FILE = "sw_deathstar_service.yaml"
 SERVICE_TEXT = """\
 apiVersion: v1
@@ -157,6 +189,7 @@ class Demo:
         self.flows(since, ips)
         ok = all(v for (ship, _), v in results.items() if ship == "tiefighter") and \
             not any(v for (ship, _), v in results.items() if ship == "xwing")
+        ok = self.l7_chapter(vip) and ok
         self.outro(ok, time.monotonic() - t0)
         return 0 if ok else 1
 
@@ -192,11 +225,12 @@ class Demo:
                   "its node's agent; the deathstar pods serve HTTP on port 80.")
         for name, node, labels, serves in PODS:
             lbl = ",".join(f"{k}={v}" for k, v in labels.items())
-            extra = " --serve 80/tcp" if serves else ""
+            extra = f" --serve 80/tcp --http-route '{EXHAUST_ROUTE}'" if serves else ""
             self.cmd(f"villi lab pod add default/{name} --node {node} --labels {lbl}{extra}")
             pods.add(f"default/{name}", node=node, labels=labels,
                      serve=pods.parse_serve("80/tcp") if serves else [],
-                     http_reply=f"Ship landed ({name} answered)" if serves else None)
+                     http_reply=f"Ship landed ({name} answered)" if serves else None,
+                     http_routes=[EXHAUST_ROUTE] if serves else None)
         return self.pod_table()
 
     def service(self) -> str:
@@ -324,11 +358,78 @@ class Demo:
                      "counters instead:[/]")
         self.c.print(drop_counters(self.state))
 
+    # --- the L7 chapter -----------------------------------------------------------------
+    def http(self, ship: str, method: str, url: str, timeout: float = 2) -> tuple[int, str]:
+        from villi.lab import pods
+
+        res = subprocess.run(pods.exec_argv(f"default/{ship}", [
+            "curl", "-s", "-m", str(timeout), "-X", method, url]),
+            capture_output=True, text=True)
+        return res.returncode, res.stdout.strip()
+
+    def show_http(self, ship: str, method: str, vip: str, path: str) -> tuple[int, str]:
+        code, body = self.http(ship, method, f"http://{vip}{path}")
+        self.cmd(f"villi lab exec default/{ship} -- curl -s -X{method} {vip}{path}")
+        what = body if code == 0 else ("timed out: no answer (dropped)" if code == 28
+                                       else f"curl exit code {code}")
+        self.c.print(f"  {what}", highlight=False)
+        return code, body
+
+    def l7_chapter(self, vip: str) -> bool:
+        if not self.curl:
+            self.c.print("[yellow]curl is not installed: skipping the L7 chapter[/]")
+            return True
+        self.step("The Empire's own ships are a danger too",
+                  "L3/L4 policy lets every Empire ship reach port 80, including the "
+                  "deathstar's maintenance API:")
+        _code, body = self.show_http("tiefighter", "PUT", vip, "/v1/exhaust-port")
+        exploded = "Panic" in body
+        path, text = _example_path(L7_POLICY_FILE, L7_POLICY_TEXT)
+        self.step("L7: only landing requests, enforced per HTTP request",
+                  "Cilium's L7 policy, unchanged: the same rule1 with an HTTP rule. The "
+                  "datapath now steers the deathstar's port-80 connections (bpf_sk_assign) "
+                  "to the node's villi-proxy, which judges every request.")
+        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        self.cmd(f"villi apply -f {path}")
+        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
+        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
+        if res.returncode != 0:
+            return False
+        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # until both nodes' proxies enforce it
+            if all(self.http("tiefighter", "PUT", f"http://{ip}/v1/exhaust-port")[1] ==
+                   "Access denied" for ip in self.deathstar_ips()):
+                break
+            time.sleep(0.3)
+        self.step("The tiefighter lands, but cannot blow up the deathstar",
+                  "Allowed requests reach the deathstar (which sees the tiefighter's own "
+                  "address); the PUT gets a 403 from the proxy; the xwing is still dropped "
+                  "at L3/L4.")
+        landed = self.show_http("tiefighter", "POST", vip, "/v1/request-landing")
+        denied = self.show_http("tiefighter", "PUT", vip, "/v1/exhaust-port")
+        xwing = self.show_http("xwing", "POST", vip, "/v1/request-landing")
+        self.step("What the proxy saw: L7 flows")
+        args = ["observe", "--since", since, "--type", "l7", "--protocol", "http"]
+        self.cmd("villi " + " ".join(args))
+        out = subprocess.run([*VILLI, *args], capture_output=True, text=True, timeout=30)
+        self.c.print(out.stdout.rstrip() or out.stderr.strip(), highlight=False,
+                     soft_wrap=True)
+        return exploded and landed[0] == 0 and "Ship landed" in landed[1] and \
+            denied == (0, "Access denied") and xwing[0] != 0
+
+    def deathstar_ips(self) -> list[str]:
+        from villi.lab import _state
+
+        state = _state.require()
+        return [state["pods"][f"default/{name}"]["ip"] for name, _, _, serves in PODS
+                if serves]
+
     def outro(self, ok: bool, seconds: float) -> None:
         self.c.print()
         if ok:
-            self.c.print(f"[bold green]✓ The Empire lands, the Alliance is dropped[/] — "
-                         f"demo finished in {seconds:.0f}s.")
+            self.c.print(f"[bold green]✓ The Empire lands, the Alliance is dropped, the "
+                         f"exhaust port is safe[/] — demo finished in {seconds:.0f}s.")
         else:
             self.c.print("[bold red]✗ The outcome was not the expected one[/] (see above).")
         self.c.print(Panel(
@@ -341,7 +442,8 @@ class Demo:
             "  villi get services                    the VIP and its backends\n"
             "  villi lab pod label default/xwing org=empire      turn the xwing to the dark "
             "side\n"
-            "  villi delete -f examples/sw_l3_l4_policy.yaml     lift the policy\n"
+            "  villi observe --type l7 --http-status 4+         denied HTTP requests\n"
+            "  villi delete -f examples/sw_l3_l4_l7_policy.yaml  lift the policy\n"
             "  villi connectivity test               the built-in scenario suite\n"
             "Tear it all down with [bold]villi lab down[/].",
             title="next", border_style="cyan"))

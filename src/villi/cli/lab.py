@@ -60,6 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(declared as named ports serve-<port>-<proto> or the given name)")
     p.add_argument("--http-reply", metavar="TEXT", help="what the server answers to HTTP "
                    "requests (default: villi echo: METHOD PATH)")
+    p.add_argument("--http-route", action="append", metavar="'METHOD /path=TEXT'",
+                   help="the answer for one method and path (repeatable), e.g. "
+                   "'PUT /v1/exhaust-port=Panic: deathstar exploded'")
     p = ps.add_parser("del", aliases=["delete"], help="delete a pod through villi-cni")
     p.add_argument("pod", metavar="NS/NAME")
     p = ps.add_parser("label", help="change a running pod's labels (its identity follows)")
@@ -164,7 +167,8 @@ def _pod(args: argparse.Namespace) -> int:
     if args.pod_cmd == "add":
         t0 = time.monotonic()
         rec = pods.add(args.pod, node=args.node, labels=pods.parse_labels(args.labels),
-                       serve=pods.parse_serve(args.serve), http_reply=args.http_reply)
+                       serve=pods.parse_serve(args.serve), http_reply=args.http_reply,
+                       http_routes=args.http_route)
         serving = ", ".join(f"{p['port']}/{p['protocol']} ({p['name']})" for p in rec["serve"])
         c.print(f"pod [bold]{rec['namespace']}/{rec['name']}[/] created on {rec['node']}: "
                 f"IP [cyan]{rec['ip']}[/]" + (f", serving {serving}" if serving else "")

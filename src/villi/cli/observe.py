@@ -36,11 +36,17 @@ FILTER_FLAGS: list[tuple[str, ...]] = [
     ("identity", "numeric identity (either side)"), ("from-identity", ""), ("to-identity", ""),
     ("ip", "address or CIDR (either side)"), ("from-ip", ""), ("to-ip", ""),
     ("port", "L4 port (either side)"), ("from-port", ""), ("to-port", ""),
-    ("verdict", "FORWARDED or DROPPED"), ("protocol", "tcp, udp, icmp, sctp"),
-    ("type", "trace[:to-endpoint|to-stack|from-endpoint], drop, policy-verdict", "-t"),
+    ("verdict", "FORWARDED, DROPPED, REDIRECTED (to the L7 proxy) or ERROR"),
+    ("protocol", "tcp, udp, icmp, sctp, http"),
+    ("type", "trace[:to-endpoint|to-proxy|to-stack|from-endpoint], drop, policy-verdict, "
+     "l7", "-t"),
     ("traffic-direction", "ingress or egress"),
     ("drop-reason-desc", "e.g. POLICY_DENIED"), ("tcp-flags", "e.g. syn or syn,ack"),
     ("node-name", "node name (or prefix*)"),
+    ("http-method", "HTTP method of L7 flows, e.g. GET"),
+    ("http-path", "regex on the HTTP path of L7 flows"),
+    ("http-status", "HTTP status of L7 responses: 404, or 4+ for every 4xx"),
+    ("http-url", "regex on the full HTTP URL of L7 flows"),
 ]
 #: Flags whose values name an object in a namespace (``-n``/``-A`` apply to them).
 NAMESPACED = ("pod", "from-pod", "to-pod", "service", "from-service", "to-service")

@@ -48,6 +48,8 @@ class DropReason(enum.IntEnum):
     FRAG_NOSUPPORT = 157
     NO_SERVICE = 158
     UNSUPPORTED_L2 = 166
+    PROXY_LOOKUP_FAILED = 178
+    PROXY_SET_FAILED = 179
     POLICY_DENY = 181
     CONTROL_PLANE = 190  # villi's own (guarded.h)
 
@@ -66,6 +68,8 @@ DROP_REASON_TEXT: dict[int, tuple[str, str]] = {
     157: ("IP fragmentation not supported", "IP_FRAGMENTATION_NOT_SUPPORTED"),
     158: ("Service backend not found", "SERVICE_BACKEND_NOT_FOUND"),
     166: ("Unsupported L2 protocol", "UNSUPPORTED_L2_PROTOCOL"),
+    178: ("Proxy lookup failed", "SOCKET_LOOKUP_FAILED"),
+    179: ("Proxy assignment failed", "SOCKET_ASSIGN_FAILED"),
     181: ("Policy denied by denylist", "POLICY_DENY"),
     190: ("Control plane not allowed by policy", "CONTROL_PLANE_DENIED"),
 }
@@ -79,11 +83,12 @@ class EventType(enum.IntEnum):
 
 class ObsPoint(enum.IntEnum):
     TO_LXC = 0
+    TO_PROXY = 1
     TO_STACK = 3
     FROM_LXC = 5
 
 
-OBS_POINT_NAME = {0: "TO_ENDPOINT", 3: "TO_STACK", 5: "FROM_ENDPOINT"}
+OBS_POINT_NAME = {0: "TO_ENDPOINT", 1: "TO_PROXY", 3: "TO_STACK", 5: "FROM_ENDPOINT"}
 
 
 class CtState(enum.IntEnum):
@@ -115,6 +120,19 @@ EP_F_EGRESS_LOOKUP = 0x08
 
 EVF_IS_REPLY = 0x01
 EVF_REDIRECTED = 0x02
+EVF_TO_PROXY = 0x04
+
+#: L7 proxy redirection: marks (Cilium's MARK_MAGIC_*), CT flags, and the node's proxy
+#: listener ports (villi-proxy's defaults; the policy map's proxy_port values).
+MARK_MAGIC_MASK = 0x0F00
+MARK_MAGIC_TO_PROXY = 0x0200
+MARK_MAGIC_FROM_PROXY = 0x0A00
+CT_F_TO_PROXY = 0x01
+CT_F_PROXY_RETURN = 0x02
+PROXY_INGRESS_PORT = 15001
+PROXY_EGRESS_PORT = 15002
+#: Node-namespace policy routing for marked packets (proven here; Cilium's numbers).
+PROXY_ROUTE_TABLE = 2004
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -163,7 +181,7 @@ class CtValue(ctypes.Structure):
     _fields_ = [("packets", c_u64), ("bytes", c_u64), ("expires", c_u32),
                 ("last_report", c_u32), ("peer_identity", c_u32), ("cookie", c_u32),
                 ("endpoint_id", c_u16), ("tx_flags_seen", c_u8), ("rx_flags_seen", c_u8),
-                ("closing", c_u8), ("pad", c_u8 * 3)]
+                ("closing", c_u8), ("proxy_flags", c_u8), ("proxy_port", c_u16)]
 
 
 class FlowEvent(ctypes.Structure):

@@ -40,6 +40,7 @@ class NodeDatapath:
         self.obj = BpfObject(obj_path, pin_root=self.pin_dir)
         self.from_pod = self.obj.program("from_pod")
         self.to_pod = self.obj.program("to_pod")
+        self.from_netdev = self.obj.program("from_netdev")
         self.ipcache = TypedMap(self.obj.map("villi_ipcache"), abi.IpcacheKey, abi.IpcacheValue)
         self.guarded = TypedMap(self.obj.map("villi_guarded"), abi.GuardedKey, abi.IpcacheValue)
         self.endpoints = TypedMap(self.obj.map("villi_endpoints"), abi.EndpointKey,
@@ -55,6 +56,11 @@ class NodeDatapath:
         """Put from_pod on tc ingress and to_pod on tc egress of a host-side veth."""
         tc.attach(ifindex, tc.TcHook.INGRESS, self.from_pod.fd, netns)
         tc.attach(ifindex, tc.TcHook.EGRESS, self.to_pod.fd, netns)
+
+    def attach_netdev(self, ifindex: int, netns: str | None = None) -> None:
+        """Put from_netdev on tc ingress of the node's underlay device (L7 redirects
+        of traffic from other nodes)."""
+        tc.attach(ifindex, tc.TcHook.INGRESS, self.from_netdev.fd, netns)
 
     def detach(self, ifindex: int, netns: str | None = None) -> None:
         tc.detach(ifindex, tc.TcHook.INGRESS, netns)

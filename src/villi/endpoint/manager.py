@@ -258,7 +258,8 @@ class EndpointManager:
                 mk = MapKey(identity=key.identity, direction=key.direction,
                             protocol=key.protocol, port=socket.ntohs(key.dport),
                             prefix_bits=key.prefixlen - abi.POLICY_STATIC_PREFIX - 8)
-            state[mk] = MapValue(deny=bool(value.deny), cookie=value.cookie)
+            state[mk] = MapValue(deny=bool(value.deny), cookie=value.cookie,
+                                 redirect=bool(value.proxy_port))
         return state
 
     # --- helpers ----------------------------------------------------------------------

@@ -49,9 +49,18 @@ def kernel_key(endpoint_id: int, key: MapKeyLike) -> abi.PolicyKey:
                          dport=socket.htons(key.port))
 
 
+def proxy_port(key: MapKeyLike, value: MapValueLike) -> int:
+    """The node proxy listener an L7 entry redirects to (by the key's direction)."""
+    if value.deny or not getattr(value, "redirect", False):  # L3/L4-only value types
+        return 0
+    if key.direction == abi.Dir.INGRESS:
+        return abi.PROXY_INGRESS_PORT
+    return abi.PROXY_EGRESS_PORT
+
+
 def kernel_value(key: MapKeyLike, value: MapValueLike) -> abi.PolicyValue:
     return abi.PolicyValue(deny=1 if value.deny else 0, match_type=match_type(key),
-                           cookie=value.cookie)
+                           proxy_port=proxy_port(key, value), cookie=value.cookie)
 
 
 def apply_diff(

@@ -10,7 +10,10 @@ one per TCP connection: lab traffic is small.
 A TCP connection that starts with an HTTP request line gets one HTTP answer instead
 (``200 OK``, body from ``--http-reply``, default ``villi echo: METHOD PATH``), so
 ``curl`` works against any lab pod; the Star Wars demo's deathstar answers
-``Ship landed`` this way.
+``Ship landed`` this way. ``--http-route 'PUT /v1/exhaust-port=Panic: deathstar
+exploded'`` (repeatable) sets the answer for one method and path, as Cilium's deathstar
+does; ``GET /.villi/peer`` answers the client's IP as the server sees it. A request with
+``Connection: keep-alive`` keeps the connection open for the next one.
 """
 
 from __future__ import annotations
@@ -38,21 +41,51 @@ def parse_port(spec: str) -> tuple[int, str]:
 
 HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ")
 _http_reply: str | None = None
+_http_routes: dict[tuple[str, str], str] = {}
 
 
-def _answer_http(conn: socket.socket, data: bytes) -> None:
+def parse_route(spec: str) -> tuple[tuple[str, str], str]:
+    """``'PUT /v1/exhaust-port=Panic: deathstar exploded'`` → ((PUT, /v1/...), body)."""
+    target, eq, body = spec.partition("=")
+    method, _, path = target.strip().partition(" ")
+    if not eq or not method or not path.startswith("/"):
+        raise ValueError(f"{spec!r}: expected 'METHOD /path=reply'")
+    return (method.upper(), path.strip()), body
+
+
+def _answer_http(conn: socket.socket, data: bytes) -> bytes | None:
+    """Answer one request; returns the bytes after it when the client asked for
+    ``Connection: keep-alive`` (None: the connection closes, the default)."""
     while b"\r\n\r\n" not in data and len(data) < 65536:
         more = conn.recv(65536)
         if not more:
             break
         data += more
+    head, _, rest_bytes = data.partition(b"\r\n\r\n")
+    keep = b"\r\nconnection: keep-alive" in head.lower()
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    while len(rest_bytes) < length:
+        more = conn.recv(65536)
+        if not more:
+            break
+        rest_bytes += more
+    rest_bytes = rest_bytes[length:]
     method, _, rest = data.partition(b"\r\n")[0].decode(errors="replace").partition(" ")
     path = rest.split(" ", 1)[0]
-    body = (_http_reply if _http_reply is not None else f"villi echo: {method} {path}")
+    body = _http_routes.get((method, path))
+    if path == "/.villi/peer":  # who connected (the L7 proxy must preserve the client IP)
+        body = conn.getpeername()[0]
+    if body is None:
+        body = _http_reply if _http_reply is not None else f"villi echo: {method} {path}"
     raw = (body.rstrip("\n") + "\n").encode()
-    head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(raw)}"
-            "\r\nConnection: close\r\n\r\n").encode()
-    conn.sendall(head + (b"" if method == "HEAD" else raw))
+    reply = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(raw)}"
+             f"\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode()
+    conn.sendall(reply + (b"" if method == "HEAD" else raw))
+    return rest_bytes if keep else None
 
 
 def _serve_tcp_conn(conn: socket.socket) -> None:
@@ -67,7 +100,13 @@ def _serve_tcp_conn(conn: socket.socket) -> None:
                 return
             if first and data.startswith(HTTP_METHODS):
                 try:
-                    _answer_http(conn, data)
+                    rest: bytes | None = _answer_http(conn, data)
+                    while rest is not None:
+                        if not rest:
+                            rest = conn.recv(65536)
+                            if not rest:
+                                break
+                        rest = _answer_http(conn, rest)
                 except OSError:
                     pass
                 return
@@ -108,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--netns", help="network namespace (name or path) to serve in")
     ap.add_argument("--http-reply", help="body of the answer to HTTP requests")
+    ap.add_argument("--http-route", action="append", default=[],
+                    help="'METHOD /path=reply': the answer for one method and path")
     ap.add_argument("ports", nargs="+", help="PORT/tcp or PORT/udp")
     args = ap.parse_args(argv)
     global _http_reply
     _http_reply = args.http_reply
+    try:
+        _http_routes.update(parse_route(r) for r in args.http_route)
+    except ValueError as e:
+        ap.error(str(e))
     specs = [parse_port(p) for p in args.ports]
     if args.netns:
         from villi._nsenter import enter_netns_for_good

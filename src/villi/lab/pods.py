@@ -161,12 +161,19 @@ def _place(state: dict[str, Any], live: list[dict[str, Any]], counts: dict[str, 
 
 
 def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = None,
-        serve: list[dict[str, Any]] | None = None, http_reply: str | None = None
-        ) -> dict[str, Any]:
+        serve: list[dict[str, Any]] | None = None, http_reply: str | None = None,
+        http_routes: list[str] | None = None) -> dict[str, Any]:
     """Create pod ``ref`` and return its record (ip, node, netns, ...)."""
     ns, name = parse_ref(ref)
     key = f"{ns}/{name}"
     labels, serve = labels or {}, serve or []
+    from villi.lab.echo import parse_route
+
+    for route in http_routes or ():
+        try:
+            parse_route(route)
+        except ValueError as e:
+            raise LabError(f"--http-route {e}") from None
     with _state.update() as state:   # reserve the name and the node
         if key in state["pods"]:
             raise LabError(f"pod {key} already exists (on {state['pods'][key]['node']})")
@@ -176,7 +183,8 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
             "cgroup": n.get("cgroup"),
             "netns": _state.pod_netns(state["id"], ns, name),
             "container_id": f"lab{state['id']}{uuid.uuid4().hex[:12]}",
-            "labels": labels, "serve": serve, "http_reply": http_reply, "ip": None,
+            "labels": labels, "serve": serve, "http_reply": http_reply,
+            "http_routes": list(http_routes or ()), "ip": None,
             "server_pid": None,
             "status": "creating"}
         state["pods"][key] = record
@@ -224,6 +232,8 @@ def _create(record: dict[str, Any], lab_dir: Path) -> None:
                "--netns", record["netns"]]
         if record.get("http_reply") is not None:
             cmd += ["--http-reply", record["http_reply"]]
+        for route in record.get("http_routes") or ():
+            cmd += ["--http-route", route]
         try:
             record["server_pid"] = _procs.spawn([*cmd, *ports], log, ready_line="ready")
         except OSError as e:

@@ -8,6 +8,7 @@ address no pod has dies on the node instead of following a default route out.
 from __future__ import annotations
 
 import ipaddress
+from socket import AF_INET
 
 from pyroute2 import IPRoute  # noqa: F401 (type of ipr_in)
 from pyroute2.netlink.exceptions import NetlinkError
@@ -88,4 +89,34 @@ def ipv4_interface_of(address: str, netns: str | None = None) -> str | None:
         for a in ipr.get_addr(family=2):
             if a.get("IFA_ADDRESS") == address:
                 return f"{address}/{a['prefixlen']}"
+
+
+def ensure_local_mark_routing(mark: int, mask: int, table: int,
+                              netns: str | None = None) -> None:
+    """Deliver packets carrying ``mark`` locally: ``ip rule fwmark mark/mask lookup
+    table`` + ``local 0.0.0.0/0 dev lo table table`` (idempotent). This is how packets
+    the datapath assigned to the L7 proxy's socket reach it: their destination is a
+    pod, not this namespace. Only ever called inside a node namespace; the route lives
+    in its own table, so it never covers anything for unmarked traffic."""
+    try:
+        with ipr_in(netns) as ipr:
+            rules = [r for r in ipr.get_rules(family=AF_INET)
+                     if r.get_attr("FRA_TABLE") == table and r.get_attr("FRA_FWMARK") == mark]
+            if not rules:
+                ipr.rule("add", family=AF_INET, fwmark=mark, fwmask=mask, table=table,
+                         priority=9)
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            ipr.route("replace", dst="0.0.0.0/0", type="local", oif=lo, table=table,
+                      scope=254)
+    except NetlinkError as e:
+        raise NetnsError(f"cannot install the proxy's local-delivery routing: {e}") from e
+
+
+def ifindex_of(address: str, netns: str | None = None) -> int | None:
+    """The interface that holds ``address`` (the node's underlay device), if any."""
+    with ipr_in(netns) as ipr:
+        for a in ipr.get_addr(family=AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                return int(a["index"])
     return None

@@ -29,7 +29,7 @@ FIELDS = {
     "label", "from-label", "to-label", "identity", "from-identity", "to-identity",
     "ip", "from-ip", "to-ip", "port", "from-port", "to-port", "verdict", "protocol",
     "type", "traffic-direction", "drop-reason-desc", "tcp-flags", "node", "service",
-    "from-service", "to-service",
+    "from-service", "to-service", "http-method", "http-path", "http-status", "http-url",
 }
 
 
@@ -189,16 +189,24 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
         for s in sides:
             out |= np.isin(rec[cols[s]], ports)
     elif base == "verdict":
+        to_proxy = (rec["flags"] & 0x04) != 0  # EVF_TO_PROXY
         for v in p.values:
             v = v.upper()
             if v == "FORWARDED":
-                out |= rec["drop_reason"] == 0
+                out |= (rec["drop_reason"] == 0) & ~to_proxy
             elif v == "DROPPED":
                 out |= rec["drop_reason"] != 0
-            else:
-                raise FilterError(f"verdict {v!r}: villi reports FORWARDED or DROPPED")
+            elif v == "REDIRECTED":
+                out |= (rec["drop_reason"] == 0) & to_proxy
+            elif v != "ERROR":  # ERROR: L7 flows only
+                raise FilterError(f"verdict {v!r}: villi reports FORWARDED, DROPPED, "
+                                  "REDIRECTED or ERROR")
+    elif base.startswith("http-"):
+        pass  # L7 fields: packet records never match (L7 flows are matched as dicts)
     elif base == "protocol":
         for v in p.values:
+            if v.lower() == "http":
+                continue  # L7 flows only
             num = PROTOCOL_NUMBERS.get(v.lower())
             if num is None:
                 raise FilterError(f"unknown protocol {v!r} (tcp, udp, icmp, sctp)")
@@ -217,8 +225,11 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
                     m &= rec["obs_point"] == obs
             elif kind == "policy-verdict":
                 m = (rec["event_type"] == 1) | (rec["ct_state"] == 0)
+            elif kind == "l7":
+                continue  # L7 flows only
             else:
-                raise FilterError(f"unknown event type {kind!r} (trace, drop, policy-verdict)")
+                raise FilterError(f"unknown event type {kind!r} (trace, drop, "
+                                  "policy-verdict, l7)")
             out |= m
     elif base == "traffic-direction":
         for v in p.values:

@@ -27,6 +27,7 @@ from villi.observer.vocab import (
 )
 
 EVF_IS_REPLY = 0x01
+EVF_TO_PROXY = 0x04  # steered to the L7 proxy: verdict REDIRECTED
 
 
 def ip_str(raw: int) -> str:
@@ -121,7 +122,8 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     wall = int(rec["ts_ns"]) + boot_offset_ns
     flow: dict[str, Any] = {
         "time": iso_time(wall),
-        "verdict": "DROPPED" if reason else "FORWARDED",
+        "verdict": "DROPPED" if reason else (
+            "REDIRECTED" if int(rec["flags"]) & EVF_TO_PROXY else "FORWARDED"),
         "IP": {"source": src, "destination": dst, "ipVersion": "IPv4"},
         "l4": l4,
         "source": _endpoint(ctx, src, src_id),

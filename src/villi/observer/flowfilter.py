@@ -13,9 +13,13 @@ from villi.observer.filters import (
     _split_name,
     service_matches,
 )
+from villi.observer.l7flow import matches_http
 
 
 def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
+    if p.field.startswith("http-"):
+        ok = matches_http(p.field, p.values, flow)
+        return not ok if p.negate else ok
     side, base = _split(p.field)
     sides = {"": ("source", "destination"), "from": ("source",), "to": ("destination",)}[side]
     ok = False
@@ -44,15 +48,22 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
         if base == "verdict":
             ok |= flow.get("verdict") == v.upper()
         elif base == "protocol":
-            ok |= v.lower() in (k.lower().replace("v4", "") for k in (flow.get("l4") or {}))
+            if flow.get("Type") == "L7":
+                ok |= v.lower() == "http" or v.lower() == "tcp"
+            else:
+                ok |= v.lower() in (k.lower().replace("v4", "")
+                                    for k in (flow.get("l4") or {}))
         elif base == "traffic-direction":
             ok |= flow.get("traffic_direction") == v.upper()
         elif base == "drop-reason-desc":
             ok |= flow.get("drop_reason_desc") == v.upper()
         elif base == "type":
             kind = v.partition(":")[0]
-            ok |= (kind == "drop" and flow.get("verdict") == "DROPPED") or \
-                  (kind == "trace" and flow.get("verdict") == "FORWARDED")
+            if flow.get("Type") == "L7":
+                ok |= kind == "l7"
+            else:
+                ok |= (kind == "drop" and flow.get("verdict") == "DROPPED") or \
+                      (kind == "trace" and flow.get("verdict") in ("FORWARDED", "REDIRECTED"))
         elif base == "node":
             ok |= flow.get("node_name", "").startswith(v.rstrip("*"))
     return not ok if p.negate else ok

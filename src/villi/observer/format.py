@@ -44,6 +44,8 @@ def timestamp(flow: dict[str, Any]) -> str:
 
 
 def _type(flow: dict[str, Any]) -> str:
+    if flow.get("Type") == "L7":
+        return "http-" + str(flow["l7"]["type"]).lower()
     if flow["verdict"] == "DROPPED":
         from villi.observer.vocab import drop_reason_text
 

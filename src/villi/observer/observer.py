@@ -22,6 +22,8 @@ from villi.observer.context import FlowContext
 from villi.observer.export import FlowExporter, read_flows
 from villi.observer.filters import FilterSpec, match
 from villi.observer.flow import iso_time, to_flow
+from villi.observer.flowfilter import flow_matches
+from villi.observer.l7flow import L7Metrics, l7_flow
 from villi.observer.metrics import HubbleMetrics
 from villi.observer.ring import FlowRing
 
@@ -49,6 +51,10 @@ class Observer:
         self.started_ns = time.time_ns()
         self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._changed = asyncio.Event()
+        # L7 flows (from the proxy's records): few, kept as dicts beside the raw ring.
+        self.l7: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
+        self.l7_seq = 0
+        self.l7_metrics = L7Metrics(self.metrics.registry)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -63,6 +69,30 @@ class Observer:
             chosen = batch[match(self.export_filter, batch, self.ctx)]
             self.exporter.write([self._flow(r) for r in chosen])
         self._changed.set()
+
+    def ingest_l7(self, records: list[Any]) -> None:
+        """L7 records from the proxy (``L7Record`` objects or their wire dicts)."""
+        flows = [l7_flow(r if isinstance(r, dict) else r.to_wire(), self.ctx) for r in records]
+        if not flows:
+            return
+        self.l7.extend(flows)
+        self.l7_seq += len(flows)
+        self.processed += len(flows)
+        self.l7_metrics.count(flows)
+        for f in flows:
+            self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
+                                      f["verdict"]).inc()
+        if self.exporter is not None:
+            self.exporter.write([f for f in flows if flow_matches(self.export_filter, f)])
+        self._changed.set()
+
+    def _l7_query(self, spec: FilterSpec, since_ns: int | None, until_ns: int | None,
+                  flows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        lo = iso_time(since_ns) if since_ns is not None else None
+        hi = iso_time(until_ns) if until_ns is not None else None
+        return [f for f in (self.l7 if flows is None else flows)
+                if (lo is None or f["time"] >= lo) and (hi is None or f["time"] <= hi)
+                and flow_matches(spec, f)]
 
     def drain(self) -> int:
         if self.events is None:
@@ -132,6 +162,9 @@ class Observer:
                 (oldest is None or since_ns < oldest):
             flows = self._from_export(spec, since_ns, until_ns, before=oldest)
         flows += [self._flow(r) for r in rec]
+        if self.l7:
+            flows = sorted(flows + self._l7_query(spec, since_ns, until_ns),
+                           key=lambda f: f["time"])
         if first is not None:
             return flows[:first]
         if last is not None and since_ns is None:
@@ -157,14 +190,22 @@ class Observer:
     async def follow(self, spec: FilterSpec, last: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Flows as they arrive (after the ``last`` newest existing ones)."""
         seq = self.ring.seq
+        l7_seq = self.l7_seq
         for flow in self.query(spec, last=last) if last else []:
             yield flow
         while True:
             self._changed.clear()
             rec, seq = self.ring.since(seq)
+            new_l7 = min(self.l7_seq - l7_seq, len(self.l7))
+            l7_seq = self.l7_seq
+            if new_l7:
+                for flow in self._l7_query(spec, None, None, list(self.l7)[-new_l7:]):
+                    yield flow
             if len(rec):
                 for r in rec[match(spec, rec, self.ctx)]:
                     yield self._flow(r)
+                continue
+            if new_l7:
                 continue
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=1.0)

@@ -6,8 +6,8 @@ from villi.datapath.abi import DROP_REASON_TEXT
 
 RESERVED_NAMES = {1: "host", 2: "world", 3: "unmanaged", 4: "health", 5: "init",
                   6: "remote-node", 7: "kube-apiserver", 8: "ingress"}
-OBS_POINTS = {0: "TO_ENDPOINT", 3: "TO_STACK", 5: "FROM_ENDPOINT"}
-OBS_SUBTYPES = {0: "to-endpoint", 3: "to-stack", 5: "from-endpoint"}
+OBS_POINTS = {0: "TO_ENDPOINT", 1: "TO_PROXY", 3: "TO_STACK", 5: "FROM_ENDPOINT"}
+OBS_SUBTYPES = {0: "to-endpoint", 1: "to-proxy", 3: "to-stack", 5: "from-endpoint"}
 EVENT_TYPES = {1: "drop", 4: "trace", 5: "policy-verdict"}
 METRIC_TYPES = {1: "Drop", 4: "Trace", 5: "PolicyVerdict"}
 PROTOCOLS = {1: "ICMPv4", 6: "TCP", 17: "UDP", 132: "SCTP"}

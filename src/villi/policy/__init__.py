@@ -10,7 +10,8 @@ The public surface, for the agent and endpoint layers::
         .upsert_pod(key, identity, ips, named_ports) / .delete_pod(key)
         .upsert_endpoint(Endpoint(...)) / .delete_endpoint(id)
         .policy(id) -> EndpointPolicy, .map_state(id), .cidr_identities(),
-        .cookie_info(cookie), .namespace_labels(ns), .batch()
+        .cookie_info(cookie), .namespace_labels(ns), .batch(),
+        .l7_table(id) -> list[L7Entry]  (HTTP rules for the proxy)           (l7table)
     compute_map_state / datapath_verdict / diff_map_state / port_range_to_prefixes,
     MapKey, MapValue, Verdict                                               (mapstate)
     PolicySimulator                                                         (simulate)
@@ -40,6 +41,7 @@ _EXPORTS = {
     "diff_map_state": "mapstate", "port_range_to_prefixes": "mapstate",
     "DROP_POLICY_DENIED": "mapstate", "DROP_POLICY_DENY": "mapstate",
     "PolicySimulator": "simulate",
+    "HTTPRule": "http", "L7Entry": "l7table",
 }
 
 __all__ = sorted(_EXPORTS)

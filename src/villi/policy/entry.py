@@ -7,6 +7,10 @@ turns entries into map keys (port ranges become LPM prefixes there).
 Wildcards: ``identity == 0`` matches any peer identity; ``protocol == 0`` matches any
 protocol (and then every port); ``port == 0`` with ``end_port == 0`` matches any port.
 A deny entry wins over every allow entry that matches the same packet.
+
+L7: an allow entry with ``http`` rules redirects the matching connections to the node's
+HTTP proxy, which enforces the rules per request. An allow without ``http`` on the same
+key wins (no redirect), as in Cilium.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import NewType
+
+from villi.policy.http import HTTPRule
 
 IdentityID = NewType("IdentityID", int)
 EndpointID = NewType("EndpointID", int)
@@ -54,6 +60,12 @@ class PolicyEntry:
     end_port: int = 0
     deny: bool = False
     cookie: int = 0
+    #: L7 HTTP rules (allow entries only); non-empty = redirect to the proxy
+    http: tuple[HTTPRule, ...] = ()
+
+    @property
+    def redirect(self) -> bool:
+        return bool(self.http) and not self.deny
 
     @property
     def key(self) -> tuple[int, int, int, int, int]:

@@ -77,6 +77,8 @@ class MapKey:
 class MapValue:
     deny: bool = False
     cookie: int = 0
+    #: allowed traffic goes through the node's HTTP proxy (L7 rules on this key)
+    redirect: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class Verdict:
     allowed: bool
     drop_reason: int = 0
     cookie: int = 0
+    redirect: bool = False
 
 
 MapState = dict[MapKey, MapValue]
@@ -141,33 +144,43 @@ def _covers(deny: MapKey, allow: MapKey) -> bool:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _value(deny: bool, cookie: int) -> MapValue:
-    return MapValue(deny, cookie)
+def _value(deny: bool, cookie: int, redirect: bool = False) -> MapValue:
+    return MapValue(deny, cookie, redirect)
+
+
+def _wins(new: MapValue, old: MapValue) -> bool:
+    """Which of two values for one key is kept: deny, then a plain allow over an L7
+    redirect (Cilium: an L4 allow without L7 on the same port wins), then the lower
+    cookie (so the result does not depend on iteration order)."""
+    if new.deny != old.deny:
+        return new.deny
+    if new.redirect != old.redirect:
+        return not new.redirect
+    return new.cookie < old.cookie
 
 
 def compute_map_state(entries: Collection[PolicyEntry]) -> MapState:
     """Encode entries as map rows: deny wins a shared key; covered allows are pruned.
 
     Two allows (or two denies) on one key keep the lower cookie so the result does not
-    depend on iteration order.
+    depend on iteration order; an allow without L7 rules beats an L7 redirect.
     """
     if len(entries) == 1:  # the common case: one entry per (identity, direction)
         (entry,) = entries
         return dict.fromkeys(_keys(entry.identity, entry.direction, entry.protocol,
                                    entry.port, entry.end_port),
-                             _value(entry.deny, entry.cookie))
+                             _value(entry.deny, entry.cookie, entry.redirect))
     state: MapState = {}
     get = state.get
     any_deny = False
     for entry in entries:
         deny = entry.deny
-        value = _value(deny, entry.cookie)
+        value = _value(deny, entry.cookie, entry.redirect)
         any_deny = any_deny or deny
         for key in _keys(entry.identity, entry.direction, entry.protocol, entry.port,
                          entry.end_port):
             old = get(key)
-            if old is None or (deny and not old.deny) or (
-                    deny == old.deny and value.cookie < old.cookie):
+            if old is None or _wins(value, old):
                 state[key] = value
     if not any_deny:
         return state
@@ -209,7 +222,9 @@ def datapath_verdict(
         if hit is not None and hit.deny:
             return Verdict(False, DROP_POLICY_DENY, hit.cookie)
     if a is not None or b is not None:
-        return Verdict(True, 0, (a if a is not None else b).cookie)  # type: ignore[union-attr]
+        hit = a if a is not None else b
+        assert hit is not None
+        return Verdict(True, 0, hit.cookie, hit.redirect)
     if ingress_or_egress_enforced:
         return Verdict(False, DROP_POLICY_DENIED, 0)
     return Verdict(True, 0, 0)

@@ -4,12 +4,14 @@ CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy (``cilium.io/v2``), Kuber
 NetworkPolicy (``networking.k8s.io/v1``) and ``v1`` Namespace. Unknown fields, wrong
 types and bad values are errors (nothing of a bad file is applied, so a typo must not
 silently widen or narrow a policy). Fields villi recognises but does not implement
-(L7 rules, ``toFQDNs``, ``fromRequires``, …) are errors too, with a message that says so,
-rather than being ignored.
+(Kafka and DNS L7 rules, ``toFQDNs``, ``fromRequires``, …) are errors too, with a message
+that says so, rather than being ignored. HTTP L7 rules (``toPorts[].rules.http``) are
+checked here (regexes compile, ``path`` starts with ``/``, only TCP ports).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -49,14 +51,14 @@ ICMP_TYPES = {
     "ExtendedEchoRequest": 42, "ExtendedEchoReply": 43,
 }
 
-_L7 = "L7 rules are not supported yet (only L3/L4 policy is enforced)"
 _REQUIRES = ("{} is not supported (deprecated in Cilium 1.17, removed in 1.19); add the "
              "labels to the peer selectors instead")
 _NODES = "{} is not supported yet (node selector labels)"
 
 __all__ = [
     "CIDRRule", "CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy", "CiliumRule",
-    "DefaultDeny", "EgressDenyRule", "EgressRule", "ENTITIES", "ICMPField", "ICMPRule",
+    "DefaultDeny", "EgressDenyRule", "EgressRule", "ENTITIES", "HeaderMatchRule",
+    "ICMPField", "ICMPRule", "L7Rules", "PortRuleHTTP",
     "IngressDenyRule", "IngressRule", "IPBlock", "KINDS", "Namespace", "NetworkPolicy",
     "NetworkPolicyEgressRule", "NetworkPolicyIngressRule", "NetworkPolicyPeer",
     "NetworkPolicyPort", "NetworkPolicySpec", "Policy", "PortDenyRule", "PortProtocol",
@@ -64,7 +66,12 @@ __all__ = [
 ]
 
 # Recognised-but-rejected fields (see ``unsupported``).
-_L7Rules = Annotated[Any, AfterValidator(rejecting(_L7))]
+_Kafka = Annotated[Any, AfterValidator(rejecting("Kafka L7 rules are not supported yet"))]
+_DNS = Annotated[Any, AfterValidator(
+    rejecting("DNS L7 rules are not supported yet (needs the DNS proxy)"))]
+_L7Proto = Annotated[Any, AfterValidator(rejecting("l7proto rules are not supported yet"))]
+_Secret = Annotated[Any, AfterValidator(
+    rejecting("secret header values are not supported yet"))]
 _DenyL7 = Annotated[Any, AfterValidator(rejecting("deny rules cannot have L7 rules"))]
 _TLS = Annotated[Any, AfterValidator(rejecting("TLS interception is not supported yet"))]
 _ServerNames = Annotated[Any, AfterValidator(
@@ -136,13 +143,85 @@ class PortProtocol(StrictModel):
         return int(self.port) if self.port.isdigit() else None
 
 
+def _check_regex(value: str, field: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise FieldError(f"invalid regular expression {value!r}: {exc}", field) from None
+
+
+class HeaderMatchRule(StrictModel):
+    """``rules.http[].headerMatches[]``: a header that must have ``value``; ``mismatch``
+    says what to do when it does not (empty: deny)."""
+
+    name: str = Field(min_length=1)
+    value: str = ""
+    mismatch: Literal["", "LOG", "ADD", "DELETE", "REPLACE"] = ""
+    secret: _Secret = None
+
+
+class PortRuleHTTP(StrictModel):
+    """``rules.http[]``: anchored regexes on method, path and Host, required headers."""
+
+    method: str = ""
+    path: str = ""
+    host: str = ""
+    headers: list[str] | None = None
+    header_matches: list[HeaderMatchRule] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PortRuleHTTP:
+        if self.path and not self.path.startswith("/"):
+            raise FieldError(f"path {self.path!r} must start with '/'", "path")
+        for name in ("method", "path", "host"):
+            _check_regex(getattr(self, name), name)
+        for index, header in enumerate(self.headers or ()):
+            if not header.partition(":")[0].strip():
+                raise FieldError(f"header {header!r} has no name", "headers", index)
+        return self
+
+
+class L7Rules(StrictModel):
+    """``toPorts[].rules``: one L7 protocol per port rule (villi implements HTTP)."""
+
+    http: list[PortRuleHTTP] | None = Field(None, alias="http")
+    kafka: _Kafka = None
+    dns: _DNS = None
+    l7proto: _L7Proto = None
+    l7: _L7Proto = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_type(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            present = [k for k in ("http", "kafka", "dns", "l7proto") if data.get(k)]
+            if len(present) > 1:
+                raise FieldError(f"only one L7 type per port rule (found {present[0]} and "
+                                 f"{present[1]})", present[1])
+        return data
+
+
 class PortRule(StrictModel):
     ports: list[PortProtocol] = Field(min_length=1)
-    rules: _L7Rules = None
+    rules: L7Rules | None = None
     terminating_tls: _TLS = Field(None, alias="terminatingTLS")
     originating_tls: _TLS = Field(None, alias="originatingTLS")
     server_names: _ServerNames = None
     listener: _Listener = None
+
+    @model_validator(mode="after")
+    def _l7_on_tcp(self) -> PortRule:
+        if self.rules is not None and self.rules.http is not None:
+            for index, pp in enumerate(self.ports):
+                if pp.protocol not in ("TCP", "ANY"):
+                    raise FieldError(f"L7 HTTP rules can only apply to TCP (not "
+                                     f"{pp.protocol})", "ports", index, "protocol")
+        return self
+
+    @property
+    def http(self) -> list[PortRuleHTTP] | None:
+        """The HTTP rules, None when the port rule has no L7 part."""
+        return None if self.rules is None else self.rules.http
 
 
 class PortDenyRule(StrictModel):

@@ -37,6 +37,7 @@ from villi.policy._subject import (
 )
 from villi.policy.cidr import ip_to_int
 from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry
+from villi.policy.l7table import L7Entry, l7_entries
 from villi.policy.mapstate import diff_map_state
 from villi.policy.models import Namespace, Resource, resource_key
 from villi.policy.rules import (
@@ -97,6 +98,11 @@ class PolicyResolver(Repository):
     def map_state(self, endpoint: int) -> dict:
         """The endpoint's current kernel map rows (MapKey → MapValue)."""
         return dict(self._subjects[self._endpoints[EndpointID(endpoint)][1]].mapstate.state)
+
+    def l7_table(self, endpoint: int) -> list[L7Entry]:
+        """The endpoint's HTTP rules for the proxy (entries that redirect)."""
+        subject = self._subjects[self._endpoints[EndpointID(endpoint)][1]]
+        return l7_entries(subject.entries(), subject.mapstate.state)
 
     def cookie_info(self, cookie: int) -> CookieInfo | None:
         """Which policy rule a cookie names (for flow explanations)."""

@@ -18,6 +18,7 @@ from typing import Any
 from villi.identity.labels import NAMESPACE_LABELS_PREFIX, SOURCE_K8S, SOURCE_RESERVED
 from villi.policy.cidr import Net, parse_net, resultant_prefixes
 from villi.policy.entry import Direction, Protocol
+from villi.policy.http import HeaderMatch, HTTPRule
 from villi.policy.models import (
     CiliumClusterwideNetworkPolicy,
     CiliumNetworkPolicy,
@@ -26,6 +27,7 @@ from villi.policy.models import (
     NetworkPolicyPeer,
     NetworkPolicyPort,
     Policy,
+    PortRuleHTTP,
 )
 from villi.policy.selectors import EXISTS, Requirement, Selector, any_namespace, namespace_is
 
@@ -61,12 +63,14 @@ PeerSelector = Selector | CIDRSelector
 
 @dataclass(frozen=True, slots=True)
 class PortSpec:
-    """A port rule: ``port``..``end_port`` (0..0 = all) or a named port, per protocol."""
+    """A port rule: ``port``..``end_port`` (0..0 = all) or a named port, per protocol;
+    ``http`` holds the port rule's L7 HTTP rules (empty: plain L4 allow)."""
 
     protocol: Protocol
     port: int = 0
     end_port: int = 0
     name: str | None = None
+    http: tuple[HTTPRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,12 @@ def _cnp_peer(selector: Selector, namespace: str | None, init_rule: bool) -> Sel
     return selector.with_requirements(any_namespace())
 
 
+def _http_rule(rule: PortRuleHTTP) -> HTTPRule:
+    return HTTPRule(rule.method, rule.path, rule.host, tuple(rule.headers or ()),
+                    tuple(HeaderMatch(m.name, m.value, m.mismatch)
+                          for m in rule.header_matches or ()))
+
+
 def _cnp_ports(rule: Any) -> tuple[PortSpec, ...] | None:
     if rule.icmps:
         return tuple(PortSpec(Protocol.ICMP, number) for icmp in rule.icmps
@@ -190,13 +200,16 @@ def _cnp_ports(rule: Any) -> tuple[PortSpec, ...] | None:
         return None
     specs = []
     for port_rule in rule.to_ports:
+        http = tuple(_http_rule(h) for h in getattr(port_rule, "http", None) or ())
         for pp in port_rule.ports:
-            proto = Protocol[pp.protocol]
+            # L7 applies to TCP only; ANY narrows to TCP when there are HTTP rules.
+            proto = Protocol.TCP if http else Protocol[pp.protocol]
             number = pp.number
             if number is None:
-                specs.append(PortSpec(proto, name=pp.port.lower()))
+                specs.append(PortSpec(proto, name=pp.port.lower(), http=http))
             else:
-                specs.append(PortSpec(proto, number, (pp.end_port or 0) if number else 0))
+                specs.append(PortSpec(proto, number, (pp.end_port or 0) if number else 0,
+                                      http=http))
     return tuple(specs)
 
 

@@ -2,8 +2,9 @@
 
 Some valid Cilium/Kubernetes policy fields select nothing on villi: its datapath is
 IPv4-only (IPv6 packets are dropped, so IPv6 CIDRs and ``icmps`` of ``family: IPv6``
-match no packet), and some reserved identities are never given to anything here (no
-health endpoints, no kube-apiserver, no ingress proxy, no unmanaged or ``init``
+match no packet), ``kube-apiserver`` selects only the kvstore (its etcd takes that
+identity), and some reserved identities are never given to anything here (no
+health endpoints, no ingress proxy, no unmanaged or ``init``
 endpoints). Rejecting such policies would break manifests written for Cilium; applying
 them silently would let an author believe a rule is in force. So the loader accepts
 them and reports one :class:`PolicyWarning` per field, naming the file, document, line
@@ -33,8 +34,8 @@ ENTITY_NOTES = {
               "the health identity",
     "init": "selects nothing here: villi gives an endpoint its labels' identity when it "
             "is created, so no endpoint is ever in the init identity",
-    "kube-apiserver": "selects nothing here: villi has no kube-apiserver, so no address "
-                      "has the kube-apiserver identity",
+    "kube-apiserver": "selects only the kvstore's client endpoints here: villi has no "
+                      "kube-apiserver, and its etcd takes that identity (docs/security.md)",
     "ingress": "selects nothing here: villi has no ingress proxy, so no address has the "
                "ingress identity",
     "unmanaged": "selects nothing here: every pod on a villi node is managed by its agent",

@@ -40,6 +40,8 @@
 #define DROP_FRAG_NOSUPPORT     157
 #define DROP_NO_SERVICE         158
 #define DROP_UNSUPPORTED_L2     166
+#define DROP_PROXY_LOOKUP_FAILED 178 /* no proxy socket for a redirected packet */
+#define DROP_PROXY_SET_FAILED   179 /* bpf_sk_assign refused the proxy socket */
 #define DROP_POLICY_DENY        181
 /* villi's own: a pod's packet to a control-plane address (kvstore, node IPs) that
  * no egress rule of the pod allows explicitly (guarded.h). */
@@ -52,6 +54,7 @@
 
 /* --- observation points (Cilium's trace points) ----------------------------- */
 #define OBS_TO_LXC     0   /* to-endpoint */
+#define OBS_TO_PROXY   1   /* to-proxy (verdict REDIRECTED) */
 #define OBS_TO_STACK   3   /* to-stack */
 #define OBS_FROM_LXC   5   /* from-endpoint */
 
@@ -83,6 +86,16 @@
 /* --- event flags ----------------------------------------------------------- */
 #define EVF_IS_REPLY   0x01
 #define EVF_REDIRECTED 0x02 /* delivered by bpf_redirect_peer, bypassing the stack */
+#define EVF_TO_PROXY   0x04 /* steered to the node's L7 proxy (bpf_sk_assign) */
+
+/* --- L7 proxy redirection (Cilium's MARK_MAGIC_* values) --------------------- */
+#define MARK_MAGIC_MASK     0x0F00
+#define MARK_MAGIC_TO_PROXY 0x0200 /* | proxy port << 16; routed locally (table 2004) */
+#define MARK_MAGIC_FROM_PROXY 0x0A00 /* SO_MARK of the proxy's upstream sockets */
+
+/* --- conntrack proxy flags ------------------------------------------------- */
+#define CT_F_TO_PROXY     0x01 /* original-direction packets go to proxy_port */
+#define CT_F_PROXY_RETURN 0x02 /* opened by the proxy: replies go back to its socket */
 
 /* ipcache: LPM trie, IPv4 prefix → identity and the node the address lives on. */
 struct ipcache_key {
@@ -143,7 +156,7 @@ struct policy_key {
 struct policy_value {
 	__u8  deny;
 	__u8  match_type;    /* MATCH_*, set by the agent from the key's shape */
-	__u16 proxy_port;    /* reserved for L7 redirects */
+	__u16 proxy_port;    /* host order; non-zero: L7 redirect to this proxy port */
 	__u32 cookie;        /* which rule wrote the entry (flow explanations) */
 	__u64 packets;
 	__u64 bytes;
@@ -173,7 +186,8 @@ struct ct_value {
 	__u8  tx_flags_seen; /* TCP flags seen in the original direction */
 	__u8  rx_flags_seen; /* … in the reply direction */
 	__u8  closing;       /* 1 after FIN or RST */
-	__u8  pad[3];
+	__u8  proxy_flags;   /* CT_F_TO_PROXY, CT_F_PROXY_RETURN */
+	__u16 proxy_port;    /* host order: the proxy listener of a redirected connection */
 };
 
 /* events: ringbuf of fixed-size records (with the 8-byte ringbuf header, 64 bytes). */

@@ -5,7 +5,9 @@
  *   ct_lookup(p, dir, &entry) → CT_NEW, CT_ESTABLISHED or CT_REPLY. A packet whose
  *     reversed tuple is tracked on the opposite side of the same endpoint is a reply:
  *     replies of allowed connections skip the policy lookup.
- *   ct_create(p, dir, peer_identity, ep_id, cookie) → 0 or DROP_CT_CREATE_FAILED.
+ *   ct_create(p, dir, peer_identity, ep_id, cookie, proxy_flags, proxy_port) → 0 or
+ *     DROP_CT_CREATE_FAILED; the proxy fields mark connections redirected to the L7
+ *     proxy (CT_F_TO_PROXY) and connections the proxy opened (CT_F_PROXY_RETURN).
  *   ct_update(entry, p, is_reply) refreshes the lifetime, counts the packet and
  *     returns 1 when, under the aggregation level, it deserves a flow event.
  * Time is in seconds of bpf_ktime_get_ns(); entries past their lifetime count as
@@ -81,7 +83,8 @@ static __always_inline __u32 ct_lifetime(const struct pkt *p, __u8 closing, __u8
 }
 
 static __always_inline int ct_create(const struct pkt *p, __u8 dir, __u32 peer_identity,
-				     __u16 ep_id, __u32 cookie)
+				     __u16 ep_id, __u32 cookie, __u8 proxy_flags,
+				     __u16 proxy_port)
 {
 	__u32 now = ct_now();
 	struct ct_key key = {
@@ -101,6 +104,8 @@ static __always_inline int ct_create(const struct pkt *p, __u8 dir, __u32 peer_i
 		.endpoint_id = ep_id,
 		.tx_flags_seen = p->tcp_flags,
 		.closing = (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? 1 : 0,
+		.proxy_flags = proxy_flags,
+		.proxy_port = proxy_port,
 	};
 	v.expires = now + ct_lifetime(p, v.closing, v.tx_flags_seen);
 	if (bpf_map_update_elem(&villi_ct, &key, &v, BPF_ANY) < 0)

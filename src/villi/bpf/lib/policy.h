@@ -2,7 +2,8 @@
 /* policy.h — identity-based L3/L4 policy.
  *
  * API: policy_check(ep, direction, peer_identity, pkt, &res) returns 0 to allow or a
- * DROP_* reason, and fills res (cookie of the deciding rule, match type).
+ * DROP_* reason, and fills res (cookie of the deciding rule, match type, and the L7
+ * proxy port when the deciding entry redirects to the proxy).
  *
  * Lookup order: two longest-prefix lookups in the LPM trie, one with the peer's
  * identity and one with the wildcard identity 0; within each, the most specific
@@ -29,6 +30,7 @@ struct {
 
 struct policy_result {
 	__u32 cookie;
+	__u16 proxy_port;
 	__u8  match_type;
 };
 
@@ -41,6 +43,7 @@ static __always_inline int policy_check(const struct endpoint_value *ep, __u8 di
 	struct policy_value *exact = NULL, *any = NULL, *hit;
 
 	res->cookie = 0;
+	res->proxy_port = 0;
 	res->match_type = MATCH_NONE;
 	if (!(ep->flags & lookup_flag))
 		return (ep->flags & enforce_flag) ? DROP_POLICY : 0;
@@ -71,6 +74,7 @@ static __always_inline int policy_check(const struct endpoint_value *ep, __u8 di
 		__sync_fetch_and_add(&hit->bytes, p->len);
 		res->cookie = hit->cookie;
 		res->match_type = hit->match_type;
+		res->proxy_port = hit->proxy_port;
 		return 0;
 	}
 	return (ep->flags & enforce_flag) ? DROP_POLICY : 0;
