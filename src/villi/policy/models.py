@@ -34,6 +34,7 @@ from villi.policy._modelbase import (
     check_port_name,
     rejecting,
 )
+from villi.policy.fqdn import FQDNSelector, check_dns_ports
 
 ENTITIES = ("all", "world", "world-ipv4", "world-ipv6", "cluster", "host", "remote-node",
             "kube-apiserver", "ingress", "health", "init", "unmanaged", "none")
@@ -57,14 +58,14 @@ _NODES = "{} is not supported yet (node selector labels)"
 __all__ = [
     "CIDRRule", "CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy", "CiliumRule",
     "DefaultDeny", "EgressDenyRule", "EgressRule", "ENTITIES", "ICMPField", "ICMPRule",
-    "IngressDenyRule", "IngressRule", "IPBlock", "KINDS", "Namespace", "NetworkPolicy",
+    "FQDNSelector", "IngressDenyRule", "IngressRule", "IPBlock", "KINDS", "L7Rules",
+    "Namespace", "NetworkPolicy",
     "NetworkPolicyEgressRule", "NetworkPolicyIngressRule", "NetworkPolicyPeer",
     "NetworkPolicyPort", "NetworkPolicySpec", "Policy", "PortDenyRule", "PortProtocol",
     "PortRule", "Resource", "resource_key",
 ]
 
 # Recognised-but-rejected fields (see ``unsupported``).
-_L7Rules = Annotated[Any, AfterValidator(rejecting(_L7))]
 _DenyL7 = Annotated[Any, AfterValidator(rejecting("deny rules cannot have L7 rules"))]
 _TLS = Annotated[Any, AfterValidator(rejecting("TLS interception is not supported yet"))]
 _ServerNames = Annotated[Any, AfterValidator(
@@ -78,8 +79,10 @@ _ToNodes = Annotated[Any, AfterValidator(rejecting(_NODES.format("toNodes")))]
 _FromGroups = Annotated[Any, AfterValidator(rejecting("fromGroups is not supported yet"))]
 _ToGroups = Annotated[Any, AfterValidator(rejecting("toGroups is not supported yet"))]
 _ToServices = Annotated[Any, AfterValidator(rejecting("toServices is not supported yet"))]
-_ToFQDNs = Annotated[Any, AfterValidator(
-    rejecting("toFQDNs is not supported yet (needs the DNS proxy)"))]
+_IngressFQDNs = Annotated[Any, AfterValidator(
+    rejecting("toFQDNs is egress only (it selects destinations by DNS name)"))]
+_HTTPRules = Annotated[Any, AfterValidator(rejecting(_L7))]
+_OtherL7 = Annotated[Any, AfterValidator(rejecting("only dns (and http) L7 rules exist here"))]
 _Auth = Annotated[Any, AfterValidator(rejecting("authentication is not supported yet"))]
 
 
@@ -136,13 +139,36 @@ class PortProtocol(StrictModel):
         return int(self.port) if self.port.isdigit() else None
 
 
+class L7Rules(StrictModel):
+    """``toPorts[].rules``: L7 rules of one port rule (one L7 protocol per port rule)."""
+
+    http: _HTTPRules = None
+    dns: list[FQDNSelector] | None = None
+    kafka: _OtherL7 = None
+    l7proto: _OtherL7 = None
+    l7: _OtherL7 = None
+
+
 class PortRule(StrictModel):
     ports: list[PortProtocol] = Field(min_length=1)
-    rules: _L7Rules = None
+    rules: L7Rules | None = None
     terminating_tls: _TLS = Field(None, alias="terminatingTLS")
     originating_tls: _TLS = Field(None, alias="originatingTLS")
     server_names: _ServerNames = None
     listener: _Listener = None
+
+    @model_validator(mode="after")
+    def _dns_port(self) -> PortRule:
+        if self.rules is not None and self.rules.dns is not None:
+            check_dns_ports(self.ports)
+        return self
+
+
+def _no_dns_rules(rule: Any, why: str) -> None:
+    """``rules.dns`` anywhere in ``rule.to_ports`` is an error (ingress: egress only)."""
+    for i, port_rule in enumerate(rule.to_ports or ()):
+        if port_rule.rules is not None and port_rule.rules.dns is not None:
+            raise FieldError(why, "toPorts", i, "rules", "dns")
 
 
 class PortDenyRule(StrictModel):
@@ -222,7 +248,13 @@ class _IngressCommon(StrictModel):
 
 class IngressRule(_IngressCommon):
     to_ports: list[PortRule] | None = None
+    to_fqdns: _IngressFQDNs = Field(None, alias="toFQDNs")
     authentication: _Auth = None
+
+    @model_validator(mode="after")
+    def _egress_only(self) -> IngressRule:
+        _no_dns_rules(self, "DNS rules are egress only (the DNS proxy sees a pod's queries)")
+        return self
 
 
 class IngressDenyRule(_IngressCommon):
@@ -249,8 +281,15 @@ class _EgressCommon(StrictModel):
 
 class EgressRule(_EgressCommon):
     to_ports: list[PortRule] | None = None
-    to_fqdns: _ToFQDNs = Field(None, alias="toFQDNs")
+    to_fqdns: list[FQDNSelector] | None = Field(None, alias="toFQDNs")
     authentication: _Auth = None
+
+    @model_validator(mode="after")
+    def _fqdns(self) -> EgressRule:
+        _exclusive(self, ("to_fqdns", "to_endpoints", "to_cidr", "to_cidr_set", "to_entities"))
+        if self.to_fqdns is not None and self.icmps:
+            raise FieldError("toFQDNs cannot be combined with icmps", "icmps")
+        return self
 
 
 class EgressDenyRule(_EgressCommon):
