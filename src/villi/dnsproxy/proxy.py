@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -111,7 +112,16 @@ class DNSProxy:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self, host: str = "0.0.0.0", port: int = 0) -> Addr:
-        """Listen on UDP and TCP ``host:port`` (port 0: pick one, same for both)."""
+        """Listen on UDP and TCP ``host:port`` (port 0: pick one free for both)."""
+        for attempt in range(50):
+            try:
+                return await self._start(host, port)
+            except OSError as e:
+                if port != 0 or e.errno != errno.EADDRINUSE or attempt == 49:
+                    raise
+        raise AssertionError("not reached")
+
+    async def _start(self, host: str, port: int) -> Addr:
         loop = asyncio.get_running_loop()
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
