@@ -1,0 +1,159 @@
+"""Issue 13 (lab part) end-to-end: the lab's DNS server and outside world, driven through
+the CLI on a real 1-node lab. Pods resolve through dnsmasq (``getent hosts`` in ``villi
+lab exec``), records come and go with their TTLs, external hosts in TEST-NET ranges are
+reachable by name through the pod's node, nothing lands in the root namespace, and
+toFQDNs/rules.dns policies are accepted by the agent (before any IP is learned a toFQDNs
+rule allows nothing, so the external host is dropped while DNS itself passes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from villi._nsenter import in_netns
+from villi.lab import cluster, world
+from villi.netns import routes
+
+from .test_lab import Lab, _root_net
+
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab(tmp_path_factory.mktemp("dnslab") / "state.json")
+    saved = os.environ.get("VILLI_LAB_STATE")
+    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
+    lab_id = None
+    try:
+        lab.root_before = _root_net()  # type: ignore[attr-defined]
+        res = lab.run("lab", "up", "--nodes", "1", "--kvstore", "embedded")
+        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
+        lab_id = lab.state["id"]
+        lab.ok("lab", "pod", "add", "default/client", "--labels", "app=client")
+        yield lab
+    finally:
+        if lab.state_path.exists():
+            lab_id = lab_id or lab.state.get("id")
+            lab.run("lab", "down")
+        if lab_id:
+            cluster.teardown(lab_id)
+        if saved is None:
+            os.environ.pop("VILLI_LAB_STATE", None)
+        else:
+            os.environ["VILLI_LAB_STATE"] = saved
+
+
+def _query(lab: Lab, name: str) -> DNSRecord:
+    netns = lab.state["pods"]["default/client"]["netns"]
+    with in_netns(netns):
+        return DNSRecord.parse(DNSRecord.question(name).send(world.DNS_IP, 53, timeout=3))
+
+
+def test_pods_resolve_through_the_lab_dns(lab: Lab) -> None:
+    lab.ok("lab", "dns", "add", "db.example.com", "198.51.100.200", "--ttl", "7")
+    out = lab.ok("lab", "exec", "default/client", "--", "getent", "hosts", "db.example.com")
+    assert out.split() == ["198.51.100.200", "db.example.com"]
+    ans = _query(lab, "db.example.com")
+    assert [(str(r.rdata), r.ttl) for r in ans.rr if r.rtype == QTYPE.A] == \
+        [("198.51.100.200", 7)]
+    assert _query(lab, "unknown.example.com").header.rcode == RCODE.NXDOMAIN
+    lab.ok("lab", "dns", "del", "db.example.com")
+    res = lab.run("lab", "exec", "default/client", "--", "getent", "hosts", "db.example.com")
+    assert res.returncode != 0
+    bad = lab.run("lab", "dns", "add", "bad name", "1.2.3.4")
+    assert bad.returncode == 1 and "not a DNS name" in bad.stderr
+
+
+def test_external_hosts_are_reachable_by_name(lab: Lab) -> None:
+    out = lab.ok("lab", "external", "add", "api.example.com", "--serve", "80/tcp",
+                 "--http-reply", "hello from api")
+    assert "198.51.100." in out
+    lab.ok("lab", "external", "add", "other.example.org", "--serve", "80/tcp,53/udp",
+           "--ip", "203.0.113.20")
+    assert lab.probe("default/client", "api.example.com", "80")
+    assert lab.probe("default/client", "other.example.org", "53/udp")
+    assert lab.probe("default/client", "203.0.113.20", "80")
+    page = lab.ok("lab", "exec", "default/client", "--", "curl", "-s", "-m", "5",
+                  "http://api.example.com/")
+    assert "hello from api" in page
+    res = lab.run("lab", "probe", "default/client", "nothere.example.org", "80")
+    assert res.returncode == 1 and "NXDOMAIN" in res.stdout
+    bad = lab.run("lab", "external", "add", "x.example.com", "--serve", "80/tcp",
+                  "--ip", "10.255.0.9")
+    assert bad.returncode == 1 and "TEST-NET" in bad.stderr
+    lab.ok("lab", "external", "del", "other.example.org")
+    assert not lab.probe("default/client", "203.0.113.20", "80")
+    assert _query(lab, "other.example.org").header.rcode == RCODE.NXDOMAIN
+
+
+def test_nothing_in_the_root_namespace_and_no_route_covers_the_resolver(lab: Lab) -> None:
+    names, root_routes, addrs = _root_net()
+    before_names, before_routes, before_addrs = lab.root_before  # type: ignore[attr-defined]
+    assert names == before_names and root_routes == before_routes and addrs == before_addrs
+    node = lab.state["nodes"][0]["netns"]
+    for dst, _gw, _ in routes.routes(node):
+        if dst and dst != "default":
+            routes.check_safe_cidr(dst)   # raises if a route covers 10.255.0.0/16
+
+
+def test_fqdn_policy_is_accepted_and_selects_nothing_before_a_lookup(lab: Lab) -> None:
+    lab.ok("lab", "external", "add", "fqdn.example.com", "--serve", "80/tcp")
+    assert lab.probe("default/client", "fqdn.example.com", "80")
+    lab.apply(f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: fqdn, namespace: default}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: client}}}}
+          egress:
+          - toCIDR: ["{world.DNS_IP}/32"]
+            toPorts:
+            - ports: [{{port: "53", protocol: ANY}}]
+              rules:
+                dns: [{{matchPattern: "*.example.com"}}]
+          - toFQDNs: [{{matchName: fqdn.example.com}}]
+            toPorts:
+            - ports: [{{port: "80", protocol: TCP}}]
+        """, "fqdn")
+    # DNS passes (port 53 to the lab DNS); no IP was learned through a proxy yet, so
+    # the toFQDNs rule selects nothing and the host is dropped
+    assert lab.eventually("default/client", "fqdn.example.com", "80", expect=False)
+    assert _query(lab, "fqdn.example.com").header.rcode == RCODE.NOERROR
+    bad = Path(lab.state_path.parent / "bad.yaml")
+    bad.write_text("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bad, namespace: default}
+spec:
+  endpointSelector: {}
+  ingress:
+  - toFQDNs: [{matchName: a.com}]
+""")
+    res = lab.run("apply", "-f", str(bad))
+    assert res.returncode != 0 and "bad.yaml:7" in res.stderr and "egress only" in res.stderr
+    lab.apply("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: fqdn, namespace: default}
+        spec:
+          endpointSelector: {}
+        """, "fqdn", delete=True)
+    assert lab.eventually("default/client", "fqdn.example.com", "80", expect=True)
+
+
+def test_down_removes_dns_server_and_resolv_confs(lab: Lab) -> None:
+    state = lab.state
+    pod_netns = state["pods"]["default/client"]["netns"]
+    assert (world.NETNS_ETC / pod_netns / "resolv.conf").exists()
+    dns_pid = state["processes"]["dns"]["pid"]
+    lab.ok("lab", "down")
+    assert not (world.NETNS_ETC / pod_netns).exists()
+    assert not Path(f"/proc/{dns_pid}").exists() or \
+        "dnsmasq" not in Path(f"/proc/{dns_pid}/cmdline").read_text(errors="replace") or \
+        subprocess.run(["ps", "-o", "stat=", "-p", str(dns_pid)], capture_output=True,
+                       text=True).stdout.strip().startswith("Z")
