@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from dnslib import CLASS, QTYPE, RCODE
@@ -50,8 +51,11 @@ class DNSRecord:
         if self.kind == "RESPONSE":
             dns.update(ips=self.ips, ttl=self.ttl, cnames=self.cnames, rcode=self.rcode,
                        rrtypes=self.rrtypes)
+        secs, us = divmod(round(self.time * 1e6), 1_000_000)   # µs: exact in a float
+        stamp = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        stamp += f".{us * 1000:09d}Z"
         return {
-            "time": self.time, "verdict": self.verdict, "Type": "L7",
+            "time": stamp, "verdict": self.verdict, "Type": "L7",
             "IP": {"source": self.source[0], "destination": self.destination[0],
                    "ipVersion": "IPv4"},
             "l4": {l4: {"source_port": self.source[1],

@@ -29,8 +29,10 @@ FIELDS = {
     "label", "from-label", "to-label", "identity", "from-identity", "to-identity",
     "ip", "from-ip", "to-ip", "port", "from-port", "to-port", "verdict", "protocol",
     "type", "traffic-direction", "drop-reason-desc", "tcp-flags", "node", "service",
-    "to-service",
+    "to-service", "fqdn",
 }
+#: L7 protocols: datapath records never match them (L7 flows come from the proxies).
+L7_PROTOCOLS = ("dns", "http")
 
 
 class FilterError(VilliError):
@@ -165,6 +167,8 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
     elif base == "protocol":
         for v in p.values:
             num = PROTOCOL_NUMBERS.get(v.lower())
+            if num is None and v.lower() in L7_PROTOCOLS:
+                continue
             if num is None:
                 raise FilterError(f"unknown protocol {v!r} (tcp, udp, icmp, sctp)")
             out |= rec["protocol"] == num
@@ -180,6 +184,8 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
                     if obs is None:
                         raise FilterError(f"unknown trace subtype {sub!r}")
                     m &= rec["obs_point"] == obs
+            elif kind == "l7":
+                m = np.zeros(len(rec), dtype=bool)   # L7 flows are not datapath records
             elif kind == "policy-verdict":
                 m = (rec["event_type"] == 1) | (rec["ct_state"] == 0)
             else:
@@ -208,6 +214,13 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
                      for v in p.values)
     elif base == "service":
         out[:] = False  # resolved by agents that know services (see service filters)
+    elif base == "fqdn":
+        # flows to or from IPs learned for matching names (the agent's DNS caches)
+        learned = getattr(ctx, "fqdn_ips", None)
+        ips = np.array([_ip_u32(ip) for v in p.values for ip in (learned(v) if learned
+                        else [])], dtype=np.uint32)
+        for s in sides:
+            out |= np.isin(rec[f"{s}_ip"], ips)
     return ~out if p.negate else out
 
 

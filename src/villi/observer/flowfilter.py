@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from villi.observer import dns
 from villi.observer.filters import FilterSpec, Predicate, _label_matches, _split
 
 
@@ -33,6 +34,10 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
                 ok |= l4.get(f"{s}_port") == int(v)
         if base == "verdict":
             ok |= flow.get("verdict") == v.upper()
+        elif base == "fqdn":
+            ok |= dns.fqdn_matches(flow, v)
+        elif base == "protocol" and v.lower() == "dns":
+            ok |= dns.is_dns(flow)
         elif base == "protocol":
             ok |= v.lower() in (k.lower().replace("v4", "") for k in (flow.get("l4") or {}))
         elif base == "traffic-direction":
@@ -41,7 +46,8 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
             ok |= flow.get("drop_reason_desc") == v.upper()
         elif base == "type":
             kind = v.partition(":")[0]
-            ok |= (kind == "drop" and flow.get("verdict") == "DROPPED") or \
+            ok |= (kind == "l7" and flow.get("Type") == "L7") or \
+                  (kind == "drop" and flow.get("verdict") == "DROPPED") or \
                   (kind == "trace" and flow.get("verdict") == "FORWARDED")
         elif base == "node":
             ok |= flow.get("node_name", "").startswith(v.rstrip("*"))
