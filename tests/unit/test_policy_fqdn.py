@@ -144,3 +144,44 @@ def test_fqdn_selector_selects_learned_identities_incrementally() -> None:
     labels = fqdn_identity_labels("198.51.100.10", {"*.example.com."})
     assert {str(lbl).rstrip("=") for lbl in labels} >= {"cidr:198.51.100.10/32", "reserved:world",
                                             "fqdn:*.example.com."}
+
+
+def test_learned_ips_become_incremental_map_diffs_and_ipcache_prefixes() -> None:
+    from villi.policy.entry import Direction
+    from villi.policy.simulate import PolicySimulator
+
+    sim = PolicySimulator()
+    sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
+    sim.add_pod("prod/other", {"app": "other"}, "10.64.0.5")
+    sim.apply_yaml("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fq, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchPattern: "*.example.com"}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - toCIDR: [198.51.100.77/32]
+""")
+    r = sim.resolver
+    assert r.fqdn_patterns() == ["*.example.com."]
+    client = sim.pods["prod/client"].endpoint
+    labels = fqdn_identity_labels("198.51.100.10", {"*.example.com."})
+    update = r.learn_fqdn({"198.51.100.10": labels})
+    ident = update.cidr_upserts["198.51.100.10/32"]
+    assert ident >= 1 << 24
+    assert set(update.endpoints) == {client}          # only the client's map changes
+    diff = update.endpoints[client]
+    assert {(e.identity, e.direction, e.port) for e in diff.added} == \
+        {(ident, Direction.EGRESS, 80)}
+    assert len(diff.map_upserts) == 1 and not diff.map_deletes
+    assert not r.learn_fqdn({"198.51.100.10": labels})  # same labels again: nothing
+    # an IP a toCIDR rule also names keeps its identity when the fqdn labels go
+    both = r.learn_fqdn({"198.51.100.77": fqdn_identity_labels("198.51.100.77",
+                                                                {"*.example.com."})})
+    assert "198.51.100.77/32" not in both.cidr_upserts   # already live for the CIDR rule
+    back = r.learn_fqdn({}, ["198.51.100.77"])
+    assert not back.cidr_deletes
+    gone = r.learn_fqdn({}, ["198.51.100.10"])
+    assert gone.cidr_deletes == {"198.51.100.10/32": ident}
+    assert {e.identity for e in gone.endpoints[client].removed} == {ident}
