@@ -16,8 +16,12 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from villi._nsenter import in_netns
+from villi.dnsproxy.cache import CacheStore
 from villi.lab import cluster, world
+from villi.lab._api import agent_call
+from villi.lab._state import LabError
 from villi.netns import routes
+from villi.policy.fqdn import fqdn_identity_labels
 
 from .test_lab import Lab, _root_net
 
@@ -136,6 +140,31 @@ spec:
 """)
     res = lab.run("apply", "-f", str(bad))
     assert res.returncode != 0 and "bad.yaml:7" in res.stderr and "egress only" in res.stderr
+
+    # What the DNS proxy does after an answer (its hook, until the steering lands): post
+    # the learned IP with its fqdn labels; the agent answers once identity, ipcache and
+    # policy map are written, and the connection passes. Another outside host stays out.
+    sock = lab.state["nodes"][0]["socket"]
+    ip = lab.state["externals"]["fqdn.example.com"]["ip"]
+    assert agent_call(sock, "GET", "/v1/fqdn/patterns")["patterns"] == ["fqdn.example.com."]
+    lab.ok("lab", "external", "add", "notmine.example.com", "--serve", "80/tcp")
+    labels = [str(x) for x in fqdn_identity_labels(ip, {"fqdn.example.com."})]
+    out = agent_call(sock, "POST", "/v1/fqdn/learned", json={"changed": {ip: labels}})
+    assert out["identities"][ip] >= 1 << 24
+    assert lab.probe("default/client", "fqdn.example.com", "80")   # at once: no settling
+    assert not lab.probe("default/client", "notmine.example.com", "80")
+    with pytest.raises(LabError, match="not an IPv4"):
+        agent_call(sock, "POST", "/v1/fqdn/learned", json={"changed": {"x": labels}})
+    agent_call(sock, "POST", "/v1/fqdn/learned", json={"removed": [ip]})
+    assert not lab.probe("default/client", "fqdn.example.com", "80")
+
+    # villi get fqdn-cache lists what the node's proxy persisted
+    store = CacheStore(Path(lab.state["nodes"][0]["state_dir"]) / "fqdn-cache.json")
+    client_ip = lab.state["pods"]["default/client"]["ip"]
+    store.for_endpoint(client_ip).update("fqdn.example.com.", [(ip, 30)])
+    store.save()
+    listing = lab.ok("get", "fqdn-cache")
+    assert client_ip in listing and "fqdn.example.com." in listing and ip in listing
     lab.apply("""
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy

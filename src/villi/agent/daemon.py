@@ -514,7 +514,9 @@ class Agent:
 
             return web.json_response(self.service_view())
 
-        return [*flow_routes(self), ("GET", "/v1/service", services)]
+        from villi.agent.fqdn import fqdn_routes
+
+        return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self)]
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""
