@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,6 +175,77 @@ spec:
           endpointSelector: {}
         """, "fqdn", delete=True)
     assert lab.eventually("default/client", "fqdn.example.com", "80", expect=True)
+
+
+def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) -> None:
+    """The whole chain without the eBPF steering: the pod queries the node's DNS proxy
+    directly; the proxy checks rules.dns, forwards to the lab DNS, posts the learned IP
+    to the agent and releases the answer only when identity, ipcache and policy map are
+    written, so a connection right after the answer passes. Names outside the pattern
+    are REFUSED; an outside host not resolved through the proxy stays dropped."""
+    state = lab.state
+    node = state["nodes"][0]
+    lab.ok("lab", "external", "add", "api2.example.com", "--serve", "80/tcp")
+    lab.ok("lab", "external", "add", "side.example.com", "--serve", "80/tcp")
+    lab.apply("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: proxy, namespace: default}
+        spec:
+          endpointSelector: {matchLabels: {app: client}}
+          egress:
+          - toEntities: [host]
+            toPorts:
+            - ports: [{port: "53", protocol: ANY}]
+              rules:
+                dns: [{matchPattern: "*.example.com"}]
+          - toFQDNs: [{matchName: api2.example.com}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+        """, "proxy")
+    # the proxy listens on port 53 of the node (rules.dns apply to port 53)
+    pin_dir = f"/sys/fs/bpf/villi/{state['cluster']}/{node['name']}"
+    log = Path(state["dir"]) / "dnsproxy.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "villi.dnsproxy.service", "--netns", node["netns"],
+         "--agent-socket", node["socket"], "--state-dir", node["state_dir"],
+         "--listen", "0.0.0.0:53", "--upstream", world.DNS_IP, "--pin-dir", pin_dir,
+         "--refresh", "0.3"],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    try:
+        assert (proc.stdout.readline() if proc.stdout else "").startswith("ready"), \
+            log.read_text()
+        client = state["pods"]["default/client"]
+        deadline = time.monotonic() + 10
+        while True:   # the proxy fetches the client's DNS rules within a refresh
+            with in_netns(client["netns"]):
+                ans = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
+                    node["ip"], 53, timeout=3))
+            if ans.header.rcode == RCODE.NOERROR or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert ans.header.rcode == RCODE.NOERROR, log.read_text()
+        ip = str(ans.rr[0].rdata)
+        assert lab.probe("default/client", ip, "80")        # right after the answer
+        assert not lab.probe("default/client", "side.example.com", "80")
+        with in_netns(client["netns"]):
+            refused = DNSRecord.parse(DNSRecord.question("evil.org").send(
+                node["ip"], 53, timeout=3))
+        assert refused.header.rcode == RCODE.REFUSED
+        deadline = time.monotonic() + 5
+        while "api2.example.com." not in lab.ok("get", "fqdn-cache"):
+            assert time.monotonic() < deadline, "the proxy did not persist its cache"
+            time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lab.apply("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: proxy, namespace: default}
+        spec:
+          endpointSelector: {}
+        """, "proxy", delete=True)
 
 
 def test_down_removes_dns_server_and_resolv_confs(lab: Lab) -> None:

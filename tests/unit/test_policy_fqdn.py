@@ -185,3 +185,24 @@ spec:
     gone = r.learn_fqdn({}, ["198.51.100.10"])
     assert gone.cidr_deletes == {"198.51.100.10/32": ident}
     assert {e.identity for e in gone.endpoints[client].removed} == {ident}
+
+
+def test_dns_patterns_per_endpoint() -> None:
+    from villi.policy.dnsrules import dns_patterns
+    from villi.policy.simulate import PolicySimulator
+
+    sim = PolicySimulator()
+    sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
+    sim.add_pod("prod/other", {"app": "other"}, "10.64.0.5")
+    sim.add_pod("dev/client", {"app": "client"}, "10.64.0.6")
+    sim.apply_yaml(HEAD.replace("endpointSelector: {}",
+                                "endpointSelector: {matchLabels: {app: client}}") + """  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}, {matchName: cilium.io}]
+""")
+    r = sim.resolver
+    assert dns_patterns(r.resources(), r.endpoints()) == {
+        "10.64.0.4": ["*.example.com.", "cilium.io."]}

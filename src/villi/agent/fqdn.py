@@ -2,7 +2,8 @@
 entries and policy map rows — before the proxy releases the answer to the pod.
 
 The DNS proxy (in ``villi-proxy``, apart from the agent so DNS survives agent restarts)
-asks ``GET /v1/fqdn/patterns`` for the toFQDNs patterns in force, labels each learned IP
+asks ``GET /v1/fqdn/patterns`` for the toFQDNs patterns in force and
+``GET /v1/fqdn/dns-rules`` for each endpoint's ``rules.dns`` patterns, labels each learned IP
 with its name manager, and posts the changes to ``POST /v1/fqdn/learned``; the handler
 returns once the resolver's diff is in the kernel maps, which is what the proxy's
 ≤ 100 ms hold waits for. ``GET /v1/fqdn/cache`` lists the proxy's persisted per-endpoint
@@ -104,5 +105,11 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
         except ValueError as e:
             return web.json_response({"error": str(e), "code": 0}, status=500)
 
-    return [("GET", "/v1/fqdn/patterns", patterns), ("POST", "/v1/fqdn/learned", learned),
-            ("GET", "/v1/fqdn/cache", cache)]
+    async def dns_rules(request: web.Request) -> web.Response:
+        from villi.policy.dnsrules import dns_patterns
+
+        r = agent.policy.resolver
+        return web.json_response(dns_patterns(r.resources(), r.endpoints()))
+
+    return [("GET", "/v1/fqdn/patterns", patterns), ("GET", "/v1/fqdn/dns-rules", dns_rules),
+            ("POST", "/v1/fqdn/learned", learned), ("GET", "/v1/fqdn/cache", cache)]
