@@ -19,8 +19,8 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from villi._nsenter import in_netns
 from villi.dnsproxy.cache import CacheStore
-from villi.lab import cluster, world
-from villi.lab._api import agent_call
+from villi.lab import _procs, _state, cluster, world
+from villi.lab._api import agent_call, healthz
 from villi.lab._state import LabError
 from villi.netns import routes
 from villi.policy.fqdn import fqdn_identity_labels
@@ -236,6 +236,30 @@ def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) ->
         while "api2.example.com." not in lab.ok("get", "fqdn-cache"):
             assert time.monotonic() < deadline, "the proxy did not persist its cache"
             time.sleep(0.3)
+
+        # agent restart: DNS keeps being answered while it is away, and the learned IP
+        # stays allowed while it is away and after it has rebuilt its policy
+        marker = f"villi-lab-{state['id']}"
+        _procs.kill([node["pid"]], marker, grace=5.0)
+        with in_netns(client["netns"]):
+            during = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
+                node["ip"], 53, timeout=3))
+        assert during.header.rcode == RCODE.NOERROR
+        assert lab.probe("default/client", ip, "80")
+        pid = _procs.spawn(cluster._agent_cmd(state, node), Path(node["log"]))
+        with _state.update() as st:
+            st["nodes"][0]["pid"] = pid
+        deadline = time.monotonic() + 60
+        while (healthz(node["socket"], timeout=1.0) or {}).get("status") != "ok":
+            assert time.monotonic() < deadline, cluster.log_tail(node["log"])
+            time.sleep(0.2)
+        assert "IPs learned by the DNS proxy" in Path(node["log"]).read_text()
+        assert lab.probe("default/client", ip, "80")
+        assert not lab.probe("default/client", "side.example.com", "80")
+        with in_netns(client["netns"]):
+            after = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
+                node["ip"], 53, timeout=3))
+        assert after.header.rcode == RCODE.NOERROR
     finally:
         proc.terminate()
         proc.wait(10)

@@ -151,6 +151,9 @@ class Agent:
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
             await self._refresh_identity(ep.id)
+        from villi.agent.fqdn import restore_learned
+
+        restore_learned(self)   # IPs the DNS proxy learned stay allowed across restarts
         await self.policy.regenerate_all()
         # What start-up built lives as long as the agent: move it out of the collector's
         # sight and collect rarely, which keeps policy updates' p99 low (bench/policy.py).

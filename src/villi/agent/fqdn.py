@@ -82,6 +82,43 @@ def cache_listing(path: Path, now: float | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def learned_names(path: Path) -> dict[str, set[str]]:
+    """ip → names from the proxy's cache file, zombies included (they stay allowed)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable DNS cache %s: %s", path, e)
+        return {}
+    out: dict[str, set[str]] = {}
+    for cache in (data.get("endpoints") or {}).values():
+        for e in cache.get("entries", []):
+            out.setdefault(e["ip"], set()).add(e["name"])
+        for z in cache.get("zombies", []):
+            out.setdefault(z["ip"], set()).update(z["names"])
+    return out
+
+
+def restore_learned(agent: Agent) -> int:
+    """At start, before policy regeneration: give the IPs in the proxy's persisted caches
+    their fqdn identities again, so regeneration keeps (instead of deleting) the policy
+    map rows that allow them. Returns how many IPs."""
+    from villi.policy.fqdn import fqdn_identity_labels, matches
+
+    resolver = agent.policy.resolver
+    patterns = resolver.fqdn_patterns()
+    changed = {}
+    for ip, names in learned_names(cache_path(agent)).items():
+        hit = {p for p in patterns if any(matches(p, n) for n in names)}
+        if hit:
+            changed[ip] = fqdn_identity_labels(ip, hit)
+    if changed:
+        agent.policy.apply(resolver.learn_fqdn(changed))
+        log.info("restored %d IPs learned by the DNS proxy", len(changed))
+    return len(changed)
+
+
 def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
     async def patterns(request: web.Request) -> web.Response:
         return web.json_response({"patterns": agent.policy.resolver.fqdn_patterns()})
