@@ -206,3 +206,15 @@ def test_dns_patterns_per_endpoint() -> None:
     r = sim.resolver
     assert dns_patterns(r.resources(), r.endpoints()) == {
         "10.64.0.4": ["*.example.com.", "cilium.io."]}
+
+
+def test_example_fqdn_policy_loads() -> None:
+    from pathlib import Path
+
+    from villi.policy.loader import load_file
+
+    path = Path(__file__).parents[2] / "examples" / "fqdn_policy.yaml"
+    (pol,) = load_file(path)
+    assert isinstance(pol, CiliumNetworkPolicy)
+    rules = compile_policy(pol, CookieTable())
+    assert fqdn_selector("api.example.com.") in rules[0].sections[1].peers

@@ -81,6 +81,16 @@ class AgentFlowContext:
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         return self.agent.service_of(ip, port)
 
+    def fqdn_ips(self, pattern: str) -> list[str]:
+        """IPs the node's DNS proxy learned for names matching ``pattern`` (``--fqdn``)."""
+        import fnmatch
+
+        from villi.agent.fqdn import cache_path, learned_names
+
+        want = pattern.lower().rstrip(".")
+        return [ip for ip, names in learned_names(cache_path(self.agent)).items()
+                if any(fnmatch.fnmatchcase(n.rstrip("."), want) for n in names)]
+
 
 def _pod_info(d: dict) -> PodInfo:
     return PodInfo(d.get("namespace", ""), d.get("podName", ""), int(d.get("endpointID", 0)),
