@@ -8,6 +8,7 @@ rule allows nothing, so the external host is dropped while DNS itself passes).""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -270,6 +271,74 @@ def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) ->
         spec:
           endpointSelector: {}
         """, "proxy", delete=True)
+
+
+def test_ttl_expiry_keeps_ips_with_a_live_connection(lab: Lab) -> None:
+    """TTL expiry through the real CT: an expired IP stays allowed while the pod holds a
+    connection to it (a zombie, seen in the pinned CT map), and goes once it closes."""
+    state = lab.state
+    node = state["nodes"][0]
+    client = state["pods"]["default/client"]
+    lab.ok("lab", "external", "add", "brief.example.com", "--serve", "80/tcp", "--ttl", "1")
+    lab.apply("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: ttl, namespace: default}
+        spec:
+          endpointSelector: {matchLabels: {app: client}}
+          egress:
+          - toEntities: [host]
+            toPorts:
+            - ports: [{port: "53", protocol: ANY}]
+              rules:
+                dns: [{matchPattern: "*.example.com"}]
+          - toFQDNs: [{matchPattern: "*.example.com"}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+        """, "ttl")
+    log = Path(state["dir"]) / "dnsproxy-ttl.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "villi.dnsproxy.service", "--netns", node["netns"],
+         "--agent-socket", node["socket"], "--state-dir", node["state_dir"],
+         "--listen", "0.0.0.0:53", "--upstream", world.DNS_IP, "--refresh", "0.3",
+         "--pin-dir", f"/sys/fs/bpf/villi/{state['cluster']}/{node['name']}"],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    conn = None
+    try:
+        assert (proc.stdout.readline() if proc.stdout else "").startswith("ready")
+        deadline = time.monotonic() + 10
+        while True:
+            with in_netns(client["netns"]):
+                ans = DNSRecord.parse(DNSRecord.question("brief.example.com").send(
+                    node["ip"], 53, timeout=3))
+            if ans.header.rcode == RCODE.NOERROR or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert ans.header.rcode == RCODE.NOERROR, log.read_text()
+        ip = str(ans.rr[0].rdata)
+        with in_netns(client["netns"]):
+            conn = socket.create_connection((ip, 80), timeout=3)
+        time.sleep(2.5)   # TTL 1 s is over; several GC rounds ran
+        conn.sendall(b"still here\n")
+        assert conn.recv(64) == b"still here\n"
+        assert "zombie" in lab.ok("get", "fqdn-cache")
+        assert lab.probe("default/client", ip, "80")     # still allowed: live connection
+        conn.close()
+        conn = None
+        assert lab.eventually("default/client", ip, "80", expect=False, within=10), \
+            log.read_text()
+    finally:
+        if conn is not None:
+            conn.close()
+        proc.terminate()
+        proc.wait(10)
+    lab.apply("""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: ttl, namespace: default}
+        spec:
+          endpointSelector: {}
+        """, "ttl", delete=True)
 
 
 def test_down_removes_dns_server_and_resolv_confs(lab: Lab) -> None:
