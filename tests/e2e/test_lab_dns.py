@@ -237,6 +237,15 @@ def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) ->
         while "api2.example.com." not in lab.ok("get", "fqdn-cache"):
             assert time.monotonic() < deadline, "the proxy did not persist its cache"
             time.sleep(0.3)
+        # flows to the learned IP carry its name, and --fqdn finds them
+        deadline = time.monotonic() + 10
+        while True:
+            out = lab.ok("observe", "--last", "100", "--fqdn", "api2.example.com",
+                         "-o", "json")
+            if '"destination_names": ["api2.example.com."]' in out:
+                break
+            assert time.monotonic() < deadline, out
+            time.sleep(0.5)
 
         # agent restart: DNS keeps being answered while it is away, and the learned IP
         # stays allowed while it is away and after it has rebuilt its policy
