@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         min_ttl=args.tofqdns_min_ttl,
         max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
         is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
-        on_record=lambda r: log.info("dns %s %s %s %s %s", r.kind.lower(), r.verdict,
+        on_record=lambda r: log.debug("dns %s %s %s %s %s", r.kind.lower(), r.verdict,
                                      r.endpoint, r.query, ",".join(r.ips)),
         refresh=args.refresh)
 
