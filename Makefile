@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
 	etcd-server etcd-client iputils-ping netcat-openbsd curl tcpdump \
-	podman runc busybox-static containernetworking-plugins python3-venv wrk
+	podman runc busybox-static containernetworking-plugins python3-venv wrk dnsmasq-base
 APT_STAMP := $(VENV)/.apt-stamp
 PIP_STAMP := $(VENV)/.pip-stamp
 

@@ -119,9 +119,9 @@ metadata: {name: p}
     ("from-requires", CNP_HEAD + """  ingress:
   - fromRequires: [{matchLabels: {env: prod}}]
 """, "spec.ingress[0].fromRequires", "fromRequires is not supported", 9),
-    ("to-fqdns", CNP_HEAD + """  egress:
+    ("to-fqdns-ingress", CNP_HEAD + """  ingress:
   - toFQDNs: [{matchName: example.com}]
-""", "spec.egress[0].toFQDNs", "toFQDNs is not supported yet", 9),
+""", "spec.ingress[0].toFQDNs", "toFQDNs is egress only", 9),
     ("node-selector-in-cnp", CNP_HEAD.replace("endpointSelector: {}", "nodeSelector: {}"),
      "spec.nodeSelector", "nodeSelector is only allowed in a CiliumClusterwideNetworkPolicy",
      7),

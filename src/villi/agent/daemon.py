@@ -177,6 +177,9 @@ class Agent:
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
             await self._refresh_identity(ep.id)
+        from villi.agent.fqdn import restore_learned
+
+        restore_learned(self)   # IPs the DNS proxy learned stay allowed across restarts
         await self.policy.regenerate_all()
         # What start-up built lives as long as the agent: move it out of the collector's
         # sight and collect rarely, which keeps policy updates' p99 low (bench/policy.py).
@@ -620,7 +623,9 @@ class Agent:
 
             return web.json_response(self.service_view())
 
-        return [*flow_routes(self), ("GET", "/v1/service", services)]
+        from villi.agent.fqdn import fqdn_routes
+
+        return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self)]
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""

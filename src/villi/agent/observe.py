@@ -82,6 +82,33 @@ class AgentFlowContext:
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         return self.agent.service_of(ip, port)
 
+    def _learned(self) -> dict[str, set[str]]:
+        """ip → names from the DNS proxy's cache file, re-read only when it changed."""
+        from villi.agent.fqdn import cache_path, learned_names
+
+        path = cache_path(self.agent)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        cached = getattr(self, "_learned_cache", None)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, learned_names(path))
+            self._learned_cache = cached
+        return cached[1]
+
+    def names_of(self, ip: str) -> list[str]:
+        """DNS names pods of this node resolved to ``ip`` (``destination_names``)."""
+        return sorted(self._learned().get(ip, ()))
+
+    def fqdn_ips(self, pattern: str) -> list[str]:
+        """IPs the node's DNS proxy learned for names matching ``pattern`` (``--fqdn``)."""
+        import fnmatch
+
+        want = pattern.lower().rstrip(".")
+        return [ip for ip, names in self._learned().items()
+                if any(fnmatch.fnmatchcase(n.rstrip("."), want) for n in names)]
+
 
 def _pod_info(d: dict) -> PodInfo:
     return PodInfo(d.get("namespace", ""), d.get("podName", ""), int(d.get("endpointID", 0)),

@@ -89,6 +89,8 @@ def get_command(args: argparse.Namespace) -> int:
         return 0
     if what == "services":
         return _services(target, args)
+    if what == "fqdn-cache":
+        return _fqdn_cache(target, args)
     kinds = {"policies": ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy",
                           "NetworkPolicy"),
              "services": ("Service",)}[what]
@@ -123,6 +125,20 @@ def _services(target: Target, args: argparse.Namespace) -> int:
                          ports or ["-"], backends or ["-"]])
         table(["NAMESPACE", "NAME", "CLUSTER-IP", "PORTS", "BACKENDS"], rows,
               no_headers=args.no_headers)
+    _warn_missing(missing)
+    return 0
+
+
+def _fqdn_cache(target: Target, args: argparse.Namespace) -> int:
+    """Like ``cilium-dbg fqdn cache list``: endpoint, name, IPs, TTL left, source."""
+    answers, missing = _from_agents(target, "/v1/fqdn/cache")
+    rows = [dict(r, node=node) for node, lst in answers for r in lst]
+    if args.output == "json":
+        dump_json(rows)
+    else:
+        table(["NODE", "ENDPOINT", "FQDN", "IP", "TTL", "TTL LEFT", "SOURCE"],
+              [[r["node"], r["endpoint"], r["name"], r["ip"], r["ttl"], r["ttl_left"],
+                r["source"]] for r in rows], no_headers=args.no_headers)
     _warn_missing(missing)
     return 0
 

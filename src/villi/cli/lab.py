@@ -101,10 +101,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pod", metavar="NS/NAME")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
+    _add_world_parsers(ls)
+
     p = ls.add_parser("probe", help="connect from one pod to another; exit 0 connected, "
                       "1 blocked")
     p.add_argument("src", metavar="NS/FROM")
-    p.add_argument("dst", metavar="NS/TO", help="a pod or an IP address")
+    p.add_argument("dst", metavar="NS/TO", help="a pod, an IP address, or a DNS name "
+                   "(resolved from inside the source pod through the lab DNS)")
     p.add_argument("port", metavar="PORT[/tcp|/udp]")
     p.add_argument("--timeout", type=float, default=2.0)
 
@@ -116,6 +119,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "attempt (1)")
     p.add_argument("--settle", type=float, default=8.0, help="seconds an expected outcome "
                    "may take to appear (policy propagation; 8)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def _add_world_parsers(ls: argparse._SubParsersAction) -> None:
+    dns = ls.add_parser("dns", help="the lab DNS server's A records (dnsmasq)")
+    ds = dns.add_subparsers(dest="dns_cmd", metavar="COMMAND")
+    p = ds.add_parser("add", help="add or replace an A record")
+    p.add_argument("name")
+    p.add_argument("ip")
+    p.add_argument("--ttl", type=int, default=30, help="seconds (30)")
+    p = ds.add_parser("del", aliases=["delete"], help="remove an A record")
+    p.add_argument("name")
+    p = ds.add_parser("list", help="the records")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    ext = ls.add_parser("external", help="hosts outside the cluster (an 'internet' in the "
+                        "lab's namespaces), registered in the lab DNS")
+    es = ext.add_subparsers(dest="ext_cmd", metavar="COMMAND")
+    p = es.add_parser("add", help="create an outside host serving ports")
+    p.add_argument("name")
+    p.add_argument("--serve", required=True, help="echo server ports: 80/tcp,53/udp,...")
+    p.add_argument("--ip", help="its address (default: the next free one in "
+                   "198.51.100.0/24; allowed: 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24)")
+    p.add_argument("--http-reply", metavar="TEXT", help="what it answers to HTTP requests")
+    p.add_argument("--ttl", type=int, default=30, help="TTL of its DNS record (30)")
+    p = es.add_parser("del", aliases=["delete"], help="remove an outside host")
+    p.add_argument("name")
+    p = es.add_parser("list", help="the outside hosts")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -232,8 +263,12 @@ def _probe(args: argparse.Namespace) -> int:
         raise VilliError(f"bad port {args.port!r}: 1-65535, protocol tcp or udp")
     state = _state.require()
     src = pods.get(args.src, state)
-    ip, key = pods.target_ip(state, args.dst)
     pods.enter_cgroup(src)   # as the pod's own processes: services apply
+    ip, key = _probe_target(state, src, args.dst)
+    if ip is None:
+        print(f"{src['namespace']}/{src['name']} → {args.dst}:{port}/{proto}: blocked "
+              f"(cannot resolve: {key})")
+        return 1
     ok, why = probe_detail(src["netns"], ip, port, proto, args.timeout)
     target = f"{key} ({ip})" if key else ip
     verdict = why if ok else f"blocked ({why})"
@@ -308,6 +343,78 @@ def _node(args: argparse.Namespace) -> int:
     return 2
 
 
+def _probe_target(state: dict[str, Any], src: dict[str, Any], dst: str
+                  ) -> tuple[str | None, str | None]:
+    """(IP, label) of a probe target; a name that is no pod is resolved from inside the
+    source pod through the lab DNS (so DNS policy applies): (None, why) when it fails."""
+    from villi.lab import pods, world
+    from villi.lab._state import LabError
+
+    try:
+        return pods.target_ip(state, dst)
+    except LabError:
+        if "/" in dst or not state.get("dns"):
+            raise
+    ip, why = world.resolve_from(src["netns"], dst)
+    return (ip, dst) if ip else (None, why)
+
+
+def _dns(args: argparse.Namespace) -> int:
+    from villi.lab import world
+    from villi.lab._view import console
+
+    c = console()
+    if args.dns_cmd == "add":
+        rec = world.dns_add(args.name, args.ip, args.ttl)
+        c.print(f"DNS {rec['name']} A {rec['ip']} (TTL {rec['ttl']}s)", highlight=False)
+        return 0
+    if args.dns_cmd in ("del", "delete"):
+        rec = world.dns_del(args.name)
+        c.print(f"DNS {rec['name']} removed", highlight=False)
+        return 0
+    if args.dns_cmd == "list":
+        records = world.dns_records()
+        if args.output == "json":
+            print(json.dumps(list(records.values()), indent=2, sort_keys=True))
+        else:
+            print(f"server {world.DNS_IP}:53")
+            for name, rec in sorted(records.items()):
+                print(f"{name:40} A {rec['ip']:16} TTL {rec['ttl']}")
+        return 0
+    print("usage: villi lab dns {add,del,list} ...", file=sys.stderr)
+    return 2
+
+
+def _external(args: argparse.Namespace) -> int:
+    from villi.lab import _state, pods, world
+    from villi.lab._view import console
+
+    c = console()
+    if args.ext_cmd == "add":
+        rec = world.external_add(args.name, pods.parse_serve(args.serve), args.ip,
+                                 args.http_reply, args.ttl)
+        serving = ", ".join(f"{p['port']}/{p['protocol']}" for p in rec["serve"])
+        c.print(f"external host [bold]{rec['name']}[/] at [cyan]{rec['ip']}[/], serving "
+                f"{serving}, in the lab DNS", highlight=False)
+        return 0
+    if args.ext_cmd in ("del", "delete"):
+        rec = world.external_del(args.name)
+        c.print(f"external host {rec['name']} ({rec['ip']}) removed", highlight=False)
+        return 0
+    if args.ext_cmd == "list":
+        externals = _state.require().get("externals", {})
+        if args.output == "json":
+            print(json.dumps(list(externals.values()), indent=2, sort_keys=True))
+        else:
+            for name, rec in sorted(externals.items()):
+                ports = ",".join(f"{p['port']}/{p['protocol']}" for p in rec["serve"])
+                print(f"{name:40} {rec['ip']:16} {ports}")
+        return 0
+    print("usage: villi lab external {add,del,list} ...", file=sys.stderr)
+    return 2
+
+
 _COMMANDS: dict[str, Any] = {"up": _up, "down": _down, "status": _status, "pod": _pod,
                              "agent": _agent, "etcd": _etcd, "node": _node,
-                             "exec": _exec, "probe": _probe}
+                             "exec": _exec, "probe": _probe, "dns": _dns,
+                             "external": _external}

@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE")
 
     p = sub.add_parser("get", help="list endpoints, identities, policies, services, nodes")
-    p.add_argument("what", choices=["endpoints", "identities", "policies", "services", "nodes"])
+    p.add_argument("what", choices=["endpoints", "identities", "policies", "services", "nodes",
+                                    "fqdn-cache"])
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.add_argument("--no-headers", action="store_true")
 

@@ -37,9 +37,10 @@ FILTER_FLAGS: list[tuple[str, ...]] = [
     ("ip", "address or CIDR (either side)"), ("from-ip", ""), ("to-ip", ""),
     ("port", "L4 port (either side)"), ("from-port", ""), ("to-port", ""),
     ("verdict", "FORWARDED, DROPPED, REDIRECTED (to the L7 proxy) or ERROR"),
-    ("protocol", "tcp, udp, icmp, sctp, http"),
+    ("protocol", "tcp, udp, icmp, sctp, http, dns"),
     ("type", "trace[:to-endpoint|to-proxy|to-stack|from-endpoint], drop, policy-verdict, "
      "l7", "-t"),
+    ("fqdn", "DNS name or pattern (*): DNS flows for it, flows to IPs it resolved to"),
     ("traffic-direction", "ingress or egress"),
     ("drop-reason-desc", "e.g. POLICY_DENIED"), ("tcp-flags", "e.g. syn or syn,ack"),
     ("node-name", "node name (or prefix*)"),

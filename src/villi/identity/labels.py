@@ -20,9 +20,12 @@ SOURCE_CIDR = "cidr"
 SOURCE_UNSPEC = "unspec"
 SOURCE_CONTAINER = "container"
 SOURCE_ANY = "any"
+#: Labels ``fqdn:<pattern>`` of CIDR identities learned through a toFQDNs selector.
+SOURCE_FQDN = "fqdn"
 
 SOURCES = frozenset(
-    {SOURCE_K8S, SOURCE_RESERVED, SOURCE_CIDR, SOURCE_UNSPEC, SOURCE_CONTAINER, SOURCE_ANY}
+    {SOURCE_K8S, SOURCE_RESERVED, SOURCE_CIDR, SOURCE_UNSPEC, SOURCE_CONTAINER, SOURCE_ANY,
+     SOURCE_FQDN}
 )
 
 #: Label the agent adds to every pod: the pod's namespace.

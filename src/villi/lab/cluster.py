@@ -30,7 +30,7 @@ from typing import Any
 
 from villi._nsenter import in_netns
 from villi.kvstore.tls import KvstoreTLS, make_pki
-from villi.lab import _cgroup, _network, _procs, _state
+from villi.lab import _cgroup, _network, _procs, _state, world
 from villi.lab import eni as _eni
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
@@ -178,6 +178,12 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
         _network.attach_node(underlay, node["index"], node["netns"])
     progress("underlay", "ok", f"{underlay.cidr} · {len(state['nodes'])} node namespaces "
              "wired to the bridge")
+
+    progress("dns", "start", f"dnsmasq at {world.DNS_IP}")
+    world.setup(state)
+    _state.save(state)
+    progress("dns", "ok", f"{world.DNS_IP}:53 in {underlay.netns} (outside world: "
+             f"{', '.join(world.OUTSIDE_NETS)})")
 
     if state["kvstore_kind"] == "etcd":
         progress("etcd", "start", state["kvstore"])
@@ -343,6 +349,7 @@ def all_pids(state: dict[str, Any]) -> list[int]:
     pids = [n.get("pid") for n in state.get("nodes", [])]
     pids += [p.get("pid") for p in state.get("processes", {}).values()]
     pids += [p.get("server_pid") for p in state.get("pods", {}).values()]
+    pids += [p.get("server_pid") for p in state.get("externals", {}).values()]
     return [p for p in pids if p]
 
 
@@ -420,6 +427,7 @@ def teardown(lab_id: str, progress: Progress = _quiet) -> dict[str, int]:
         if subprocess_ok(["ip", "netns", "delete", name]):
             counts["namespaces"] += 1
     progress("namespaces", "ok", f"{counts['namespaces']} deleted")
+    world.remove_lab_files(lab_id)   # pods' /etc/netns/<netns>/resolv.conf
     if _cgroup.remove_lab(lab_id):
         counts["cgroups"] = 1
     pins = PIN_BASE / f"lab-{lab_id}"

@@ -117,17 +117,17 @@ def _serve_tcp_conn(conn: socket.socket) -> None:
                 return
 
 
-def bind_tcp(port: int) -> socket.socket:
+def bind_tcp(port: int, host: str = "0.0.0.0") -> socket.socket:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
+    srv.bind((host, port))
     srv.listen(512)
     return srv
 
 
-def bind_udp(port: int) -> socket.socket:
+def bind_udp(port: int, host: str = "0.0.0.0") -> socket.socket:
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("0.0.0.0", port))
+    srv.bind((host, port))
     return srv
 
 
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--http-reply", help="body of the answer to HTTP requests")
     ap.add_argument("--http-route", action="append", default=[],
                     help="'METHOD /path=reply': the answer for one method and path")
+    ap.add_argument("--bind", default="0.0.0.0", help="address to serve on (lab "
+                    "external hosts share one namespace, each on its own address)")
     ap.add_argument("ports", nargs="+", help="PORT/tcp or PORT/udp")
     args = ap.parse_args(argv)
     global _http_reply
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Bind every socket before saying "ready": a probe right after must not race the
     # listener threads.
-    bound = [(bind_tcp(p), serve_tcp) if proto == "tcp" else (bind_udp(p), serve_udp)
+    bound = [(bind_tcp(p, args.bind), serve_tcp) if proto == "tcp"
+             else (bind_udp(p, args.bind), serve_udp)
              for p, proto in specs]
     for srv, serve in bound:
         threading.Thread(target=serve, args=(srv,), daemon=True).start()

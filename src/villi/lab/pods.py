@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from villi.lab import _cgroup, _procs, _state
+from villi.lab import _cgroup, _procs, _state, world
 from villi.lab._api import agent_call, healthz
 from villi.lab._state import PREFIX, LabError
 from villi.netns import create_netns, delete_netns
@@ -210,6 +210,7 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
 
 def _create(record: dict[str, Any], lab_dir: Path) -> None:
     create_netns(record["netns"])
+    world.write_resolv_conf(record["netns"])   # the lab DNS, for `villi lab exec`
     args = f"K8S_POD_NAMESPACE={record['namespace']};K8S_POD_NAME={record['name']}"
     if record["labels"]:
         args += ";VILLI_LABELS=" + ",".join(f"{k}:{v}" for k, v in record["labels"].items())
@@ -254,6 +255,7 @@ def _destroy(record: dict[str, Any]) -> None:
         code, out = cni_exec(record["socket"], "DEL", record["container_id"],
                              f"/var/run/netns/{record['netns']}", agent_timeout=10)
     delete_netns(record["netns"])
+    world.remove_resolv_conf(record["netns"])
     if code != 0:
         raise LabError(f"villi-cni DEL for {record['namespace']}/{record['name']} failed: "
                        f"{out.get('msg', out)} (namespace removed; the agent may still hold "

@@ -29,8 +29,10 @@ FIELDS = {
     "label", "from-label", "to-label", "identity", "from-identity", "to-identity",
     "ip", "from-ip", "to-ip", "port", "from-port", "to-port", "verdict", "protocol",
     "type", "traffic-direction", "drop-reason-desc", "tcp-flags", "node", "service",
-    "from-service", "to-service", "http-method", "http-path", "http-status", "http-url",
+    "from-service", "to-service", "http-method", "http-path", "http-status", "http-url", "fqdn",
 }
+#: L7 protocols: datapath records never match them (L7 flows come from the proxies).
+L7_PROTOCOLS = ("dns", "http")
 
 
 class FilterError(VilliError):
@@ -208,6 +210,8 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
             if v.lower() == "http":
                 continue  # L7 flows only
             num = PROTOCOL_NUMBERS.get(v.lower())
+            if num is None and v.lower() in L7_PROTOCOLS:
+                continue
             if num is None:
                 raise FilterError(f"unknown protocol {v!r} (tcp, udp, icmp, sctp)")
             out |= rec["protocol"] == num
@@ -223,6 +227,8 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
                     if obs is None:
                         raise FilterError(f"unknown trace subtype {sub!r}")
                     m &= rec["obs_point"] == obs
+            elif kind == "l7":
+                m = np.zeros(len(rec), dtype=bool)   # L7 flows are not datapath records
             elif kind == "policy-verdict":
                 m = (rec["event_type"] == 1) | (rec["ct_state"] == 0)
             elif kind == "l7":
@@ -257,6 +263,13 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
         for s in sides:
             ip_col, port_col = addr_cols[s]
             out |= _service_mask(ctx, rec[ip_col], rec[port_col], p.values)
+    elif base == "fqdn":
+        # flows to or from IPs learned for matching names (the agent's DNS caches)
+        learned = getattr(ctx, "fqdn_ips", None)
+        ips = np.array([_ip_u32(ip) for v in p.values for ip in (learned(v) if learned
+                        else [])], dtype=np.uint32)
+        for s in sides:
+            out |= np.isin(rec[f"{s}_ip"], ips)
     return ~out if p.negate else out
 
 

@@ -155,6 +155,11 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     service = ctx.service_of(src, int(rec["sport"]))
     if service is not None:
         flow["source_service"] = {"name": service[1], "namespace": service[0]}
+    names_of = getattr(ctx, "names_of", None)   # DNS names the node's pods resolved
+    if names_of is not None:
+        for side, ip in (("source_names", src), ("destination_names", dst)):
+            if names := names_of(ip):
+                flow[side] = names
     cookie = int(rec["cookie"])
     if cookie:
         ref = ctx.policy_of(cookie)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from villi.observer import dns
 from villi.observer.filters import (
     FilterSpec,
     Predicate,
@@ -47,6 +48,10 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
                 ok |= bool(svc) and service_matches((svc["namespace"], svc["name"]), [v])
         if base == "verdict":
             ok |= flow.get("verdict") == v.upper()
+        elif base == "fqdn":
+            ok |= dns.fqdn_matches(flow, v)
+        elif base == "protocol" and v.lower() == "dns":
+            ok |= dns.is_dns(flow)
         elif base == "protocol":
             if flow.get("Type") == "L7":
                 ok |= v.lower() == "http" or v.lower() == "tcp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from villi.observer import dns
 from villi.observer.vocab import RESERVED_NAMES
 
 
@@ -44,6 +45,8 @@ def timestamp(flow: dict[str, Any]) -> str:
 
 
 def _type(flow: dict[str, Any]) -> str:
+    if dns.is_dns(flow):
+        return dns.type_text(flow)   # dns-request / dns-response, even when DROPPED
     if flow.get("Type") == "L7":
         return "http-" + str(flow["l7"]["type"]).lower()
     if flow["verdict"] == "DROPPED":
@@ -67,6 +70,7 @@ def compact(flow: dict[str, Any], *, node: bool = False, explain: bool = False,
     else:
         left, arrow, right = src, "->", dst
     where = f" [{flow.get('node_name', '')}]" if node else ""
+    dns.with_summary(flow)
     line = (f"{timestamp(flow)}{where}: {left} {arrow} {right} {_type(flow)} "
             f"{flow['verdict']} ({flow.get('Summary', '')})")
     if explain:

@@ -36,6 +36,7 @@ from villi.policy._modelbase import (
     check_port_name,
     rejecting,
 )
+from villi.policy.fqdn import FQDNSelector, check_dns_ports
 
 ENTITIES = ("all", "world", "world-ipv4", "world-ipv6", "cluster", "host", "remote-node",
             "kube-apiserver", "ingress", "health", "init", "unmanaged", "none")
@@ -57,8 +58,8 @@ _NODES = "{} is not supported yet (node selector labels)"
 
 __all__ = [
     "CIDRRule", "CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy", "CiliumRule",
-    "DefaultDeny", "EgressDenyRule", "EgressRule", "ENTITIES", "HeaderMatchRule",
-    "ICMPField", "ICMPRule", "L7Rules", "PortRuleHTTP",
+    "DefaultDeny", "EgressDenyRule", "EgressRule", "ENTITIES", "FQDNSelector",
+    "HeaderMatchRule", "ICMPField", "ICMPRule", "L7Rules", "PortRuleHTTP",
     "IngressDenyRule", "IngressRule", "IPBlock", "KINDS", "Namespace", "NetworkPolicy",
     "NetworkPolicyEgressRule", "NetworkPolicyIngressRule", "NetworkPolicyPeer",
     "NetworkPolicyPort", "NetworkPolicySpec", "Policy", "PortDenyRule", "PortProtocol",
@@ -67,8 +68,6 @@ __all__ = [
 
 # Recognised-but-rejected fields (see ``unsupported``).
 _Kafka = Annotated[Any, AfterValidator(rejecting("Kafka L7 rules are not supported yet"))]
-_DNS = Annotated[Any, AfterValidator(
-    rejecting("DNS L7 rules are not supported yet (needs the DNS proxy)"))]
 _L7Proto = Annotated[Any, AfterValidator(rejecting("l7proto rules are not supported yet"))]
 _Secret = Annotated[Any, AfterValidator(
     rejecting("secret header values are not supported yet"))]
@@ -85,8 +84,8 @@ _ToNodes = Annotated[Any, AfterValidator(rejecting(_NODES.format("toNodes")))]
 _FromGroups = Annotated[Any, AfterValidator(rejecting("fromGroups is not supported yet"))]
 _ToGroups = Annotated[Any, AfterValidator(rejecting("toGroups is not supported yet"))]
 _ToServices = Annotated[Any, AfterValidator(rejecting("toServices is not supported yet"))]
-_ToFQDNs = Annotated[Any, AfterValidator(
-    rejecting("toFQDNs is not supported yet (needs the DNS proxy)"))]
+_IngressFQDNs = Annotated[Any, AfterValidator(
+    rejecting("toFQDNs is egress only (it selects destinations by DNS name)"))]
 _Auth = Annotated[Any, AfterValidator(rejecting("authentication is not supported yet"))]
 
 
@@ -223,6 +222,19 @@ class PortRule(StrictModel):
         """The HTTP rules, None when the port rule has no L7 part."""
         return None if self.rules is None else self.rules.http
 
+    @model_validator(mode="after")
+    def _dns_port(self) -> PortRule:
+        if self.rules is not None and self.rules.dns is not None:
+            check_dns_ports(self.ports)
+        return self
+
+
+def _no_dns_rules(rule: Any, why: str) -> None:
+    """``rules.dns`` anywhere in ``rule.to_ports`` is an error (ingress: egress only)."""
+    for i, port_rule in enumerate(rule.to_ports or ()):
+        if port_rule.rules is not None and port_rule.rules.dns is not None:
+            raise FieldError(why, "toPorts", i, "rules", "dns")
+
 
 class PortDenyRule(StrictModel):
     ports: list[PortProtocol] = Field(min_length=1)
@@ -305,7 +317,13 @@ class _IngressCommon(StrictModel):
 
 class IngressRule(_IngressCommon):
     to_ports: list[PortRule] | None = None
+    to_fqdns: _IngressFQDNs = Field(None, alias="toFQDNs")
     authentication: _Auth = None
+
+    @model_validator(mode="after")
+    def _egress_only(self) -> IngressRule:
+        _no_dns_rules(self, "DNS rules are egress only (the DNS proxy sees a pod's queries)")
+        return self
 
 
 class IngressDenyRule(_IngressCommon):
@@ -332,8 +350,15 @@ class _EgressCommon(StrictModel):
 
 class EgressRule(_EgressCommon):
     to_ports: list[PortRule] | None = None
-    to_fqdns: _ToFQDNs = Field(None, alias="toFQDNs")
+    to_fqdns: list[FQDNSelector] | None = Field(None, alias="toFQDNs")
     authentication: _Auth = None
+
+    @model_validator(mode="after")
+    def _fqdns(self) -> EgressRule:
+        _exclusive(self, ("to_fqdns", "to_endpoints", "to_cidr", "to_cidr_set", "to_entities"))
+        if self.to_fqdns is not None and self.icmps:
+            raise FieldError("toFQDNs cannot be combined with icmps", "icmps")
+        return self
 
 
 class EgressDenyRule(_EgressCommon):

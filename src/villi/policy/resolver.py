@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from villi.identity.labels import LabelSet, cidr_labels, namespace_labels
+from villi.identity.labels import SOURCE_FQDN, LabelSet, cidr_labels, namespace_labels
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import ReservedIdentity, reserved_identities
 from villi.policy._repository import Repository
@@ -84,6 +84,7 @@ class PolicyResolver(Repository):
         self._cidr_up: dict[str, IdentityID] = {}
         self._cidr_down: dict[str, IdentityID] = {}
         self._batch: Batch | None = None
+        self._fqdn: dict[str, LabelSet] = {}   # learned ip/32 → labels with fqdn:<pattern>
         self._apply_changes(self.selectors.update_identities(reserved_identities()))
 
     # -- queries ------------------------------------------------------------------------
@@ -214,6 +215,54 @@ class PolicyResolver(Repository):
                     self._cidr_down[prefix] = identity
         if removed:
             self._apply_changes(self.selectors.update_identities({}, removed))
+
+    # -- FQDN: IPs learned by the DNS proxy ----------------------------------------------
+
+    def fqdn_patterns(self) -> list[str]:
+        """The toFQDNs patterns in force (what the DNS proxy's name manager labels by)."""
+        out = set()
+        for sel in self.selectors.in_use():
+            reqs = getattr(sel, "requirements", ())
+            if len(reqs) == 1 and reqs[0].source == SOURCE_FQDN:
+                out.add(reqs[0].key)
+        return sorted(out)
+
+    def learn_fqdn(self, changed: Mapping[str, LabelSet],
+                   removed: Iterable[str] = ()) -> PolicyUpdate:
+        """IPs the DNS proxy learned for names that toFQDNs selectors match.
+
+        Each IP gets the local CIDR identity of ``ip/32`` (shared with a toCIDR rule
+        naming the same prefix) carrying ``changed[ip]`` as labels (``cidr:``,
+        ``reserved:world`` and ``fqdn:<pattern>`` ones). The selector cache then selects
+        it for the matching toFQDNs selectors, and the update holds the map diff of just
+        those rules plus the ipcache prefix to write. ``removed`` IPs lose their fqdn
+        labels (and the identity, unless a CIDR rule still holds the prefix)."""
+        added: dict[int, LabelSet] = {}
+        gone: list[int] = []
+        for ip, labels in changed.items():
+            prefix = f"{ip}/32"
+            if prefix not in self._fqdn:
+                identity, fresh = self.local.acquire(prefix)
+                if fresh:
+                    self._cidr_up[prefix] = identity
+                    self._cidr_down.pop(prefix, None)
+            else:
+                identity = self.local.lookup(prefix)  # type: ignore[assignment]
+            self._fqdn[prefix] = labels
+            added[int(identity)] = labels
+        for ip in removed:
+            prefix = f"{ip}/32"
+            if self._fqdn.pop(prefix, None) is None:
+                continue
+            identity, last = self.local.release(prefix)
+            if last:
+                gone.append(int(identity))
+                if self._cidr_up.pop(prefix, None) is None:
+                    self._cidr_down[prefix] = identity
+            else:
+                added[int(identity)] = cidr_labels(prefix)   # a CIDR rule still holds it
+        self._apply_changes(self.selectors.update_identities(added, gone))
+        return self._done()
 
     # -- identities and pods ------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from villi.identity.labels import NAMESPACE_LABELS_PREFIX, SOURCE_K8S, SOURCE_RE
 from villi.policy.cidr import Net, parse_net, resultant_prefixes
 from villi.policy.entry import Direction, Protocol
 from villi.policy.http import HeaderMatch, HTTPRule
+from villi.policy.fqdn import fqdn_selector
 from villi.policy.models import (
     CiliumClusterwideNetworkPolicy,
     CiliumNetworkPolicy,
@@ -227,12 +228,15 @@ def _cnp_sections(rule: CiliumRule, namespace: str | None, init_rule: bool,
             cidrs = getattr(item, f"{prefix}_cidr") or []
             cidr_sets = getattr(item, f"{prefix}_cidr_set") or []
             entities = getattr(item, f"{prefix}_entities") or []
+            fqdns = getattr(item, "to_fqdns", None) or []
             ports = _cnp_ports(item)
             peers: list[PeerSelector] = []
             wildcard = False
             for es in endpoints:
                 peers.append(_cnp_peer(es.to_selector(), namespace, init_rule))
             peers.extend(CIDRSelector(resultant_prefixes(c)) for c in cidrs)
+            # toFQDNs: the identities the DNS proxy labels fqdn:<pattern> (see fqdn.py)
+            peers.extend(fqdn_selector(f.pattern) for f in fqdns)
             peers.extend(CIDRSelector(resultant_prefixes(c.cidr, c.except_ or ()))
                          for c in cidr_sets if c.cidr is not None)
             for entity in entities:
@@ -241,7 +245,7 @@ def _cnp_sections(rule: CiliumRule, namespace: str | None, init_rule: bool,
                     wildcard = True
                 else:
                     peers.extend(found)
-            has_l3 = bool(endpoints or cidrs or cidr_sets or entities)
+            has_l3 = bool(endpoints or cidrs or cidr_sets or entities or fqdns)
             if not has_l3:
                 if ports is None:
                     continue  # `ingress: [{}]`: isolates, selects no peer

@@ -76,6 +76,10 @@ class SelectorCache:
     def __len__(self) -> int:
         return len(self._selections)
 
+    def in_use(self) -> list[PeerSelector]:
+        """Every selector some rule references."""
+        return list(self._refs)
+
     # -- selectors ----------------------------------------------------------------------
 
     def add(self, selector: PeerSelector) -> set[int]:

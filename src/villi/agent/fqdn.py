@@ -1,0 +1,152 @@
+"""The agent's side of FQDN policy: what the DNS proxy learns becomes identities, ipcache
+entries and policy map rows — before the proxy releases the answer to the pod.
+
+The DNS proxy (in ``villi-proxy``, apart from the agent so DNS survives agent restarts)
+asks ``GET /v1/fqdn/patterns`` for the toFQDNs patterns in force and
+``GET /v1/fqdn/dns-rules`` for each endpoint's ``rules.dns`` patterns, labels each learned IP
+with its name manager, and posts the changes to ``POST /v1/fqdn/learned``; the handler
+returns once the resolver's diff is in the kernel maps, which is what the proxy's
+≤ 100 ms hold waits for. ``GET /v1/fqdn/cache`` lists the proxy's persisted per-endpoint
+caches (``villi get fqdn-cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from villi.identity.labels import SOURCE_FQDN, LabelSet, parse_label
+
+if TYPE_CHECKING:
+    from villi.agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+#: Where the node's DNS proxy persists its caches (inside the agent's state directory).
+CACHE_FILE = "fqdn-cache.json"
+
+
+def cache_path(agent: Agent) -> Path:
+    return Path(agent.config.state_path) / CACHE_FILE
+
+
+def parse_learned(body: Any) -> tuple[dict[str, LabelSet], list[str]]:
+    """``{"changed": {ip: [label, ...]}, "removed": [ip]}`` → resolver input; ValueError
+    names the bad field."""
+    import ipaddress
+
+    if not isinstance(body, dict):
+        raise ValueError("body must be an object with 'changed' and 'removed'")
+    changed: dict[str, LabelSet] = {}
+    for ip, labels in (body.get("changed") or {}).items():
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ValueError(f"changed: {ip!r} is not an IPv4 address") from None
+        parsed = [parse_label(str(x)) for x in labels]
+        if not any(lbl.source == SOURCE_FQDN for lbl in parsed):
+            raise ValueError(f"changed.{ip}: needs at least one fqdn: label")
+        changed[ip] = LabelSet(tuple(parsed))
+    removed = [str(ip) for ip in body.get("removed") or []]
+    for ip in removed:
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ValueError(f"removed: {ip!r} is not an IPv4 address") from None
+    return changed, removed
+
+
+def cache_listing(path: Path, now: float | None = None) -> list[dict[str, Any]]:
+    """Rows like ``cilium-dbg fqdn cache list`` from the proxy's cache file (its format is
+    ``villi.dnsproxy.cache.CacheStore``'s; read here so the agent needs no proxy code)."""
+    now = time.time() if now is None else now
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable DNS cache file: {e}") from e
+    rows = []
+    for ep, cache in sorted((data.get("endpoints") or {}).items()):
+        for e in sorted(cache.get("entries", []), key=lambda e: (e["name"], e["ip"])):
+            rows.append({"endpoint": ep, "name": e["name"], "ip": e["ip"], "ttl": e["ttl"],
+                         "ttl_left": max(0, round(e["expires"] - now)), "source": "lookup"})
+        for z in sorted(cache.get("zombies", []), key=lambda z: z["ip"]):
+            rows.extend({"endpoint": ep, "name": n, "ip": z["ip"], "ttl": 0, "ttl_left": 0,
+                         "source": "zombie"} for n in z["names"])
+    return rows
+
+
+def learned_names(path: Path) -> dict[str, set[str]]:
+    """ip → names from the proxy's cache file, zombies included (they stay allowed)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable DNS cache %s: %s", path, e)
+        return {}
+    out: dict[str, set[str]] = {}
+    for cache in (data.get("endpoints") or {}).values():
+        for e in cache.get("entries", []):
+            out.setdefault(e["ip"], set()).add(e["name"])
+        for z in cache.get("zombies", []):
+            out.setdefault(z["ip"], set()).update(z["names"])
+    return out
+
+
+def restore_learned(agent: Agent) -> int:
+    """At start, before policy regeneration: give the IPs in the proxy's persisted caches
+    their fqdn identities again, so regeneration keeps (instead of deleting) the policy
+    map rows that allow them. Returns how many IPs."""
+    from villi.policy.fqdn import fqdn_identity_labels, matches
+
+    resolver = agent.policy.resolver
+    patterns = resolver.fqdn_patterns()
+    changed = {}
+    for ip, names in learned_names(cache_path(agent)).items():
+        hit = {p for p in patterns if any(matches(p, n) for n in names)}
+        if hit:
+            changed[ip] = fqdn_identity_labels(ip, hit)
+    if changed:
+        agent.policy.apply(resolver.learn_fqdn(changed))
+        log.info("restored %d IPs learned by the DNS proxy", len(changed))
+    return len(changed)
+
+
+def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
+    async def patterns(request: web.Request) -> web.Response:
+        return web.json_response({"patterns": agent.policy.resolver.fqdn_patterns()})
+
+    async def learned(request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        try:
+            changed, removed = parse_learned(await request.json())
+        except (ValueError, json.JSONDecodeError) as e:
+            return web.json_response({"error": str(e), "code": 0}, status=400)
+        update = agent.policy.resolver.learn_fqdn(changed, removed)
+        agent.policy.apply(update, t0)
+        return web.json_response({
+            "identities": {p.split("/")[0]: int(i) for p, i in update.cidr_upserts.items()},
+            "endpoints": len(update.endpoints),
+            "seconds": time.perf_counter() - t0})
+
+    async def cache(request: web.Request) -> web.Response:
+        try:
+            return web.json_response(cache_listing(cache_path(agent)))
+        except ValueError as e:
+            return web.json_response({"error": str(e), "code": 0}, status=500)
+
+    async def dns_rules(request: web.Request) -> web.Response:
+        from villi.policy.dnsrules import dns_patterns
+
+        r = agent.policy.resolver
+        return web.json_response(dns_patterns(r.resources(), r.endpoints()))
+
+    return [("GET", "/v1/fqdn/patterns", patterns), ("GET", "/v1/fqdn/dns-rules", dns_rules),
+            ("POST", "/v1/fqdn/learned", learned), ("GET", "/v1/fqdn/cache", cache)]
