@@ -40,6 +40,10 @@ class AgentConfig:
     cidr_wait_timeout: float = 60.0
     events_ringbuf_size: int = 8 * 1024 * 1024
     service_cgroup: str | None = None
+    flows_listen: str | None = None
+    flows_token_file: Path | None = None
+    flows_max_connections: int = 16
+    hubble_metrics: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,6 +91,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="cgroup v2 directory whose processes get socket-level service load "
                     "balancing (default <cgroup2>/villi/<cluster>/<node>; the cgroup2 root "
                     "for a whole machine; 'none' to disable)")
+    ap.add_argument("--flows-listen", metavar="HOST:PORT",
+                    help="also serve the flow API on TCP for villi relay (needs "
+                    "--flows-token-file; Hubble's port is 4244)")
+    ap.add_argument("--flows-token-file", type=Path,
+                    help="file holding the bearer token TCP flow readers must present")
+    ap.add_argument("--flows-max-connections", type=int,
+                    help="concurrent TCP flow readers (16)")
+    ap.add_argument("--hubble-metrics",
+                    help="flow metrics to enable, Hubble's syntax: 'drop flow "
+                    "policy:sourceContext=app;destinationContext=pod' or comma-separated "
+                    "names (default: dns,drop,tcp,flow,port-distribution,icmp,httpV2,policy,"
+                    "flows-to-world)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 
@@ -116,7 +132,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
             preds.setdefault(field.strip(), []).append(value.strip())
         values.setdefault("extra", {})["flow_export_filter"] = [
             {"field": f, "values": v, "negate": False} for f, v in preds.items()]
-    for p in ("api_socket", "state_dir", "flow_export"):
+    for p in ("api_socket", "state_dir", "flow_export", "flows_token_file"):
         if isinstance(values.get(p), str):
             values[p] = Path(values[p])
     return AgentConfig(**values)

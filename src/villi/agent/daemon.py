@@ -29,6 +29,7 @@ from typing import Any
 from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
+from villi.agent.flowserver import serve_flows_tcp
 from villi.agent.ipam import NodeIPAM
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
@@ -165,6 +166,7 @@ class Agent:
         self.observer.start()
         start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
+        self._flow_runner = await serve_flows_tcp(self)
         self.started.set()
         log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
                  self.node_ip, self.ipam.cidrs, cfg.api_socket)
@@ -174,6 +176,9 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if getattr(self, "_flow_runner", None) is not None:
+            await self._flow_runner.cleanup()
+            self._flow_runner = None
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:

@@ -96,6 +96,9 @@ def lab_up(args: argparse.Namespace) -> int:
     c.print(f"\n[bold green]Lab {state['id']} is up[/] in {dt:.1f}s: "
             f"{len(state['nodes'])} nodes, cluster [bold]{state['cluster']}[/], "
             f"kvstore {state['kvstore']}")
+    if state.get("ui_url"):
+        c.print(f"Flows: [bold]{state['ui_url']}[/] (villi ui) · relay {state['relay']['http']}"
+                f" · Hubble gRPC {state['relay']['grpc']}")
     c.print("[dim]Next:[/]  villi lab pod add default/web --serve 80/tcp   ·   "
             "villi lab status   ·   villi connectivity test   ·   villi lab down")
     return 0

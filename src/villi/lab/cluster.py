@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from villi._nsenter import in_netns
-from villi.lab import _cgroup, _network, _procs, _state
+from villi.lab import _cgroup, _network, _observe, _procs, _state
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
 
@@ -174,6 +174,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
     _state.save(state)
     progress("operator", "ok", f"pid {pid}")
 
+    _observe.write_token(state)
     for node in state["nodes"]:
         progress(node["name"], "start", "starting agent")
         # the agent attaches its socket programs here; the node's pods run here
@@ -205,6 +206,11 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
             raise LabError(f"the agent of {name} is not healthy after {timeout:.0f}s:\n"
                            f"{log_tail(node['log'])}")
         time.sleep(0.1)
+
+    progress("relay + ui", "start", "")
+    _observe.start(state, min(timeout, 30.0))
+    _state.save(state)
+    progress("relay + ui", "ok", state["ui_url"])
 
     sync_underlay_routes(state)
     state["status"] = "running"
@@ -247,7 +253,8 @@ def _agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
                      "--cluster", state["cluster"], "--kvstore", state["kvstore"],
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
-                     "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1")
+                     "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1",
+                     *_observe.agent_args(state, node))
 
 
 def sync_underlay_routes(state: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,99 @@
+"""``villi relay``: run the relay until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from villi.errors import VilliError
+from villi.relay.peers import DEFAULT_AGENT_PORT, Peer, discover, parse_peer
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", action="append", default=[],
+                   help="HTTP API address: unix:///PATH or HOST:PORT (repeatable; default "
+                   "unix:///var/run/villi/relay.sock)")
+    p.add_argument("--grpc-listen", action="append", default=[],
+                   help="Hubble gRPC Observer API: unix:///PATH or HOST:PORT (Hubble's 4245)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="an agent's TCP flow endpoint (repeatable); without --peer the "
+                   "relay discovers the nodes in --kvstore")
+    p.add_argument("--kvstore", help="store URL, for discovering nodes and reading policies")
+    p.add_argument("--agent-port", type=int, default=DEFAULT_AGENT_PORT,
+                   help="agents' --flows-listen port for discovered nodes (4244)")
+    p.add_argument("--token-file", type=Path, required=True,
+                   help="bearer token the agents' flow endpoints expect")
+    p.add_argument("--client-token-file", type=Path,
+                   help="token TCP clients of the relay must present (required to listen "
+                   "on a non-loopback TCP address)")
+    p.add_argument("--dial-timeout", type=float, default=5.0,
+                   help="seconds before a node counts as not answering (5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from villi.agent.flowserver import read_token
+    from villi.relay.grpc_api import start_grpc
+    from villi.relay.hub import Relay
+    from villi.relay.server import build_app, is_loopback, split_listen, start_site
+
+    token = read_token(args.token_file)
+    client_token = read_token(args.client_token_file) if args.client_token_file else None
+    listens = args.listen or ["unix:///var/run/villi/relay.sock"]
+    for addr in listens:
+        kind, where = split_listen(addr)
+        if kind == "tcp" and not is_loopback(where[0]) and client_token is None:  # type: ignore[index]
+            raise VilliError(f"--listen {addr}: a non-loopback address needs "
+                             "--client-token-file")
+    for addr in args.grpc_listen:
+        kind, where = split_listen(addr)
+        if kind == "tcp" and not is_loopback(where[0]):  # type: ignore[index]
+            raise VilliError(f"--grpc-listen {addr}: the gRPC API has no authentication "
+                             "yet; use a unix socket or a loopback address")
+    static = [parse_peer(p) for p in args.peer]
+    if not static and not args.kvstore:
+        raise VilliError("give --peer NAME=HOST:PORT or --kvstore to discover the nodes")
+
+    async def main() -> None:
+        store = None
+        if args.kvstore:
+            from villi.kvstore import open_store
+
+            store = open_store(args.kvstore)
+
+        async def peers() -> list[Peer]:
+            if static:
+                return static
+            return await discover(store, args.agent_port)
+
+        relay = Relay(peers, token, timeout=args.dial_timeout)
+        runner = web.AppRunner(build_app(relay, store, client_token), access_log=None)
+        await runner.setup()
+        grpc_servers = []
+        try:
+            for addr in listens:
+                await start_site(runner, addr)
+            for addr in args.grpc_listen:
+                grpc_servers.append(await start_grpc(relay, addr))
+            log.info("relay ready: http %s grpc %s", ", ".join(listens),
+                     ", ".join(args.grpc_listen) or "-")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            for s in grpc_servers:
+                await s.stop(0.5)
+            await runner.cleanup()
+            if store is not None:
+                await store.close()
+
+    asyncio.run(main())
+    return 0
