@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
 	etcd-server etcd-client iputils-ping netcat-openbsd curl tcpdump \
 	podman runc busybox-static containernetworking-plugins python3-venv \
-	npm chromium chromium-driver
+	nodejs chromium chromium-driver
 APT_STAMP := $(VENV)/.apt-stamp
 PIP_STAMP := $(VENV)/.pip-stamp
 UI_WEB    := src/villi/ui/web
@@ -19,6 +19,7 @@ deps: $(PIP_STAMP) $(NPM_STAMP)
 # The web UI's front-end libraries (cytoscape), vendored from npm at build time and
 # served by `villi ui` itself: the page never loads anything from a CDN.
 $(NPM_STAMP): $(APT_STAMP) $(UI_WEB)/package.json $(UI_WEB)/package-lock.json
+	@command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
 	cd $(UI_WEB) && npm ci --no-audit --no-fund --silent
 	@touch $@
 
