@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ class AgentFlowContext:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.gone: collections.OrderedDict[str, PodInfo] = collections.OrderedDict()
+        self._ifnames: dict[int, str] = {}
 
     def forget(self, ip: str, info: PodInfo | None) -> None:
         if info is None:
@@ -80,6 +82,26 @@ class AgentFlowContext:
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         return self.agent.service_of(ip, port)
+
+    def interface_name(self, ifindex: int) -> str:
+        """The name of an interface of the agent's namespace (cached; "" if gone)."""
+        name = self._ifnames.get(ifindex)
+        if name is None:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = ""
+            if len(self._ifnames) > 4096:
+                self._ifnames.clear()
+            self._ifnames[ifindex] = name
+        return name
+
+    def cluster_name(self) -> str:
+        return self.agent.config.cluster
+
+    def node_labels(self) -> list[str]:
+        return [f"kubernetes.io/hostname={self.agent.node}",
+                f"io.cilium.cluster={self.agent.config.cluster}"]
 
 
 def _pod_info(d: dict) -> PodInfo:

@@ -6,6 +6,9 @@ when it has none; addresses outside the cluster become the reserved cards ``worl
 ``host`` (Hubble UI's vocabulary). An arrow is "forwarded", "dropped", "audit" or
 "mixed" (both forwarded and dropped flows seen), which the page draws green, red,
 orange and dashed. Replies are left out: they belong to the arrow of their request.
+A packet that crosses nodes is seen twice (leaving its node "to-stack", then arriving
+"to-endpoint" or dropped); only the second decides the arrow's verdict, so a connection
+dropped by the destination's policy is drawn dropped, not mixed.
 """
 
 from __future__ import annotations
@@ -40,14 +43,19 @@ class Arrow:
     port: int
     protocol: str
     verdicts: dict[str, int] = field(default_factory=dict)
+    hops: dict[str, int] = field(default_factory=dict)
     methods: set[str] = field(default_factory=set)
     status_classes: set[str] = field(default_factory=set)
     policies: set[str] = field(default_factory=set)
     last_flow: dict[str, Any] = field(default_factory=dict)
 
+    def counted(self) -> dict[str, int]:
+        """Verdicts of the flows that decide (see build); hops only when nothing else."""
+        return self.verdicts or self.hops
+
     @property
     def verdict(self) -> str:
-        seen = {v for v, n in self.verdicts.items() if n}
+        seen = {v for v, n in self.counted().items() if n}
         if seen == {"FORWARDED"}:
             return "forwarded"
         if seen == {"DROPPED"}:
@@ -60,7 +68,7 @@ class Arrow:
         return {"id": f"{self.source}->{self.destination}:{self.port}/{self.protocol}",
                 "source": self.source, "destination": self.destination, "port": self.port,
                 "protocol": self.protocol, "verdict": self.verdict,
-                "verdicts": dict(self.verdicts), "count": sum(self.verdicts.values()),
+                "verdicts": dict(self.counted()), "count": sum(self.counted().values()),
                 "methods": sorted(self.methods), "status_classes": sorted(self.status_classes),
                 "policies": sorted(self.policies), "flow": self.last_flow}
 
@@ -113,6 +121,25 @@ def _policy_names(flow: dict[str, Any]) -> list[str]:
     return out
 
 
+def _is_hop(flow: dict[str, Any]) -> bool:
+    """A forwarded flow leaving the source's node toward the stack: an intermediate
+    observation, not the decision (the destination's node may still drop the packet)."""
+    return flow.get("verdict") == "FORWARDED" and \
+        flow.get("trace_observation_point") == "TO_STACK"
+
+
+def _rank(flow: dict[str, Any]) -> int:
+    """Which flow of an arrow best explains it: a drop, then a decision naming a rule,
+    then any decision, then a hop."""
+    if not flow:
+        return -1
+    if flow.get("verdict") == "DROPPED":
+        return 3
+    if _is_hop(flow):
+        return 0
+    return 2 if ((flow.get("villi") or {}).get("explain") or {}).get("rule") else 1
+
+
 def build(flows: list[dict[str, Any]], namespace: str | None = None) -> dict[str, Any]:
     """The map of ``flows``; with ``namespace``, only arrows touching that namespace."""
     cards: dict[str, Card] = {}
@@ -132,7 +159,8 @@ def build(flows: list[dict[str, Any]], namespace: str | None = None) -> dict[str
         key = (src.id, dst.id, port, proto)
         arrow = arrows.setdefault(key, Arrow(*key))
         verdict = str(flow.get("verdict", "VERDICT_UNKNOWN"))
-        arrow.verdicts[verdict] = arrow.verdicts.get(verdict, 0) + 1
+        counts = arrow.hops if _is_hop(flow) else arrow.verdicts
+        counts[verdict] = counts.get(verdict, 0) + 1
         arrow.policies.update(_policy_names(flow))
         http = ((flow.get("l7") or {}).get("http")) or {}
         if http.get("method"):
@@ -142,7 +170,7 @@ def build(flows: list[dict[str, Any]], namespace: str | None = None) -> dict[str
             cards[dst.id].http.add(f"{http['method']} {path}")
         if http.get("code"):
             arrow.status_classes.add(f"{str(http['code'])[0]}xx")
-        if verdict == "DROPPED" or not arrow.last_flow:
+        if _rank(flow) > _rank(arrow.last_flow):
             arrow.last_flow = flow
     namespaces = sorted({c.namespace for c in cards.values() if c.namespace})
     return {"namespaces": namespaces, "cards": [c.view() for c in cards.values()],
