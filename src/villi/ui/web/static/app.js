@@ -90,11 +90,11 @@ function renderMap(view) {
                    classes: a.verdict});
   }
   if (!cy) {
-    cy = cytoscape({container: $("map"), elements, wheelSensitivity: 0.3, style: [
+    cy = cytoscape({container: $("map"), elements, maxZoom: 2, style: [
       {selector: "node", style: {"shape": "round-rectangle", "background-color": "#fff",
         "border-width": 1, "border-color": "#8893a8", "label": "data(label)",
         "text-wrap": "wrap", "text-valign": "center", "font-size": 11, "width": 150,
-        "height": "label", "padding": 8}},
+        "height": 46, "padding": 6}},
       {selector: "node.reserved", style: {"background-color": "#eef1f6"}},
       {selector: "node.ns", style: {"background-color": "#f4f6fb", "border-style": "dashed",
         "text-valign": "top", "font-weight": "bold", "padding": 18}},
@@ -115,7 +115,10 @@ function renderMap(view) {
     cy.add(elements);
   }
   cy.layout({name: "cose", animate: false, nodeDimensionsIncludeLabels: true,
-             randomize: false, padding: 20}).run();
+             randomize: false, padding: 30, idealEdgeLength: () => 140,
+             nodeRepulsion: () => 60000, componentSpacing: 120}).run();
+  cy.fit(undefined, 40);
+  if (cy.zoom() > 1) { cy.zoom(1); cy.center(); }
   const tbody = $("arrows").querySelector("tbody");
   tbody.replaceChildren(...view.arrows.map((a) => {
     const tr = document.createElement("tr");
