@@ -1,34 +1,53 @@
-"""Hubble's flow metrics, counted per batch with numpy (one ``np.unique`` per metric).
+"""Hubble's flow metrics, counted per batch with numpy (one group-by per metric).
 
 Names and labels follow Hubble (``hubble_flows_processed_total{type,subtype,verdict}``,
-``hubble_drop_total{reason,protocol}`` …) so existing dashboards keep working. Each
-metric lives in the registry the agent serves on ``--hubble-metrics-port`` (9965).
+``hubble_drop_total{reason,protocol}`` …) so existing dashboards keep working. Which
+metrics exist and which context labels they carry (``sourceContext``,
+``destinationContext``, ``labelsContext``) come from ``--hubble-metrics``
+(:mod:`villi.observer.metricsconfig`). Context values are computed once per distinct
+(address, identity) of a batch, not per record. Each metric lives in the registry the
+agent serves on ``--hubble-metrics-port`` (9965).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from prometheus_client import CollectorRegistry, Counter
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from villi.observer.context import FlowContext
+from villi.observer.metricsconfig import MetricOptions, MetricsConfig, parse
 from villi.observer.vocab import (
     ICMP_TYPES,
     MATCH_TYPES,
     METRIC_TYPES,
     OBS_SUBTYPES,
     PROTOCOLS,
+    RESERVED_NAMES,
     TCP_FLAGS,
     drop_reason_name,
 )
+
+WORLD = 2
+Column = tuple[np.ndarray, list[str]]   # codes per record, the string of each code
 
 
 def _groups(*cols: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
     """(values, count) of each distinct combination of the given columns.
 
-    The columns (each < 2**16) are packed into one uint64 key so the group-by is a
-    single 1-D ``np.unique`` — several times faster than ``np.unique(axis=0)``.
+    Up to four columns (each < 2**16) are packed into one uint64 key so the group-by is
+    a single 1-D ``np.unique`` — several times faster than ``np.unique(axis=0)``, which
+    is used only for the wider keys that context labels make.
     """
     if not len(cols[0]):
         return []
+    if len(cols) > 4:
+        stacked = np.stack([c.astype(np.int64) for c in cols], axis=1)
+        uniq, counts = np.unique(stacked, axis=0, return_counts=True)
+        return [(tuple(int(v) for v in row), int(n))
+                for row, n in zip(uniq.tolist(), counts.tolist(), strict=True)]
     key = np.zeros(len(cols[0]), dtype=np.uint64)
     for c in cols:
         key = (key << np.uint64(16)) | c.astype(np.uint64)
@@ -43,54 +62,250 @@ def _groups(*cols: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
     return out
 
 
+def _ip(raw: int) -> str:
+    from villi.observer.flow import ip_str
+
+    return ip_str(raw)
+
+
+class _Contexts:
+    """Context label values of one batch, computed per distinct (ip, identity)."""
+
+    def __init__(self, rec: np.ndarray, ctx: FlowContext | None) -> None:
+        self.rec, self.ctx = rec, ctx
+        self._cache: dict[tuple[str, tuple[str, ...]], Column] = {}
+
+    def _value(self, kind: str, ip: str, identity: int) -> str:
+        ctx = self.ctx
+        pod = ctx.pod_of(ip) if ctx is not None else None
+        if kind == "ip":
+            return ip
+        if kind == "identity":
+            return str(identity)
+        if kind == "reserved-identity":
+            return f"reserved:{RESERVED_NAMES[identity]}" if identity in RESERVED_NAMES else ""
+        if kind == "namespace":
+            return pod.namespace if pod else ""
+        if kind == "pod":
+            return f"{pod.namespace}/{pod.name}" if pod else ""
+        if kind == "pod-name":
+            return pod.name if pod else ""
+        if kind in ("app", "workload-name", "workload"):
+            # villi has no controllers: a workload is named by its app label
+            labels = ctx.identity_labels(identity) if ctx is not None else []
+            app = next((lbl.split("=", 1)[1] for lbl in labels
+                        if lbl.partition(":")[2].startswith("app=")), "")
+            if kind == "workload" and app and pod:
+                return f"{pod.namespace}/{app}"
+            return app
+        return ""   # dns: villi has no DNS names for addresses
+
+    def column(self, side: str, kinds: tuple[str, ...]) -> Column:
+        """``side`` is "src" or "dst"; the first non-empty of ``kinds`` wins."""
+        cached = self._cache.get((side, kinds))
+        if cached is not None:
+            return cached
+        rec = self.rec
+        key = (rec[f"{side}_ip"].astype(np.uint64) << np.uint64(32)) | \
+            rec[f"{side}_identity"].astype(np.uint64)
+        uniq, inverse = np.unique(key, return_inverse=True)
+        strings = []
+        for k in uniq.tolist():
+            ip, identity = _ip(k >> 32), k & 0xFFFFFFFF
+            strings.append(next((v for v in (self._value(kd, ip, identity) for kd in kinds)
+                                 if v), ""))
+        values = sorted(set(strings))
+        index = {s: i for i, s in enumerate(values)}
+        codes = np.array([index[s] for s in strings], dtype=np.uint32)[inverse.ravel()]
+        self._cache[(side, kinds)] = (codes, values)
+        return codes, values
+
+    def columns(self, opts: MetricOptions) -> list[Column]:
+        cols = []
+        if opts.source_context:
+            cols.append(self.column("src", opts.source_context))
+        if opts.destination_context:
+            cols.append(self.column("dst", opts.destination_context))
+        for label in opts.labels_context:
+            if label == "traffic_direction":
+                cols.append((self.rec["direction"].astype(np.uint32), ["ingress", "egress"]))
+                continue
+            side, _, what = label.partition("_")
+            kind = {"ip": "ip", "namespace": "namespace", "pod": "pod-name", "app": "app",
+                    "workload": "workload-name", "workload_kind": ""}[what]
+            if not kind:   # no controllers in villi
+                cols.append((np.zeros(len(self.rec), dtype=np.uint32), [""]))
+            else:
+                cols.append(self.column("src" if side == "source" else "dst", (kind,)))
+        return cols
+
+
 class HubbleMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 config: MetricsConfig | None = None, ctx: FlowContext | None = None
+                 ) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.flows = Counter("hubble_flows_processed_total", "Flows processed",
-                             ["type", "subtype", "verdict"], registry=r)
-        self.drops = Counter("hubble_drop_total", "Dropped packets", ["reason", "protocol"],
-                             registry=r)
-        self.tcp_flags = Counter("hubble_tcp_flags_total", "TCP flag occurrences",
-                                 ["flag", "family"], registry=r)
-        self.ports = Counter("hubble_port_distribution_total", "Destination ports",
-                             ["protocol", "port"], registry=r)
-        self.icmp = Counter("hubble_icmp_total", "ICMP messages", ["family", "type"],
-                            registry=r)
-        self.policy = Counter("hubble_policy_verdicts_total", "Policy verdicts",
-                              ["direction", "match", "action"], registry=r)
+        self.config = config or parse(None)
+        self.ctx = ctx
+        r, cfg = self.registry, self.config
+
+        def counter(metric: str, name: str, doc: str, labels: list[str]) -> Any:
+            if not cfg.enabled(metric):
+                return None
+            return Counter(name, doc, labels + cfg.options(metric).context_labels(),
+                           registry=r)
+
+        self.flows = counter("flow", "hubble_flows_processed_total", "Flows processed",
+                             ["type", "subtype", "verdict"])
+        self.drops = counter("drop", "hubble_drop_total", "Dropped packets",
+                             ["reason", "protocol"])
+        self.tcp_flags = counter("tcp", "hubble_tcp_flags_total", "TCP flag occurrences",
+                                 ["flag", "family"])
+        self.ports = counter("port-distribution", "hubble_port_distribution_total",
+                             "Destination ports", ["protocol", "port"])
+        self.icmp = counter("icmp", "hubble_icmp_total", "ICMP messages", ["family", "type"])
+        self.policy = counter("policy", "hubble_policy_verdicts_total", "Policy verdicts",
+                              ["direction", "match", "action"])
+        world = cfg.options("flows-to-world")
+        self.to_world = counter("flows-to-world", "hubble_flows_to_world_total",
+                                "Flows to reserved:world (new connections)",
+                                ["protocol", "verdict"] + (["port"] if "port" in world.flags
+                                                           else []))
         self.lost = Counter("hubble_lost_events_total", "Events lost", ["source"], registry=r)
+        http = "httpV2" if cfg.enabled("httpV2") else "http" if cfg.enabled("http") else None
+        self.http_requests = Counter(
+            "hubble_http_requests_total", "HTTP requests (L7 flows)",
+            ["method", "protocol", "status", "reporter"], registry=r) if http else None
+        self.http_duration = Histogram(
+            "hubble_http_request_duration_seconds", "HTTP request latency (L7 flows)",
+            ["method", "reporter"], registry=r) if http else None
+        self.dns_queries = counter("dns", "hubble_dns_queries_total", "DNS queries",
+                                   ["rcode", "qtypes", "ips_returned"])
+        self.dns_responses = counter("dns", "hubble_dns_responses_total", "DNS responses",
+                                     ["rcode", "qtypes", "ips_returned"])
+
+    # --- L3/L4, per batch ---------------------------------------------------------------
+    def _add(self, metric: str, counter: Any, rec: np.ndarray, mask: np.ndarray | None,
+             base: list[np.ndarray], fmt: list[Callable[[int], str]],
+             ctxs: _Contexts) -> None:
+        """Group ``rec[mask]`` by ``base`` columns (+ the metric's context columns) and
+        add each group's count to ``counter``."""
+        extra = ctxs.columns(self.config.options(metric))
+        if mask is not None:
+            base = [c[mask] for c in base]
+            extra = [(codes[mask], values) for codes, values in extra]
+        cols = base + [codes for codes, _ in extra]
+        if not cols or not len(cols[0]):
+            return
+        for vals, n in _groups(*cols):
+            labels = [f(v) for f, v in zip(fmt, vals, strict=False)]
+            labels += [values[v] for (_, values), v in zip(extra, vals[len(base):],
+                                                             strict=True)]
+            counter.labels(*labels).inc(n)
 
     def count(self, rec: np.ndarray) -> None:
         if not len(rec):
             return
-        verdict = (rec["drop_reason"] != 0).astype(np.int64)
-        for (et, obs, dropped, reason), n in _groups(rec["event_type"], rec["obs_point"],
-                                                     verdict, rec["drop_reason"]):
-            subtype = drop_reason_name(reason) if et == 1 else OBS_SUBTYPES.get(obs, str(obs))
-            self.flows.labels(METRIC_TYPES.get(et, str(et)), subtype,
-                              "DROPPED" if dropped else "FORWARDED").inc(n)
-        drops = rec[rec["drop_reason"] != 0]
-        for (reason, proto), n in _groups(drops["drop_reason"], drops["protocol"]):
-            self.drops.labels(drop_reason_name(reason), PROTOCOLS.get(proto, str(proto))).inc(n)
-        tcp = rec[rec["protocol"] == 6]
-        if len(tcp):
+        ctxs = _Contexts(rec, self.ctx)
+        dropped = (rec["drop_reason"] != 0)
+        if self.flows is not None:
+            et, obs, reason = rec["event_type"], rec["obs_point"], rec["drop_reason"]
+            extra = ctxs.columns(self.config.options("flow"))
+            cols = [et, obs, dropped.astype(np.int64), reason] + [c for c, _ in extra]
+            for vals, n in _groups(*cols):
+                e, o, d, rs = vals[:4]
+                subtype = drop_reason_name(rs) if e == 1 else OBS_SUBTYPES.get(o, str(o))
+                self.flows.labels(METRIC_TYPES.get(e, str(e)), subtype,
+                                  "DROPPED" if d else "FORWARDED",
+                                  *[values[v] for (_, values), v in zip(extra, vals[4:],
+                                                                          strict=True)]
+                                  ).inc(n)
+        proto = lambda p: PROTOCOLS.get(p, str(p))  # noqa: E731
+        if self.drops is not None:
+            self._add("drop", self.drops, rec, dropped, [rec["drop_reason"], rec["protocol"]],
+                      [drop_reason_name, proto], ctxs)
+        if self.tcp_flags is not None:
+            tcp = rec["protocol"] == 6
             for name, bit in TCP_FLAGS:
-                n = int(np.count_nonzero(tcp["tcp_flags"] & bit))
-                if n:
-                    self.tcp_flags.labels(name, "IPv4").inc(n)
-        l4 = rec[(rec["protocol"] == 6) | (rec["protocol"] == 17)]
-        for (proto, port), n in _groups(l4["protocol"], l4["dport"]):
-            self.ports.labels(PROTOCOLS[proto], str(port)).inc(n)
-        icmp = rec[rec["protocol"] == 1]
-        for (flags,), n in _groups(icmp["flags"] & 1):
-            self.icmp.labels("IPv4", ICMP_TYPES[0 if flags else 8]).inc(n)
-        # A policy verdict is a new connection's decision or a policy drop.
-        pv = rec[(rec["ct_state"] == 0) & ((rec["drop_reason"] == 0) |
+                mask = tcp & ((rec["tcp_flags"] & bit) != 0)
+                if mask.any():
+                    self._add_const("tcp", self.tcp_flags, rec, mask, [name, "IPv4"], ctxs)
+        if self.ports is not None:
+            l4 = (rec["protocol"] == 6) | (rec["protocol"] == 17)
+            self._add("port-distribution", self.ports, rec, l4, [rec["protocol"], rec["dport"]],
+                      [proto, str], ctxs)
+        if self.icmp is not None:
+            icmp = rec["protocol"] == 1
+            self._add("icmp", self.icmp, rec, icmp, [np.ones(len(rec), dtype=np.uint8),
+                                                     rec["flags"] & 1],
+                      [lambda _v: "IPv4", lambda f: ICMP_TYPES[0 if f else 8]], ctxs)
+        if self.policy is not None:
+            # A policy verdict is a new connection's decision or a policy drop.
+            pv = (rec["ct_state"] == 0) & ((rec["drop_reason"] == 0) |
                                            (rec["drop_reason"] == 133) |
-                                           (rec["drop_reason"] == 181))]
-        for (direction, match, dropped), n in _groups(pv["direction"], pv["match_type"],
-                                                      (pv["drop_reason"] != 0)):
-            self.policy.labels("ingress" if direction == 0 else "egress",
-                               MATCH_TYPES.get(match, str(match)),
-                               "dropped" if dropped else "forwarded").inc(n)
+                                           (rec["drop_reason"] == 181))
+            self._add("policy", self.policy, rec, pv,
+                      [rec["direction"], rec["match_type"], dropped.astype(np.uint8)],
+                      [lambda d: "ingress" if d == 0 else "egress",
+                       lambda m: MATCH_TYPES.get(m, str(m)),
+                       lambda d: "dropped" if d else "forwarded"], ctxs)
+        if self.to_world is not None:
+            self._count_to_world(rec, dropped, ctxs)
+
+    def _add_const(self, metric: str, counter: Any, rec: np.ndarray, mask: np.ndarray,
+                   labels: list[str], ctxs: _Contexts) -> None:
+        extra = ctxs.columns(self.config.options(metric))
+        if not extra:
+            counter.labels(*labels).inc(int(np.count_nonzero(mask)))
+            return
+        for vals, n in _groups(*[codes[mask] for codes, _ in extra]):
+            counter.labels(*labels, *[values[v] for (_, values), v in
+                                      zip(extra, vals, strict=True)]).inc(n)
+
+    def _count_to_world(self, rec: np.ndarray, dropped: np.ndarray, ctxs: _Contexts) -> None:
+        """Hubble's flows-to-world: new connections (not replies) to reserved:world that
+        were forwarded or dropped by policy (any drop with ``any-drop``); ``syn-only``
+        counts only TCP SYNs, ``port`` adds the destination port."""
+        opts = self.config.options("flows-to-world")
+        policy_drop = (rec["drop_reason"] == 133) | (rec["drop_reason"] == 181)
+        mask = (rec["dst_identity"] == WORLD) & ((rec["flags"] & 1) == 0) & \
+            (~dropped | (dropped if "any-drop" in opts.flags else policy_drop))
+        tcp = rec["protocol"] == 6
+        syn = (rec["tcp_flags"] & 0x02) != 0
+        ack = (rec["tcp_flags"] & 0x10) != 0
+        if "syn-only" in opts.flags:
+            mask &= ~tcp | (syn & ~ack)
+        else:
+            mask &= ~tcp | ~ack | syn   # TCP: the connection's first packet(s)
+        base = [rec["protocol"], dropped.astype(np.uint8)]
+        fmt: list[Callable[[int], str]] = [lambda p: PROTOCOLS.get(p, str(p)),
+                                           lambda d: "DROPPED" if d else "FORWARDED"]
+        if "port" in opts.flags:
+            base.append(rec["dport"])
+            fmt.append(str)
+        self._add("flows-to-world", self.to_world, rec, mask, base, fmt, ctxs)
+
+    # --- L7, per flow dict (fed by the L7 proxy's flows) -----------------------------------
+    def count_l7(self, flow: dict[str, Any]) -> None:
+        """Count one L7 flow (Hubble JSON shape: ``l7.http`` / ``l7.dns``)."""
+        l7 = flow.get("l7") or {}
+        reporter = "server" if flow.get("traffic_direction") == "INGRESS" else "client"
+        http = l7.get("http")
+        if http and self.http_requests is not None and l7.get("type") in ("RESPONSE", 2):
+            method = str(http.get("method", ""))
+            self.http_requests.labels(method, str(http.get("protocol", "HTTP/1.1")),
+                                      str(http.get("code", 0)), reporter).inc()
+            if l7.get("latency_ns") and self.http_duration is not None:
+                self.http_duration.labels(method, reporter).observe(
+                    int(l7["latency_ns"]) / 1e9)
+        dns = l7.get("dns")
+        if dns and self.dns_queries is not None:
+            opts = self.config.options("dns")
+            qtypes = ",".join(dns.get("qtypes") or [])
+            if "ignoreAAAA" in opts.flags and qtypes == "AAAA":
+                return
+            is_resp = l7.get("type") in ("RESPONSE", 2)
+            target = self.dns_responses if is_resp else self.dns_queries
+            extra = [""] * len(opts.context_labels())
+            target.labels(str(dns.get("rcode", "")) if is_resp else "", qtypes,
+                          str(len(dns.get("ips") or [])) if is_resp else "0", *extra).inc()
