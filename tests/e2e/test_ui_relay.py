@@ -184,6 +184,40 @@ def test_hubble_grpc_client_reads_flows_with_filters(lab: Lab) -> None:
         assert "dns_query" in e.value.details()
 
 
+def test_dashboards_query_only_metrics_the_agents_export(lab: Lab) -> None:
+    """Scrape both ports of a real agent (and the lab's scrape config names them); every
+    series the Grafana dashboards query is exported."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.unit.test_relay_ui_units import _base, dashboard_metric_names
+    from villi._nsenter import in_netns
+
+    st = lab.state
+    node = st["nodes"][0]
+    scrape = (Path(st["dir"]) / "prometheus.yml").read_text()
+    assert f"{node['ip']}:9962" in scrape and f"{node['ip']}:9965" in scrape
+    exported: set[str] = set()
+    with in_netns(st["underlay"]["netns"]):
+        for port in (9962, 9965):
+            text = httpx.get(f"http://{node['ip']}:{port}/metrics", timeout=5).text
+            exported |= {f.name for f in text_string_to_metric_families(text)}
+    names = dashboard_metric_names()
+    assert len(names) > 15
+    missing = sorted(n for n in names if _base(n) not in exported)
+    assert not missing, missing
+    for name in ("cilium_drop_count", "cilium_forward_count", "cilium_endpoint_regenerations",
+                 "cilium_policy_l7", "cilium_bpf_map_pressure",
+                 "cilium_kvstore_operations_duration_seconds", "hubble_flows_to_world"):
+        assert name in exported, name
+    with in_netns(st["underlay"]["netns"]):
+        text = httpx.get(f"http://{node['ip']}:9962/metrics", timeout=5).text
+    drops = [line for line in text.splitlines()
+             if line.startswith("cilium_drop_count_total{")]
+    assert any('reason="Policy denied"' in line and 'direction="INGRESS"' in line
+               for line in drops), drops
+
+
 def _wait(driver, script: str, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

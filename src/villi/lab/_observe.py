@@ -52,6 +52,20 @@ def agent_args(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
             "--flow-export", str(d / f"{node['name']}-flows.jsonl")]
 
 
+def write_scrape_config(state: dict[str, Any]) -> Path:
+    """``<lab dir>/prometheus.yml``: the agents' metric ports at their node IPs (run
+    Prometheus in the underlay namespace, see dashboards/prometheus-lab.yml)."""
+    agents = ", ".join(f'"{n["ip"]}:9962"' for n in state["nodes"])
+    flows = ", ".join(f'"{n["ip"]}:9965"' for n in state["nodes"])
+    path = Path(state["dir"]) / "prometheus.yml"
+    path.write_text("global:\n  scrape_interval: 15s\nscrape_configs:\n"
+                    f"  - job_name: villi-agent\n    static_configs:\n"
+                    f"      - targets: [{agents}]\n"
+                    f"  - job_name: hubble\n    static_configs:\n"
+                    f"      - targets: [{flows}]\n")
+    return path
+
+
 def _free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +75,7 @@ def _free_loopback_port() -> int:
 def start(state: dict[str, Any], timeout: float = 30.0) -> None:
     """Start the relay and the UI, wait until the UI answers, record them in ``state``."""
     d = Path(state["dir"])
+    write_scrape_config(state)
     relay_sock, grpc_sock = d / "relay.sock", d / "relay-grpc.sock"
     cmd = _villi("--netns", state["underlay"]["netns"], "relay",
                  "--kvstore", state["kvstore"], "--agent-port", str(AGENT_FLOW_PORT),

@@ -174,37 +174,30 @@ class Relay:
                                      name=f"relay-follow-{p.name}") for p in peers]
         heap: list[tuple[str, int, dict[str, Any]]] = []
         seq = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SORT_DRAIN_S
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=SORT_DRAIN_S)
+                    item = await asyncio.wait_for(queue.get(),
+                                                  timeout=max(0.0, deadline - loop.time()))
                 except TimeoutError:
+                    item = None
+                if item is not None and "flow" not in item:
+                    yield item
+                elif item is not None:
+                    seq += 1
+                    heapq.heappush(heap, (item["flow"].get("time", ""), seq, item))
+                    while len(heap) > SORT_BUFFER:
+                        yield heapq.heappop(heap)[2]
+                if loop.time() >= deadline:
                     while heap:
                         yield heapq.heappop(heap)[2]
-                    continue
-                if "flow" not in item:
-                    yield item
-                    continue
-                seq += 1
-                heapq.heappush(heap, (item["flow"].get("time", ""), seq, item))
-                while len(heap) > SORT_BUFFER or (heap and queue.empty()
-                                                  and len(heap) and _settled(heap)):
-                    yield heapq.heappop(heap)[2]
+                    deadline = loop.time() + SORT_DRAIN_S
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _settled(heap: list[tuple[str, int, dict[str, Any]]]) -> bool:
-    """The oldest buffered flow is old enough that no peer will send an older one."""
-    from datetime import datetime
-
-    try:
-        t = datetime.fromisoformat(heap[0][0].replace("Z", "+00:00")[:26] + "+00:00")
-    except ValueError:
-        return True
-    return time.time() - t.timestamp() > SORT_DRAIN_S
 
 
 def _node_status(state: str, node: str, message: str) -> dict[str, Any]:
