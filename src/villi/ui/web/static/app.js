@@ -115,8 +115,8 @@ function renderMap(view) {
     cy.add(elements);
   }
   cy.layout({name: "cose", animate: false, nodeDimensionsIncludeLabels: true,
-             randomize: false, padding: 30, idealEdgeLength: () => 140,
-             nodeRepulsion: () => 60000, componentSpacing: 120}).run();
+             randomize: false, padding: 30, idealEdgeLength: () => 90,
+             nodeRepulsion: () => 6000, gravity: 2, componentSpacing: 60}).run();
   cy.fit(undefined, 40);
   if (cy.zoom() > 1) { cy.zoom(1); cy.center(); }
   const tbody = $("arrows").querySelector("tbody");
