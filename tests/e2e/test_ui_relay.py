@@ -101,6 +101,21 @@ def test_relay_merges_the_flows_of_both_nodes(lab: Lab) -> None:
     assert "did not answer" not in err
 
 
+def test_ui_api_time_range_and_namespace_map(lab: Lab) -> None:
+    import httpx
+
+    url = lab.state["ui_url"]
+    since = time.time() - 3600
+    got = httpx.get(f"{url}api/flows", params={"since": str(since), "verdict": "DROPPED"},
+                    timeout=20).json()
+    assert got["flows"] and not got["node_status"]
+    assert all(f["verdict"] == "DROPPED" for f in got["flows"])
+    view = httpx.get(f"{url}api/map", params={"map_namespace": "tools"}, timeout=20).json()
+    assert [a["id"] for a in view["arrows"]] == ["tools/intruder->shop/web:80/TCP"]
+    bad = httpx.get(f"{url}api/flows", params={"since": "yesterday"}, timeout=20)
+    assert bad.status_code == 400
+
+
 def test_agent_flow_endpoint_needs_the_token(lab: Lab) -> None:
     import httpx
 

@@ -132,6 +132,10 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
             preds.setdefault(field.strip(), []).append(value.strip())
         values.setdefault("extra", {})["flow_export_filter"] = [
             {"field": f, "values": v, "negate": False} for f, v in preds.items()]
+    if values.get("hubble_metrics") is not None:
+        from villi.observer.metricsconfig import parse as parse_metrics
+
+        parse_metrics(values["hubble_metrics"])   # a bad value fails before anything starts
     for p in ("api_socket", "state_dir", "flow_export", "flows_token_file"):
         if isinstance(values.get(p), str):
             values[p] = Path(values[p])
