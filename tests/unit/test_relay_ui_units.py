@@ -55,6 +55,32 @@ def test_hubble_metrics_flag_rejects_bad_values(bad: str, words: str) -> None:
         parse(bad)
 
 
+def test_agent_rejects_bad_hubble_metrics_before_starting() -> None:
+    import argparse
+
+    from villi.agent.config import add_arguments, from_args
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    ok = from_args(ap.parse_args(["--node", "n", "--hubble-metrics", "drop,flow",
+                                  "--flows-listen", "1.2.3.4:4244"]))
+    assert ok.hubble_metrics == "drop,flow" and ok.flows_listen == "1.2.3.4:4244"
+    with pytest.raises(MetricsConfigError, match="unknown metric 'dorp'"):
+        from_args(ap.parse_args(["--node", "n", "--hubble-metrics", "dorp"]))
+
+
+def test_relay_cli_errors_are_clear(tmp_path: Path) -> None:
+    from villi.cli.main import main
+
+    token = tmp_path / "t"
+    token.write_text("short\n")
+    assert main(["relay", "--token-file", str(token), "--peer", "a=1.2.3.4:1"]) == 1
+    token.write_text("x" * 24 + "\n")
+    assert main(["relay", "--token-file", str(token)]) == 1
+    assert main(["relay", "--token-file", str(token), "--peer", "a=1.2.3.4:1",
+                 "--grpc-listen", "0.0.0.0:4245"]) == 1
+
+
 def test_only_enabled_metrics_exist() -> None:
     fams = _families(HubbleMetrics(config=parse("drop")))
     assert "hubble_drop" in fams and "hubble_flows_processed" not in fams

@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="an agent's TCP flow endpoint (repeatable); without --peer the "
                    "relay discovers the nodes in --kvstore")
-    p.add_argument("--kvstore", help="store URL, for discovering nodes and reading policies")
+    p.add_argument("--kvstore", default=argparse.SUPPRESS,
+                   help="store URL, for discovering nodes and reading policies (also "
+                   "accepted before the command, as for every villi command)")
     p.add_argument("--agent-port", type=int, default=DEFAULT_AGENT_PORT,
                    help="agents' --flows-listen port for discovered nodes (4244)")
     p.add_argument("--token-file", type=Path, required=True,
@@ -57,15 +59,16 @@ def run(args: argparse.Namespace) -> int:
             raise VilliError(f"--grpc-listen {addr}: the gRPC API has no authentication "
                              "yet; use a unix socket or a loopback address")
     static = [parse_peer(p) for p in args.peer]
-    if not static and not args.kvstore:
+    kvstore = getattr(args, "kvstore", None)
+    if not static and not kvstore:
         raise VilliError("give --peer NAME=HOST:PORT or --kvstore to discover the nodes")
 
     async def main() -> None:
         store = None
-        if args.kvstore:
+        if kvstore:
             from villi.kvstore import open_store
 
-            store = open_store(args.kvstore)
+            store = open_store(kvstore)
 
         async def peers() -> list[Peer]:
             if static:
