@@ -116,6 +116,32 @@ def test_ui_api_time_range_and_namespace_map(lab: Lab) -> None:
     assert bad.status_code == 400
 
 
+def test_follow_through_the_relay_streams_new_flows(lab: Lab) -> None:
+    import selectors
+
+    proc = subprocess.Popen([*VILLI, "observe", "--server", lab.state["relay"]["http"], "-f",
+                             "--from-pod", "tools/intruder", "-o", "json"], env=lab.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)   # the relay connects to both nodes
+        assert lab.run("lab", "probe", "tools/intruder", "shop/web", "80/tcp",
+                       "--timeout", "0.5").returncode != 0
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)   # type: ignore[arg-type]
+        deadline = time.monotonic() + 15
+        got = []
+        while time.monotonic() < deadline and not any(f["verdict"] == "DROPPED" for f in got):
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()   # type: ignore[union-attr]
+                if line.strip():
+                    got.append(json.loads(line)["flow"])
+        assert any(f["verdict"] == "DROPPED" and f["destination"]["pod_name"] == "web"
+                   for f in got), got
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_agent_flow_endpoint_needs_the_token(lab: Lab) -> None:
     import httpx
 
