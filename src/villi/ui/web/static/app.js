@@ -115,10 +115,13 @@ function renderMap(view) {
     cy.add(elements);
   }
   cy.layout({name: "cose", animate: false, nodeDimensionsIncludeLabels: true,
-             randomize: false, padding: 30, idealEdgeLength: () => 90,
-             nodeRepulsion: () => 6000, gravity: 2, componentSpacing: 60}).run();
-  cy.fit(undefined, 40);
-  if (cy.zoom() > 1) { cy.zoom(1); cy.center(); }
+             randomize: false, padding: 30, idealEdgeLength: () => 60,
+             nodeRepulsion: () => 2500, nestingFactor: 0.6, gravity: 4,
+             componentSpacing: 40}).run();
+  cy.fit(undefined, 30);
+  // small maps: readable cards rather than a fitted speck; large ones: pan and zoom
+  const zoom = Math.min(1.1, Math.max(cy.zoom(), 0.8));
+  if (zoom !== cy.zoom()) { cy.zoom(zoom); cy.center(); }
   const tbody = $("arrows").querySelector("tbody");
   tbody.replaceChildren(...view.arrows.map((a) => {
     const tr = document.createElement("tr");
