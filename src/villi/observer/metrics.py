@@ -37,27 +37,28 @@ Column = tuple[np.ndarray, list[str]]   # codes per record, the string of each c
 def _groups(*cols: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
     """(values, count) of each distinct combination of the given columns.
 
-    Up to four columns (each < 2**16) are packed into one uint64 key so the group-by is
-    a single 1-D ``np.unique`` — several times faster than ``np.unique(axis=0)``, which
-    is used only for the wider keys that context labels make.
+    The columns are packed into one uint64 key, each in just the bits its largest value
+    needs, so the group-by is a single 1-D ``np.unique`` — several times faster than
+    ``np.unique(axis=0)``, which is left for keys wider than 64 bits.
     """
     if not len(cols[0]):
         return []
-    if len(cols) > 4:
+    widths = [max(1, int(c.max()).bit_length()) for c in cols]
+    if sum(widths) > 64:
         stacked = np.stack([c.astype(np.int64) for c in cols], axis=1)
         uniq, counts = np.unique(stacked, axis=0, return_counts=True)
         return [(tuple(int(v) for v in row), int(n))
                 for row, n in zip(uniq.tolist(), counts.tolist(), strict=True)]
     key = np.zeros(len(cols[0]), dtype=np.uint64)
-    for c in cols:
-        key = (key << np.uint64(16)) | c.astype(np.uint64)
+    for c, w in zip(cols, widths, strict=True):
+        key = (key << np.uint64(w)) | c.astype(np.uint64)
     uniq, counts = np.unique(key, return_counts=True)
     out = []
     for k, n in zip(uniq.tolist(), counts.tolist(), strict=True):
         vals = []
-        for _ in cols:
-            vals.append(k & 0xFFFF)
-            k >>= 16
+        for w in reversed(widths):
+            vals.append(k & ((1 << w) - 1))
+            k >>= w
         out.append((tuple(reversed(vals)), n))
     return out
 
