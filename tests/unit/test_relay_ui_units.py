@@ -78,7 +78,7 @@ def test_relay_cli_errors_are_clear(tmp_path: Path) -> None:
     token.write_text("x" * 24 + "\n")
     assert main(["relay", "--token-file", str(token)]) == 1
     assert main(["relay", "--token-file", str(token), "--peer", "a=1.2.3.4:1",
-                 "--grpc-listen", "0.0.0.0:4245"]) == 1
+                 "--grpc-listen", "0.0.0.0:4245"]) == 1   # remote gRPC needs a client token
 
 
 def test_only_enabled_metrics_exist() -> None:
@@ -273,6 +273,33 @@ async def test_agent_flow_endpoint_guard_and_relay_reconnect(monkeypatch) -> Non
         assert out == [] and "401" in missing["n1"]
     finally:
         await runner.cleanup()
+
+
+async def test_grpc_token_interceptor(tmp_path: Path) -> None:
+    """The real gRPC server with the token interceptor on a unix socket: calls without the
+    token are UNAUTHENTICATED; with it, ServerStatus answers (no peers)."""
+    import grpc
+
+    from villi.relay.grpc_api import start_grpc
+    from villi.relay.hub import Relay
+    from villi.relay.proto import observer_pb2, observer_pb2_grpc
+
+    async def peers() -> list:
+        return []
+
+    addr = f"unix://{tmp_path}/g.sock"
+    server = await start_grpc(Relay(peers, "x" * 20), addr, token="s" * 20)
+    try:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = observer_pb2_grpc.ObserverStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.ServerStatus(observer_pb2.ServerStatusRequest())
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = await stub.ServerStatus(observer_pb2.ServerStatusRequest(),
+                                         metadata=(("authorization", "Bearer " + "s" * 20),))
+            assert ok.num_connected_nodes.value == 0 and ok.version.startswith("villi")
+    finally:
+        await server.stop(0)
 
 
 def test_dashboards_query_hubble_metrics_villi_exports() -> None:

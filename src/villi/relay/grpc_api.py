@@ -111,9 +111,30 @@ def _status_response(status: dict[str, Any]) -> observer_pb2.GetFlowsResponse:
     return observer_pb2.GetFlowsResponse(node_status=ev, time=ts)
 
 
-async def start_grpc(relay: Relay, addr: str) -> grpc.aio.Server:
-    """Serve the Observer service on ``unix:///path`` or ``HOST:PORT`` (plaintext)."""
-    server = grpc.aio.server()
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls without ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        import hmac
+
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(got).encode(), self.expected):
+            return await continuation(details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+async def start_grpc(relay: Relay, addr: str, token: str | None = None) -> grpc.aio.Server:
+    """Serve the Observer service on ``unix:///path`` or ``HOST:PORT`` (plaintext; with
+    ``token``, every call must carry it as ``authorization: Bearer …`` metadata)."""
+    server = grpc.aio.server(interceptors=[TokenInterceptor(token)] if token else None)
     observer_pb2_grpc.add_ObserverServicer_to_server(ObserverService(relay), server)
     bind = addr if addr.startswith("unix:") else addr
     if server.add_insecure_port(bind) == 0 and not addr.startswith("unix:"):

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", type=Path, required=True,
                    help="bearer token the agents' flow endpoints expect")
     p.add_argument("--client-token-file", type=Path,
-                   help="token TCP clients of the relay must present (required to listen "
-                   "on a non-loopback TCP address)")
+                   help="token TCP clients of the relay (HTTP and gRPC) must present; "
+                   "required to listen on a non-loopback TCP address")
     p.add_argument("--dial-timeout", type=float, default=5.0,
                    help="seconds before a node counts as not answering (5)")
 
@@ -53,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
         if kind == "tcp" and not is_loopback(where[0]) and client_token is None:  # type: ignore[index]
             raise VilliError(f"--listen {addr}: a non-loopback address needs "
                              "--client-token-file")
+    grpc_tokens: dict[str, str | None] = {}
     for addr in args.grpc_listen:
         kind, where = split_listen(addr)
-        if kind == "tcp" and not is_loopback(where[0]):  # type: ignore[index]
-            raise VilliError(f"--grpc-listen {addr}: the gRPC API has no authentication "
-                             "yet; use a unix socket or a loopback address")
+        remote = kind == "tcp" and not is_loopback(where[0])  # type: ignore[index]
+        if remote and client_token is None:
+            raise VilliError(f"--grpc-listen {addr}: a non-loopback address needs "
+                             "--client-token-file (clients send it as 'authorization: "
+                             "Bearer …' metadata)")
+        grpc_tokens[addr] = client_token if remote else None
     static = [parse_peer(p) for p in args.peer]
     kvstore = getattr(args, "kvstore", None)
     if not static and not kvstore:
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             for addr in listens:
                 await start_site(runner, addr)
             for addr in args.grpc_listen:
-                grpc_servers.append(await start_grpc(relay, addr))
+                grpc_servers.append(await start_grpc(relay, addr, grpc_tokens[addr]))
             log.info("relay ready: http %s grpc %s", ", ".join(listens),
                      ", ".join(args.grpc_listen) or "-")
             stop = asyncio.Event()
