@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
 	etcd-server etcd-client iputils-ping netcat-openbsd curl tcpdump \
 	podman runc busybox-static containernetworking-plugins python3-venv \
-	nodejs chromium chromium-driver
+	nodejs chromium chromium-driver openssl
 APT_STAMP := $(VENV)/.apt-stamp
 PIP_STAMP := $(VENV)/.pip-stamp
 UI_WEB    := src/villi/ui/web

@@ -275,6 +275,61 @@ async def test_agent_flow_endpoint_guard_and_relay_reconnect(monkeypatch) -> Non
         await runner.cleanup()
 
 
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path) -> None:
+    """A CA, an agent certificate for 127.0.0.1 and a relay client certificate."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "1", "-subj", "/CN=villi-test-ca", cwd=d)
+    for name, ext in (("agent", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("relay", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile",
+                 f"{name}.ext", cwd=d)
+
+
+async def test_relay_reads_an_agent_over_mtls(tmp_path: Path) -> None:
+    """Agent flow endpoint with mTLS and no token: the relay with its client certificate
+    reads flows; without one the TLS handshake fails and the node is reported."""
+    from villi.agent.flowserver import build_flow_app, client_tls, server_tls
+    from villi.relay.hub import Relay
+    from villi.relay.peers import Peer
+
+    make_pki(tmp_path)
+
+    async def flows(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps({"time": "2026-01-01T00:00:00Z"}) + "\n")
+
+    app = build_flow_app([("GET", "/v1/flows", flows)], None, 4)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls(
+        tmp_path / "agent.pem", tmp_path / "agent.key", tmp_path / "ca.pem"))
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def peers() -> list[Peer]:
+        return [Peer("n1", f"127.0.0.1:{port}")]
+
+    try:
+        good = Relay(peers, None, tls=client_tls(tmp_path / "ca.pem", tmp_path / "relay.pem",
+                                                 tmp_path / "relay.key"))
+        out, missing = await good.query({})
+        assert out == [{"time": "2026-01-01T00:00:00Z"}] and not missing
+        anonymous = Relay(peers, None, tls=client_tls(tmp_path / "ca.pem", None, None))
+        out, missing = await anonymous.query({})
+        assert out == [] and "n1" in missing
+    finally:
+        await runner.cleanup()
+
+
 async def test_grpc_token_interceptor(tmp_path: Path) -> None:
     """The real gRPC server with the token interceptor on a unix socket: calls without the
     token are UNAUTHENTICATED; with it, ServerStatus answers (no peers)."""

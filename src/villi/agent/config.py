@@ -43,6 +43,9 @@ class AgentConfig:
     flows_listen: str | None = None
     flows_token_file: Path | None = None
     flows_max_connections: int = 16
+    flows_tls_cert: Path | None = None
+    flows_tls_key: Path | None = None
+    flows_tls_client_ca: Path | None = None
     hubble_metrics: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -98,6 +101,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="file holding the bearer token TCP flow readers must present")
     ap.add_argument("--flows-max-connections", type=int,
                     help="concurrent TCP flow readers (16)")
+    ap.add_argument("--flows-tls-cert", type=Path, help="serve the TCP flow API over TLS "
+                    "with this certificate (PEM; with --flows-tls-key)")
+    ap.add_argument("--flows-tls-key", type=Path, help="the certificate's private key")
+    ap.add_argument("--flows-tls-client-ca", type=Path,
+                    help="require client certificates signed by this CA (mTLS); then the "
+                    "token is optional")
     ap.add_argument("--hubble-metrics",
                     help="flow metrics to enable, Hubble's syntax: 'drop flow "
                     "policy:sourceContext=app;destinationContext=pod' or comma-separated "
@@ -136,7 +145,8 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         from villi.observer.metricsconfig import parse as parse_metrics
 
         parse_metrics(values["hubble_metrics"])   # a bad value fails before anything starts
-    for p in ("api_socket", "state_dir", "flow_export", "flows_token_file"):
+    for p in ("api_socket", "state_dir", "flow_export", "flows_token_file", "flows_tls_cert",
+              "flows_tls_key", "flows_tls_client_ca"):
         if isinstance(values.get(p), str):
             values[p] = Path(values[p])
     return AgentConfig(**values)

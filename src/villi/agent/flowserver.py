@@ -2,7 +2,8 @@
 
 The unix socket API is root-only by file mode; a TCP port has no such guard, so this
 endpoint serves only the read-only flow routes (``/v1/flows``, ``/v1/flows/status``)
-and only to clients that present the shared bearer token (compared in constant time).
+and only to authenticated clients: the shared bearer token (compared in constant time),
+or a client certificate signed by ``--flows-tls-client-ca`` (mTLS), or both.
 Connections are bounded: a relay holds one follow stream per agent, so a small limit
 (``--flows-max-connections``, 16) leaves room for a few relays and CLI readers while a
 misbehaving client cannot exhaust the agent's file descriptors or event loop.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,17 +47,18 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def build_flow_app(routes: list[tuple[str, str, Any]], token: str,
+def build_flow_app(routes: list[tuple[str, str, Any]], token: str | None,
                    max_connections: int) -> web.Application:
-    """An app serving ``routes`` to token holders, at most ``max_connections`` at once."""
+    """An app serving ``routes`` to token holders (any client when ``token`` is None:
+    the TLS layer checked its certificate), at most ``max_connections`` at once."""
     active = 0
-    expected = f"Bearer {token}".encode()
+    expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         nonlocal active
         got = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(got, expected):
+        if expected is not None and not hmac.compare_digest(got, expected):
             return web.json_response({"error": "missing or wrong bearer token", "code": 0},
                                      status=401)
         if active >= max_connections:
@@ -80,15 +83,54 @@ async def serve_flows_tcp(agent: Agent) -> web.AppRunner | None:
     cfg = agent.config
     if not cfg.flows_listen:
         return None
-    if cfg.flows_token_file is None:
-        raise VilliError("--flows-listen needs --flows-token-file (the endpoint is "
-                         "authenticated)")
+    if cfg.flows_token_file is None and cfg.flows_tls_client_ca is None:
+        raise VilliError("--flows-listen needs --flows-token-file or --flows-tls-client-ca "
+                         "(the endpoint is authenticated)")
     host, port = parse_listen(cfg.flows_listen)
-    app = build_flow_app(flow_routes(agent), read_token(Path(cfg.flows_token_file)),
-                         cfg.flows_max_connections)
+    token = read_token(Path(cfg.flows_token_file)) if cfg.flows_token_file else None
+    ssl_ctx = server_tls(cfg.flows_tls_cert, cfg.flows_tls_key, cfg.flows_tls_client_ca)
+    app = build_flow_app(flow_routes(agent), token, cfg.flows_max_connections)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("flow endpoint on tcp %s:%d (token, max %d readers)", host, port,
+    await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()
+    log.info("flow endpoint on tcp %s:%d (%s, max %d readers)", host, port,
+             "mTLS" if cfg.flows_tls_client_ca else "TLS + token" if ssl_ctx else "token",
              cfg.flows_max_connections)
     return runner
+
+
+def server_tls(cert: Path | None, key: Path | None, client_ca: Path | None
+               ) -> ssl.SSLContext | None:
+    """The TLS context of the flow endpoint (None: plain TCP); mTLS with ``client_ca``."""
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise VilliError("TLS for the flow endpoint needs both --flows-tls-cert and "
+                         "--flows-tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+        if client_ca is not None:
+            ctx.load_verify_locations(client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise VilliError(f"flow endpoint TLS files ({cert}, {key}, {client_ca}): {e}") from e
+    return ctx
+
+
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None
+               ) -> ssl.SSLContext | None:
+    """The relay's TLS context toward agents: verify them with ``ca``, present
+    ``cert``/``key`` for mTLS (None: plain TCP)."""
+    if ca is None and cert is None:
+        return None
+    if ca is None:
+        raise VilliError("--tls-cert needs --tls-ca (the CA that signed the agents' "
+                         "certificates)")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    try:
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise VilliError(f"relay TLS files ({cert}, {key}): {e}") from e
+    return ctx

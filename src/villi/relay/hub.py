@@ -14,6 +14,7 @@ import asyncio
 import heapq
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,17 +43,19 @@ class NodeState:
 
 
 class Relay:
-    def __init__(self, peers: Callable[[], Awaitable[list[Peer]]], token: str, *,
-                 timeout: float = 5.0) -> None:
+    def __init__(self, peers: Callable[[], Awaitable[list[Peer]]], token: str | None, *,
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self._peers = peers
         self.token = token
+        self.tls = tls
         self.timeout = timeout
         self.nodes: dict[str, NodeState] = {}
         self.started_ns = time.time_ns()
 
     def _client(self, peer: Peer, timeout: float | None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=peer.url, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.AsyncClient(base_url=peer.url(self.tls is not None), timeout=timeout,
+                                 headers=headers, verify=self.tls or True)
 
     async def peers(self) -> list[Peer]:
         peers = await self._peers()

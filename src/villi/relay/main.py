@@ -30,8 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "accepted before the command, as for every villi command)")
     p.add_argument("--agent-port", type=int, default=DEFAULT_AGENT_PORT,
                    help="agents' --flows-listen port for discovered nodes (4244)")
-    p.add_argument("--token-file", type=Path, required=True,
+    p.add_argument("--token-file", type=Path,
                    help="bearer token the agents' flow endpoints expect")
+    p.add_argument("--tls-ca", type=Path,
+                   help="connect to agents over TLS, verifying them with this CA")
+    p.add_argument("--tls-cert", type=Path,
+                   help="client certificate for agents that require mTLS")
+    p.add_argument("--tls-key", type=Path, help="the client certificate's key")
     p.add_argument("--client-token-file", type=Path,
                    help="token TCP clients of the relay (HTTP and gRPC) must present; "
                    "required to listen on a non-loopback TCP address")
@@ -40,12 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from villi.agent.flowserver import read_token
+    from villi.agent.flowserver import client_tls, read_token
     from villi.relay.grpc_api import start_grpc
     from villi.relay.hub import Relay
     from villi.relay.server import build_app, is_loopback, split_listen, start_site
 
-    token = read_token(args.token_file)
+    if args.token_file is None and args.tls_cert is None:
+        raise VilliError("give --token-file and/or --tls-cert (the agents' flow endpoints "
+                         "are authenticated)")
+    token = read_token(args.token_file) if args.token_file else None
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
     client_token = read_token(args.client_token_file) if args.client_token_file else None
     listens = args.listen or ["unix:///var/run/villi/relay.sock"]
     for addr in listens:
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 return static
             return await discover(store, args.agent_port)
 
-        relay = Relay(peers, token, timeout=args.dial_timeout)
+        relay = Relay(peers, token, timeout=args.dial_timeout, tls=tls)
         runner = web.AppRunner(build_app(relay, store, client_token), access_log=None)
         await runner.setup()
         grpc_servers = []

@@ -22,9 +22,8 @@ class Peer:
     name: str
     address: str   # HOST:PORT of the agent's TCP flow endpoint
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
+    def url(self, tls: bool = False) -> str:
+        return f"{'https' if tls else 'http'}://{self.address}"
 
 
 def parse_peer(text: str) -> Peer:
