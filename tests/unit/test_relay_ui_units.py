@@ -124,6 +124,21 @@ def test_l7_flows_feed_http_metrics() -> None:
             for s in req] == [("GET", "503", "server", 1.0)]
 
 
+def test_l7_metrics_carry_context_labels() -> None:
+    m = HubbleMetrics(config=parse("httpV2:sourceContext=app;destinationContext=pod;"
+                                   "labelsContext=destination_namespace"))
+    m.count_l7({"traffic_direction": "INGRESS",
+                "source": {"labels": ["k8s:app=frontend"], "namespace": "shop",
+                           "pod_name": "fe-1"},
+                "destination": {"labels": ["k8s:app=web"], "namespace": "shop",
+                                "pod_name": "web-1"},
+                "l7": {"type": "RESPONSE", "http": {"method": "POST", "code": 201}}})
+    req = [s for s in _families(m)["hubble_http_requests"].samples
+           if s.name.endswith("_total")]
+    assert [(s.labels["source"], s.labels["destination"], s.labels["destination_namespace"])
+            for s in req] == [("frontend", "shop/web-1", "shop")]
+
+
 def test_flow_carries_hubble_identity_fields() -> None:
     a, b = to_flow(records()[0], 0, CTX), to_flow(records()[0], 0, CTX)
     assert a["uuid"] == b["uuid"] and len(a["uuid"]) == 36

@@ -174,12 +174,14 @@ class HubbleMetrics:
                                                            else []))
         self.lost = Counter("hubble_lost_events_total", "Events lost", ["source"], registry=r)
         http = "httpV2" if cfg.enabled("httpV2") else "http" if cfg.enabled("http") else None
+        http_ctx = cfg.options(http).context_labels() if http else []
         self.http_requests = Counter(
             "hubble_http_requests_total", "HTTP requests (L7 flows)",
-            ["method", "protocol", "status", "reporter"], registry=r) if http else None
+            ["method", "protocol", "status", "reporter"] + http_ctx,
+            registry=r) if http else None
         self.http_duration = Histogram(
             "hubble_http_request_duration_seconds", "HTTP request latency (L7 flows)",
-            ["method", "reporter"], registry=r) if http else None
+            ["method", "reporter"] + http_ctx, registry=r) if http else None
         self.dns_queries = counter("dns", "hubble_dns_queries_total", "DNS queries",
                                    ["rcode", "qtypes", "ips_returned"])
         self.dns_responses = counter("dns", "hubble_dns_responses_total", "DNS responses",
@@ -287,17 +289,53 @@ class HubbleMetrics:
         self._add("flows-to-world", self.to_world, rec, mask, base, fmt, ctxs)
 
     # --- L7, per flow dict (fed by the L7 proxy's flows) -----------------------------------
+    def _dict_contexts(self, metric: str, flow: dict[str, Any]) -> list[str]:
+        """The metric's context label values for one flow dict (same rules as batches)."""
+        opts = self.config.options(metric)
+        ip = flow.get("IP") or {}
+
+        def value(side: str, kind: str) -> str:
+            ep = flow.get(side) or {}
+            ns, pod = ep.get("namespace") or "", ep.get("pod_name") or ""
+            labels = [str(x) for x in ep.get("labels") or []]
+            app = next((x.split("=", 1)[1] for x in labels
+                        if x.partition(":")[2].startswith("app=")), "")
+            identity = int(ep.get("identity", 0) or 0)
+            return {"ip": ip.get(side, ""), "identity": str(identity) if identity else "",
+                    "reserved-identity": f"reserved:{RESERVED_NAMES[identity]}"
+                    if identity in RESERVED_NAMES else "",
+                    "namespace": ns, "pod": f"{ns}/{pod}" if pod else "", "pod-name": pod,
+                    "app": app, "workload-name": app,
+                    "workload": f"{ns}/{app}" if app and ns else ""}.get(kind, "")
+
+        out = []
+        for side, kinds in (("source", opts.source_context),
+                            ("destination", opts.destination_context)):
+            if kinds:
+                out.append(next((v for v in (value(side, k) for k in kinds) if v), ""))
+        for label in opts.labels_context:
+            if label == "traffic_direction":
+                out.append(str(flow.get("traffic_direction", "")).lower())
+                continue
+            side, _, what = label.partition("_")
+            kind = {"ip": "ip", "namespace": "namespace", "pod": "pod-name", "app": "app",
+                    "workload": "workload-name", "workload_kind": ""}[what]
+            out.append(value(side, kind) if kind else "")
+        return out
+
     def count_l7(self, flow: dict[str, Any]) -> None:
         """Count one L7 flow (Hubble JSON shape: ``l7.http`` / ``l7.dns``)."""
         l7 = flow.get("l7") or {}
         reporter = "server" if flow.get("traffic_direction") == "INGRESS" else "client"
         http = l7.get("http")
+        metric = "httpV2" if self.config.enabled("httpV2") else "http"
         if http and self.http_requests is not None and l7.get("type") in ("RESPONSE", 2):
             method = str(http.get("method", ""))
+            extra = self._dict_contexts(metric, flow)
             self.http_requests.labels(method, str(http.get("protocol", "HTTP/1.1")),
-                                      str(http.get("code", 0)), reporter).inc()
+                                      str(http.get("code", 0)), reporter, *extra).inc()
             if l7.get("latency_ns") and self.http_duration is not None:
-                self.http_duration.labels(method, reporter).observe(
+                self.http_duration.labels(method, reporter, *extra).observe(
                     int(l7["latency_ns"]) / 1e9)
         dns = l7.get("dns")
         if dns and self.dns_queries is not None:
@@ -307,6 +345,6 @@ class HubbleMetrics:
                 return
             is_resp = l7.get("type") in ("RESPONSE", 2)
             target = self.dns_responses if is_resp else self.dns_queries
-            extra = [""] * len(opts.context_labels())
             target.labels(str(dns.get("rcode", "")) if is_resp else "", qtypes,
-                          str(len(dns.get("ips") or [])) if is_resp else "0", *extra).inc()
+                          str(len(dns.get("ips") or [])) if is_resp else "0",
+                          *self._dict_contexts("dns", flow)).inc()
