@@ -171,7 +171,9 @@ def lab_status(args: argparse.Namespace) -> int:
         f"kvstore {state['kvstore']}"
         + (f" (from {state['kvstore_netns']})" if state.get("kvstore_netns") else "")
         + f"\nunderlay {state['underlay']['cidr']} in {state['underlay']['netns']}  ·  "
-        f"cluster CIDR {state['cluster_cidr']}  ·  lease TTL {state['lease_ttl']}s\n{procs}",
+        f"cluster CIDR {state['cluster_cidr']}  ·  lease TTL {state['lease_ttl']}s\n{procs}"
+        + (f"\nui {state['ui_url']}  ·  relay {state['relay']['http']}"
+           if state.get("ui_url") else ""),
         title="villi lab", border_style="cyan"))
     t = Table(title="Nodes", title_justify="left", box=None, header_style="bold")
     for col in ("NODE", "NETNS", "NODE IP", "POD CIDRS", "AGENT", "ENDPOINTS", "IPAM"):
