@@ -8,8 +8,6 @@ import logging
 import signal
 from pathlib import Path
 
-from aiohttp import web
-
 from villi.errors import VilliError
 from villi.relay.peers import DEFAULT_AGENT_PORT, Peer, discover, parse_peer
 
@@ -45,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from villi.agent.flowserver import client_tls, read_token
     from villi.relay.grpc_api import start_grpc
     from villi.relay.hub import Relay

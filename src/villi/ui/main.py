@@ -7,8 +7,6 @@ import asyncio
 import signal
 from pathlib import Path
 
-from aiohttp import web
-
 from villi.errors import VilliError
 
 
@@ -23,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from villi.relay.server import is_loopback, split_listen, start_site
     from villi.ui.relayclient import RelayClient
     from villi.ui.server import build_app
