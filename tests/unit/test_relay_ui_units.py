@@ -101,6 +101,19 @@ def test_context_labels_name_workloads() -> None:
                    ("client", "default/server", "default", "ingress", "dropped"): 1.0}
 
 
+def test_series_of_a_departed_pod_expire() -> None:
+    m = HubbleMetrics(config=parse("drop:sourceContext=pod policy:sourceContext=app"),
+                      ctx=CTX)
+    m.count(records())
+    before = {s.labels["source"] for s in _families(m)["hubble_drop"].samples}
+    assert "prod/other" in before
+    m.forget_pod("prod", "other", "10.1.0.3")       # no running loop: at once
+    after = {s.labels["source"] for s in _families(m)["hubble_drop"].samples}
+    assert "prod/other" not in after and "default/client" in after
+    apps = {s.labels["source"] for s in _families(m)["hubble_policy_verdicts"].samples}
+    assert "other" in apps        # keyed by app: the workload outlives the pod
+
+
 def test_flows_to_world_counts_new_connections_to_world() -> None:
     r = records()
     r["dst_identity"][:3] = 2          # three flows to reserved:world, one reply

@@ -38,6 +38,9 @@ class AgentFlowContext:
         if info is None:
             return
         self.gone[ip] = info
+        observer = getattr(self.agent, "observer", None)
+        if observer is not None:
+            observer.metrics.forget_pod(info.namespace, info.name, ip)
         while len(self.gone) > 1024:
             self.gone.popitem(last=False)
 

@@ -11,6 +11,7 @@ agent serves on ``--hubble-metrics-port`` (9965).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +142,23 @@ class _Contexts:
         return cols
 
 
+def _names_pod(labels: tuple[str, ...], kinds: list[set[str]], values: dict[str, str]
+               ) -> bool:
+    """Whether one of a series' context labels holds the pod's value of its kind."""
+    ctx = labels[len(labels) - len(kinds):]
+    return any(v and any(values.get(k) == v for k in ks)
+               for v, ks in zip(ctx, kinds, strict=True))
+
+
+def _label_kinds(opts: MetricOptions) -> list[set[str]]:
+    """Per context label of a metric, the context kinds its value may be (for expiry)."""
+    out = [set(chain) for chain in (opts.source_context, opts.destination_context) if chain]
+    for label in opts.labels_context:
+        what = label.partition("_")[2]
+        out.append({"ip": {"ip"}, "pod": {"pod-name"}}.get(what, set()))
+    return out
+
+
 class HubbleMetrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  config: MetricsConfig | None = None, ctx: FlowContext | None = None
@@ -149,6 +167,9 @@ class HubbleMetrics:
         self.config = config or parse(None)
         self.ctx = ctx
         r, cfg = self.registry, self.config
+        # series that carry context labels: {counter: (kinds per context label, {labels})}
+        self._series: dict[Any, tuple[list[set[str]], set[tuple[str, ...]]]] = {}
+        self._kinds: dict[Any, list[set[str]]] = {}
 
         def counter(metric: str, name: str, doc: str, labels: list[str]) -> Any:
             if not cfg.enabled(metric):
@@ -187,6 +208,49 @@ class HubbleMetrics:
         self.dns_responses = counter("dns", "hubble_dns_responses_total", "DNS responses",
                                      ["rcode", "qtypes", "ips_returned"])
 
+    # --- series of departed pods ----------------------------------------------------------
+    def _remember(self, counter: Any, n_ctx: int, labels: list[str]) -> None:
+        if n_ctx:
+            kinds = self._kinds.get(counter)
+            if kinds is None:
+                kinds = self._kinds[counter] = _label_kinds(
+                    self.config.options(self._metric_of(counter)))
+            self._series.setdefault(counter, (kinds, set()))[1].add(tuple(labels))
+
+    def _metric_of(self, counter: Any) -> str:
+        names = {"flows": "flow", "drops": "drop", "tcp_flags": "tcp",
+                 "ports": "port-distribution", "icmp": "icmp", "policy": "policy",
+                 "to_world": "flows-to-world", "dns_queries": "dns", "dns_responses": "dns",
+                 "http_requests": "httpV2" if self.config.enabled("httpV2") else "http"}
+        for attr, metric in names.items():
+            if getattr(self, attr, None) is counter:
+                return metric
+        return ""
+
+    def forget_pod(self, namespace: str, name: str, ip: str, delay: float = 60.0) -> None:
+        """Drop the series whose context labels name this pod ``delay`` seconds from now
+        (Hubble's cardinality control: a deleted pod's series go after about a minute).
+        Series keyed by app or namespace stay: the workload outlives the pod."""
+        values = {"pod": f"{namespace}/{name}", "pod-name": name, "ip": ip}
+        try:
+            asyncio.get_running_loop().call_later(delay, self.expire, values)
+        except RuntimeError:      # no loop (tests, tools): expire now
+            self.expire(values)
+
+    def expire(self, values: dict[str, str]) -> int:
+        """Remove every context series whose pod, pod-name or ip label has the pod's value
+        (``values``: kind → value); how many."""
+        removed = 0
+        for counter, (kinds, series) in self._series.items():
+            for labels in [lb for lb in series if _names_pod(lb, kinds, values)]:
+                try:
+                    counter.remove(*labels)
+                except KeyError:
+                    pass
+                series.discard(labels)
+                removed += 1
+        return removed
+
     # --- L3/L4, per batch ---------------------------------------------------------------
     def _add(self, metric: str, counter: Any, rec: np.ndarray, mask: np.ndarray | None,
              base: list[np.ndarray], fmt: list[Callable[[int], str]],
@@ -205,6 +269,7 @@ class HubbleMetrics:
             labels += [values[v] for (_, values), v in zip(extra, vals[len(base):],
                                                              strict=True)]
             counter.labels(*labels).inc(n)
+            self._remember(counter, len(extra), labels)
 
     def count(self, rec: np.ndarray) -> None:
         if not len(rec):
@@ -218,11 +283,11 @@ class HubbleMetrics:
             for vals, n in _groups(*cols):
                 e, o, d, rs = vals[:4]
                 subtype = drop_reason_name(rs) if e == 1 else OBS_SUBTYPES.get(o, str(o))
-                self.flows.labels(METRIC_TYPES.get(e, str(e)), subtype,
-                                  "DROPPED" if d else "FORWARDED",
-                                  *[values[v] for (_, values), v in zip(extra, vals[4:],
-                                                                          strict=True)]
-                                  ).inc(n)
+                labels = [METRIC_TYPES.get(e, str(e)), subtype,
+                          "DROPPED" if d else "FORWARDED",
+                          *[values[v] for (_, values), v in zip(extra, vals[4:], strict=True)]]
+                self.flows.labels(*labels).inc(n)
+                self._remember(self.flows, len(extra), labels)
         proto = lambda p: PROTOCOLS.get(p, str(p))  # noqa: E731
         if self.drops is not None:
             self._add("drop", self.drops, rec, dropped, [rec["drop_reason"], rec["protocol"]],
@@ -262,8 +327,9 @@ class HubbleMetrics:
             counter.labels(*labels).inc(int(np.count_nonzero(mask)))
             return
         for vals, n in _groups(*[codes[mask] for codes, _ in extra]):
-            counter.labels(*labels, *[values[v] for (_, values), v in
-                                      zip(extra, vals, strict=True)]).inc(n)
+            full = [*labels, *[values[v] for (_, values), v in zip(extra, vals, strict=True)]]
+            counter.labels(*full).inc(n)
+            self._remember(counter, len(extra), full)
 
     def _count_to_world(self, rec: np.ndarray, dropped: np.ndarray, ctxs: _Contexts) -> None:
         """Hubble's flows-to-world: new connections (not replies) to reserved:world that
@@ -332,8 +398,10 @@ class HubbleMetrics:
         if http and self.http_requests is not None and l7.get("type") in ("RESPONSE", 2):
             method = str(http.get("method", ""))
             extra = self._dict_contexts(metric, flow)
-            self.http_requests.labels(method, str(http.get("protocol", "HTTP/1.1")),
-                                      str(http.get("code", 0)), reporter, *extra).inc()
+            labels = [method, str(http.get("protocol", "HTTP/1.1")), str(http.get("code", 0)),
+                      reporter, *extra]
+            self.http_requests.labels(*labels).inc()
+            self._remember(self.http_requests, len(extra), labels)
             if l7.get("latency_ns") and self.http_duration is not None:
                 self.http_duration.labels(method, reporter, *extra).observe(
                     int(l7["latency_ns"]) / 1e9)
