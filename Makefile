@@ -5,13 +5,23 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 iptables iperf3 sockperf \
 	etcd-server etcd-client iputils-ping netcat-openbsd curl tcpdump \
-	podman runc busybox-static containernetworking-plugins python3-venv wrk dnsmasq-base
+	podman runc busybox-static containernetworking-plugins python3-venv wrk dnsmasq-base \
+	nodejs chromium chromium-driver openssl
 APT_STAMP := $(VENV)/.apt-stamp
 PIP_STAMP := $(VENV)/.pip-stamp
+UI_WEB    := src/villi/ui/web
+NPM_STAMP := $(UI_WEB)/node_modules/.npm-stamp
 
-.PHONY: deps demo test test-unit test-e2e bench lint clean
+.PHONY: deps demo test test-unit test-e2e bench lint clean proto
 
-deps: $(PIP_STAMP)
+deps: $(PIP_STAMP) $(NPM_STAMP)
+
+# The web UI's front-end libraries (cytoscape), vendored from npm at build time and
+# served by `villi ui` itself: the page never loads anything from a CDN.
+$(NPM_STAMP): $(APT_STAMP) $(UI_WEB)/package.json $(UI_WEB)/package-lock.json
+	@command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
+	cd $(UI_WEB) && npm ci --no-audit --no-fund --silent
+	@touch $@
 
 $(APT_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -45,6 +55,10 @@ bench: deps
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
+
+# Regenerate the committed gRPC modules after editing src/villi/relay/proto/*.proto.
+proto: deps
+	cd src && ../$(PY) -m villi.relay.proto.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

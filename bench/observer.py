@@ -37,6 +37,7 @@ from villi.observer.context import PodInfo, StaticContext
 from villi.observer.filters import FilterSpec, Predicate, match
 from villi.observer.flow import to_flow
 from villi.observer.metrics import HubbleMetrics
+from villi.observer.metricsconfig import parse as parse_metrics
 from villi.observer.ring import FlowRing
 from villi.testing import packets as pk
 from villi.testing.topology import SingleNode
@@ -97,6 +98,10 @@ def kernel_side(n: int) -> dict:
              "events_per_second": total / read_cpu}]
     rows.append(stage("flow ring append", ring.append, batches))
     rows.append(stage("hubble metrics (numpy group-by)", metrics.count, batches))
+    ctx_metrics = HubbleMetrics(config=parse_metrics(
+        "drop flow policy:sourceContext=app|pod;destinationContext=pod;"
+        "labelsContext=source_namespace,destination_namespace"), ctx=ctx)
+    rows.append(stage("hubble metrics with context labels", ctx_metrics.count, batches))
     rows.append(stage("filter --from-pod (numpy isin)", lambda b: match(spec, b, ctx), batches))
 
     def full(b: np.ndarray) -> None:

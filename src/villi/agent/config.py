@@ -51,6 +51,13 @@ class AgentConfig:
     neigh_gc_thresh: str = "off"
     events_ringbuf_size: int = 8 * 1024 * 1024
     service_cgroup: str | None = None
+    flows_listen: str | None = None
+    flows_token_file: Path | None = None
+    flows_max_connections: int = 16
+    flows_tls_cert: Path | None = None
+    flows_tls_key: Path | None = None
+    flows_tls_client_ca: Path | None = None
+    hubble_metrics: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +133,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="auto: raise net.ipv4.neigh.default.gc_thresh1/2/3 for this node's "
                     "pod capacity and underlay subnet where this namespace has them (a real "
                     "host); in a node namespace they are machine-wide and only reported")
+    ap.add_argument("--flows-listen", metavar="HOST:PORT",
+                    help="also serve the flow API on TCP for villi relay (needs "
+                    "--flows-token-file; Hubble's port is 4244)")
+    ap.add_argument("--flows-token-file", type=Path,
+                    help="file holding the bearer token TCP flow readers must present")
+    ap.add_argument("--flows-max-connections", type=int,
+                    help="concurrent TCP flow readers (16)")
+    ap.add_argument("--flows-tls-cert", type=Path, help="serve the TCP flow API over TLS "
+                    "with this certificate (PEM; with --flows-tls-key)")
+    ap.add_argument("--flows-tls-key", type=Path, help="the certificate's private key")
+    ap.add_argument("--flows-tls-client-ca", type=Path,
+                    help="require client certificates signed by this CA (mTLS); then the "
+                    "token is optional")
+    ap.add_argument("--hubble-metrics",
+                    help="flow metrics to enable, Hubble's syntax: 'drop flow "
+                    "policy:sourceContext=app;destinationContext=pod' or comma-separated "
+                    "names (default: dns,drop,tcp,flow,port-distribution,icmp,httpV2,policy,"
+                    "flows-to-world)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 
@@ -155,7 +180,12 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
             preds.setdefault(field.strip(), []).append(value.strip())
         values.setdefault("extra", {})["flow_export_filter"] = [
             {"field": f, "values": v, "negate": False} for f, v in preds.items()]
-    for p in ("api_socket", "state_dir", "flow_export"):
+    if values.get("hubble_metrics") is not None:
+        from villi.observer.metricsconfig import parse as parse_metrics
+
+        parse_metrics(values["hubble_metrics"])   # a bad value fails before anything starts
+    for p in ("api_socket", "state_dir", "flow_export", "flows_token_file", "flows_tls_cert",
+              "flows_tls_key", "flows_tls_client_ca"):
         if isinstance(values.get(p), str):
             values[p] = Path(values[p])
     return AgentConfig(**values)

@@ -32,6 +32,7 @@ from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
 from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.eni_ipam import ENINodeIPAM
+from villi.agent.flowserver import serve_flows_tcp
 from villi.agent.ipam import NodeIPAM
 from villi.agent.l7 import L7Proxy
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
@@ -196,6 +197,7 @@ class Agent:
         await self.l7.start()
         self._metrics_servers = await start_metrics_servers(self)
         self._runner = await serve_unix(build_app(self), cfg.api_socket)
+        self._flow_runner = await serve_flows_tcp(self)
         self.started.set()
         log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
                  self.node_ip, self.ipam.cidrs, cfg.api_socket)
@@ -209,6 +211,9 @@ class Agent:
             await server.close()
         if hasattr(self, "l7"):
             await self.l7.stop()
+        if getattr(self, "_flow_runner", None) is not None:
+            await self._flow_runner.cleanup()
+            self._flow_runner = None
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:

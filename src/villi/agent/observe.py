@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from villi.agent.metrics_http import MetricsServer
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
 from villi.observer.metrics import HubbleMetrics
+from villi.observer.metricsconfig import parse as parse_metrics
 from villi.observer.observer import Observer
 from villi.observer.vocab import DIRECTIONS, drop_reason_name
 
@@ -31,11 +33,15 @@ class AgentFlowContext:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.gone: collections.OrderedDict[str, PodInfo] = collections.OrderedDict()
+        self._ifnames: dict[int, str] = {}
 
     def forget(self, ip: str, info: PodInfo | None) -> None:
         if info is None:
             return
         self.gone[ip] = info
+        observer = getattr(self.agent, "observer", None)
+        if observer is not None:
+            observer.metrics.forget_pod(info.namespace, info.name, ip)
         while len(self.gone) > 1024:
             self.gone.popitem(last=False)
 
@@ -109,6 +115,26 @@ class AgentFlowContext:
         return [ip for ip, names in self._learned().items()
                 if any(fnmatch.fnmatchcase(n.rstrip("."), want) for n in names)]
 
+    def interface_name(self, ifindex: int) -> str:
+        """The name of an interface of the agent's namespace (cached; "" if gone)."""
+        name = self._ifnames.get(ifindex)
+        if name is None:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = ""
+            if len(self._ifnames) > 4096:
+                self._ifnames.clear()
+            self._ifnames[ifindex] = name
+        return name
+
+    def cluster_name(self) -> str:
+        return self.agent.config.cluster
+
+    def node_labels(self) -> list[str]:
+        return [f"kubernetes.io/hostname={self.agent.node}",
+                f"io.cilium.cluster={self.agent.config.cluster}"]
+
 
 def _pod_info(d: dict) -> PodInfo:
     return PodInfo(d.get("namespace", ""), d.get("podName", ""), int(d.get("endpointID", 0)),
@@ -140,6 +166,7 @@ class DatapathCollector:
                 fwd.add_metric([d], pkts)
         yield drops
         yield fwd
+        yield from _cilium_datapath(totals)
         usage = self.agent.ipam.usage()
         ips = GaugeMetricFamily("villi_ipam_ips", "Pod IPs by state", labels=["type"])
         ips.add_metric(["allocated"], usage["allocated"])
@@ -162,10 +189,62 @@ class DatapathCollector:
             except Exception:  # noqa: BLE001
                 continue
         yield pressure
+        cilium_pressure = GaugeMetricFamily("cilium_bpf_map_pressure", "Fill level of BPF "
+                                            "maps (Cilium's name)", labels=["map_name"])
+        for smp in pressure.samples:
+            cilium_pressure.add_metric([smp.labels["map_name"]], smp.value)
+        yield cilium_pressure
         lost = CounterMetricFamily("villi_events_lost",
                                    "Flow events the datapath could not queue (ringbuf full)")
         lost.add_metric([], self.agent.datapath.events_lost())
         yield lost
+
+
+def _cilium_datapath(totals: dict[tuple[int, int], tuple[int, int]]) -> Any:
+    """The datapath counters under the names Cilium users alert on: reason is the human
+    text ("Policy denied"), direction INGRESS/EGRESS."""
+    from prometheus_client.core import CounterMetricFamily
+
+    from villi.observer.vocab import drop_reason_text
+
+    fams = {name: CounterMetricFamily(f"cilium_{name}", f"{what} (Cilium's name)",
+                                      labels=labels)
+            for name, what, labels in (
+                ("drop_count", "Packets dropped by the datapath", ["reason", "direction"]),
+                ("drop_bytes", "Bytes dropped by the datapath", ["reason", "direction"]),
+                ("forward_count", "Packets forwarded by the datapath", ["direction"]),
+                ("forward_bytes", "Bytes forwarded by the datapath", ["direction"]))}
+    for (reason, direction), (pkts, nbytes) in sorted(totals.items()):
+        d = DIRECTIONS.get(direction, str(direction))
+        if reason:
+            fams["drop_count"].add_metric([drop_reason_text(reason), d], pkts)
+            fams["drop_bytes"].add_metric([drop_reason_text(reason), d], nbytes)
+        else:
+            fams["forward_count"].add_metric([d], pkts)
+            fams["forward_bytes"].add_metric([d], nbytes)
+    yield from fams.values()
+
+
+class CiliumAliases:
+    """villi's own agent metrics again under Cilium's names, read at scrape time.
+
+    One source of truth (villi's metric) and no second increment in the hot paths;
+    labels Cilium has and villi does not know (kvstore ``kind``/``scope``) are empty.
+    """
+
+    def __init__(self, renames: list[tuple[Any, str, dict[str, str]]]) -> None:
+        self.renames = renames
+
+    def collect(self) -> Any:
+        from prometheus_client.core import Metric
+
+        for metric, new, extra in self.renames:
+            for fam in metric.collect():
+                out = Metric(new, fam.documentation + " (Cilium's name)", fam.type)
+                for smp in fam.samples:
+                    out.add_sample(new + smp.name[len(fam.name):], {**smp.labels, **extra},
+                                   smp.value)
+                yield out
 
 
 class AgentMetrics:
@@ -182,7 +261,15 @@ class AgentMetrics:
             "villi_kvstore_operations_duration_seconds", "Duration of kvstore operations",
             ["action", "outcome"], registry=r,
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        r.register(DatapathCollector(agent))
+        datapath = DatapathCollector(agent)
+        r.register(datapath)
+        # Incremented by the L7 proxy for each request its rules decide (Cilium's name).
+        self.policy_l7 = Counter("cilium_policy_l7", "L7 requests decided by policy",
+                                 ["rule", "proxy_type"], registry=r)
+        r.register(CiliumAliases([
+            (self.regenerations, "cilium_endpoint_regenerations", {}),
+            (self.kvstore_ops, "cilium_kvstore_operations_duration_seconds",
+             {"kind": "", "scope": ""})]))
 
 
 def build_observer(agent: Agent) -> tuple[Observer, AgentFlowContext]:
@@ -190,7 +277,8 @@ def build_observer(agent: Agent) -> tuple[Observer, AgentFlowContext]:
     ctx = AgentFlowContext(agent)
     export_filter = FilterSpec.from_json(cfg.extra.get("flow_export_filter"))
     obs = Observer(ctx, events=agent.datapath.events, capacity=cfg.flows_capacity,
-                   metrics=HubbleMetrics(), kernel_lost=agent.datapath.events_lost,
+                   metrics=HubbleMetrics(config=parse_metrics(cfg.hubble_metrics), ctx=ctx),
+                   kernel_lost=agent.datapath.events_lost,
                    export_path=cfg.flow_export, export_filter=export_filter)
     return obs, ctx
 

@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
 
     lab_cli.add_parsers(sub)
     observe_cli.add_parsers(sub)
+    from villi.relay.main import add_arguments as relay_arguments
+
+    relay_arguments(sub.add_parser("relay", help="merge the flows of every agent (Hubble "
+                                   "Relay, with Hubble's gRPC Observer API)"))
+    from villi.ui.main import add_arguments as ui_arguments
+
+    ui_arguments(sub.add_parser("ui", help="web UI: service map, flows, explanations"))
     return ap
 
 
@@ -135,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("lab", "connectivity"):
             from villi.cli import lab as lab_cli
             return lab_cli.run(args)
+        if args.command == "relay":
+            from villi.relay.main import run as run_relay
+            return run_relay(args)
+        if args.command == "ui":
+            from villi.ui.main import run as run_ui
+            return run_ui(args)
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)

@@ -104,6 +104,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="say which policy rule (or default deny) decided each flow")
     p.add_argument("--print-node-name", action="store_true")
     p.add_argument("--numeric", action="store_true", help="IPs instead of pod names")
+    p.add_argument("--server", metavar="ADDR",
+                   help="read through a villi relay: unix:///PATH or http://HOST:PORT "
+                   "(default: the agents of the lab or --agent-socket directly)")
+    p.add_argument("--server-token-file", help="token for a relay on TCP")
     p.set_defaults(predicates=[])
 
 
@@ -291,7 +295,67 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay_client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    headers = {}
+    if args.server_token_file:
+        from pathlib import Path
+
+        headers["Authorization"] = "Bearer " + Path(args.server_token_file).read_text().strip()
+    addr = args.server
+    if addr.startswith("unix://") or addr.startswith("/"):
+        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+            uds=addr.removeprefix("unix://")), base_url="http://relay", timeout=None,
+            headers=headers)
+    return httpx.AsyncClient(base_url=addr if "://" in addr else f"http://{addr}",
+                             timeout=None, headers=headers)
+
+
+async def _via_relay(args: argparse.Namespace) -> int:
+    """Flows (or status) from a relay: it merges the nodes and names those that are down."""
+    params = _params(args)
+    missing = []
+    async with _relay_client(args) as c:
+        if args.what == "status":
+            resp = await c.get("/v1/flows/status")
+            if resp.status_code != 200:
+                print(f"error: relay: {resp.text}", file=sys.stderr)
+                return 1
+            print(json.dumps(resp.json(), indent=2))
+            return 0
+        if args.output == "table":
+            from villi.observer.format import TABLE_HEADERS
+
+            print("  ".join(TABLE_HEADERS))
+        async with c.stream("GET", "/v1/flows", params=params) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                print(f"error: relay answered {resp.status_code}: {resp.text}", file=sys.stderr)
+                return 1
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "node_status" in item:
+                    st = item["node_status"]
+                    print(f"node {', '.join(st['node_names'])}: {st['state_change']} "
+                          f"{st.get('message', '')}".rstrip(), file=sys.stderr, flush=True)
+                    if st["state_change"] != "NODE_CONNECTED":
+                        missing.extend(st["node_names"])
+                    continue
+                _print(item, args)
+    if missing:
+        print(f"{len(missing)} node(s) did not answer: {', '.join(missing)}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.server:
+        try:
+            return asyncio.run(_via_relay(args))
+        except KeyboardInterrupt:
+            return 0
     if args.what == "status":
         return _status(args)
     try:

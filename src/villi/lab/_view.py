@@ -101,6 +101,9 @@ def lab_up(args: argparse.Namespace) -> int:
     c.print(f"\n[bold green]Lab {state['id']} is up[/] in {dt:.1f}s: "
             f"{len(state['nodes'])} nodes, cluster [bold]{state['cluster']}[/], "
             f"kvstore {state['kvstore']}")
+    if state.get("ui_url"):
+        c.print(f"Flows: [bold]{state['ui_url']}[/] (villi ui) · relay {state['relay']['http']}"
+                f" · Hubble gRPC {state['relay']['grpc']}")
     c.print("[dim]Next:[/]  villi lab pod add default/web --serve 80/tcp   ·   "
             "villi lab status   ·   villi connectivity test   ·   villi lab down")
     return 0
@@ -178,7 +181,9 @@ def lab_status(args: argparse.Namespace) -> int:
         f"kvstore {state['kvstore']}"
         + (f" (from {state['kvstore_netns']})" if state.get("kvstore_netns") else "")
         + f"\nunderlay {state['underlay']['cidr']} in {state['underlay']['netns']}  ·  "
-        f"cluster CIDR {state['cluster_cidr']}  ·  lease TTL {state['lease_ttl']}s\n{procs}",
+        f"cluster CIDR {state['cluster_cidr']}  ·  lease TTL {state['lease_ttl']}s\n{procs}"
+        + (f"\nui {state['ui_url']}  ·  relay {state['relay']['http']}"
+           if state.get("ui_url") else ""),
         title="villi lab", border_style="cyan"))
     t = Table(title="Nodes", title_justify="left", box=None, header_style="bold")
     for col in ("NODE", "NETNS", "NODE IP", "POD CIDRS", "AGENT", "ENDPOINTS", "IPAM"):

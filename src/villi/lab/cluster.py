@@ -30,7 +30,7 @@ from typing import Any
 
 from villi._nsenter import in_netns
 from villi.kvstore.tls import KvstoreTLS, make_pki
-from villi.lab import _cgroup, _network, _procs, _state, world
+from villi.lab import _cgroup, _network, _observe, _procs, _state, world
 from villi.lab import eni as _eni
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
@@ -215,6 +215,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
     _state.save(state)
     progress("operator", "ok", f"pid {pid}")
 
+    _observe.write_token(state)
     for node in state["nodes"]:
         progress(node["name"], "start", "starting agent")
         # the agent attaches its socket programs here; the node's pods run here
@@ -248,6 +249,11 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
             raise LabError(f"the agent of {name} is not healthy after {timeout:.0f}s:\n"
                            f"{log_tail(node['log'])}")
         time.sleep(0.1)
+
+    progress("relay + ui", "start", "")
+    _observe.start(state, min(timeout, 30.0))
+    _state.save(state)
+    progress("relay + ui", "ok", state["ui_url"])
 
     sync_underlay_routes(state)
     state["status"] = "running"
@@ -312,7 +318,8 @@ def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
                      "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1",
-                     *(["--ipam", "eni"] if state.get("ipam") == "eni" else []))
+                     *(["--ipam", "eni"] if state.get("ipam") == "eni" else []),
+                     *_observe.agent_args(state, node))
 
 
 def sync_underlay_routes(state: dict[str, Any]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,6 +111,33 @@ def _ref_text(ref: PolicyRef) -> str:
     return f"{ref.kind} {where}{ref.name} {ref.direction}[{ref.rule_index}]"
 
 
+UUID_NAMESPACE = uuid.UUID("6f1c6a4e-3b5e-4c1e-9a57-76696c6c6900")
+
+
+def _identify(flow: dict[str, Any], rec: Any, ctx: FlowContext) -> None:
+    """Hubble's uuid, interface name, cluster name and node labels.
+
+    The uuid is derived from the node and the raw record (which holds the timestamp), so
+    every read of the same flow — ring, export, relay — carries the same uuid. Contexts
+    that know more (the agent's) provide ``interface_name``, ``cluster_name`` and
+    ``node_labels``; other contexts simply leave those fields out.
+    """
+    raw = rec.tobytes() if hasattr(rec, "tobytes") else repr(rec).encode()
+    flow["uuid"] = str(uuid.uuid5(UUID_NAMESPACE, ctx.node_name() + ":" + raw.hex()))
+    ifname = getattr(ctx, "interface_name", None)
+    if ifname is not None:
+        name = ifname(int(rec["ifindex"]))
+        if name:
+            flow["interface"]["name"] = name
+    cluster = getattr(ctx, "cluster_name", None)
+    if cluster is not None:
+        for side in ("source", "destination"):
+            flow[side]["cluster_name"] = cluster()
+    labels = getattr(ctx, "node_labels", None)
+    if labels is not None:
+        flow["node_labels"] = labels()
+
+
 def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     """The Hubble JSON of one record."""
     src, dst = ip_str(rec["src_ip"]), ip_str(rec["dst_ip"])
@@ -155,6 +183,7 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     service = ctx.service_of(src, int(rec["sport"]))
     if service is not None:
         flow["source_service"] = {"name": service[1], "namespace": service[0]}
+    _identify(flow, rec, ctx)
     names_of = getattr(ctx, "names_of", None)   # DNS names the node's pods resolved
     if names_of is not None:
         for side, ip in (("source_names", src), ("destination_names", dst)):
