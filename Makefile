@@ -23,7 +23,7 @@ $(NPM_STAMP): $(APT_STAMP) $(UI_WEB)/package.json $(UI_WEB)/package-lock.json
 	cd $(UI_WEB) && npm ci --no-audit --no-fund --silent
 	@touch $@
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \

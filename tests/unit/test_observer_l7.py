@@ -8,6 +8,8 @@ from typing import Any
 from villi.observer.context import PodInfo, PolicyRef, StaticContext
 from villi.observer.filters import FilterSpec, Predicate
 from villi.observer.format import compact
+from villi.observer.metrics import HubbleMetrics
+from villi.observer.metricsconfig import parse as parse_metrics
 from villi.observer.observer import Observer
 
 CTX = StaticContext(
@@ -27,8 +29,8 @@ def _rec(kind: str, method: str, path: str, verdict: str, code: int = 0,
             "headers": []}
 
 
-def _observer() -> Observer:
-    obs = Observer(CTX)
+def _observer(metrics: str = "http") -> Observer:
+    obs = Observer(CTX, metrics=HubbleMetrics(config=parse_metrics(metrics)))
     obs.ingest_l7([
         _rec("REQUEST", "POST", "/v1/request-landing", "FORWARDED", rule_index=0, t=1),
         _rec("RESPONSE", "POST", "/v1/request-landing", "FORWARDED", 200, 2_000_000, t=2),

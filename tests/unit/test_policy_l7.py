@@ -48,8 +48,8 @@ def _error(text: str) -> ResourceError:
                  "spec.ingress[0].toPorts[0].rules.kafka", "only one L7 type", 12,
                  id="two-l7-types"),
     pytest.param("      rules:\n        dns: [{matchName: x.com}]\n",
-                 "spec.ingress[0].toPorts[0].rules.dns", "DNS L7 rules are not supported",
-                 11, id="dns-unsupported"),
+                 "spec.ingress[0].toPorts[0].ports[0].port", "DNS rules apply to port 53",
+                 9, id="dns-on-http-port"),
     pytest.param("      rules:\n        http: [{path: /, headerMatches: [{name: X, "
                  "mismatch: BOOM}]}]\n",
                  "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].mismatch",

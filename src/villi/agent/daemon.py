@@ -30,9 +30,9 @@ from typing import Any
 from villi.agent import keys
 from villi.agent.api import ApiError, build_app, serve_unix
 from villi.agent.config import AgentConfig
-from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.eni_ipam import ENINodeIPAM
 from villi.agent.flowserver import serve_flows_tcp
+from villi.agent.guard import guard_control_plane, kvstore_endpoints
 from villi.agent.ipam import NodeIPAM
 from villi.agent.l7 import L7Proxy
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers

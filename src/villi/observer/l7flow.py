@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
 from villi.observer.context import FlowContext
 from villi.observer.flow import _endpoint, _policy, _ref_text, iso_time
 
@@ -111,27 +109,3 @@ def matches_http(field: str, values: list[str], flow: dict[str, Any]) -> bool:
         if field == "http-url" and re.search(v, url):
             return True
     return False
-
-
-class L7Metrics:
-    """Hubble's http metrics (``hubble_http_*``), in the flows registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("hubble_http_requests_total", "HTTP requests",
-                                ["method", "protocol", "reporter"], registry=registry)
-        self.responses = Counter("hubble_http_responses_total", "HTTP responses",
-                                 ["method", "status", "reporter"], registry=registry)
-        self.duration = Histogram("hubble_http_request_duration_seconds",
-                                  "HTTP request latency", ["method", "reporter"],
-                                  registry=registry)
-
-    def count(self, flows: list[dict[str, Any]]) -> None:
-        for flow in flows:
-            http = flow["l7"]["http"]
-            reporter = "server" if flow["traffic_direction"] == "INGRESS" else "client"
-            if flow["l7"]["type"] == "REQUEST":
-                self.requests.labels(http["method"], http["protocol"], reporter).inc()
-            else:
-                self.responses.labels(http["method"], str(http.get("code", 0)), reporter).inc()
-                self.duration.labels(http["method"], reporter).observe(
-                    flow["l7"]["latency_ns"] / 1e9)

@@ -196,10 +196,18 @@ class HubbleMetrics:
         self.lost = Counter("hubble_lost_events_total", "Events lost", ["source"], registry=r)
         http = "httpV2" if cfg.enabled("httpV2") else "http" if cfg.enabled("http") else None
         http_ctx = cfg.options(http).context_labels() if http else []
+        # Hubble's two HTTP handlers: ``http`` (v1) counts requests {method, protocol,
+        # reporter} and responses {method, status, reporter}; ``httpV2`` counts one
+        # requests series per response {method, protocol, status, reporter}.
+        self.http_v1 = http == "http"
         self.http_requests = Counter(
             "hubble_http_requests_total", "HTTP requests (L7 flows)",
-            ["method", "protocol", "status", "reporter"] + http_ctx,
-            registry=r) if http else None
+            ["method", "protocol"] + ([] if self.http_v1 else ["status"]) + ["reporter"]
+            + http_ctx, registry=r) if http else None
+        self.http_responses = Counter(
+            "hubble_http_responses_total", "HTTP responses (L7 flows)",
+            ["method", "status", "reporter"] + http_ctx,
+            registry=r) if self.http_v1 else None
         self.http_duration = Histogram(
             "hubble_http_request_duration_seconds", "HTTP request latency (L7 flows)",
             ["method", "reporter"] + http_ctx, registry=r) if http else None
@@ -396,7 +404,22 @@ class HubbleMetrics:
         reporter = "server" if flow.get("traffic_direction") == "INGRESS" else "client"
         http = l7.get("http")
         metric = "httpV2" if self.config.enabled("httpV2") else "http"
-        if http and self.http_requests is not None and l7.get("type") in ("RESPONSE", 2):
+        is_response = l7.get("type") in ("RESPONSE", 2)
+        if http and self.http_v1 and self.http_requests is not None:
+            method = str(http.get("method", ""))
+            extra = self._dict_contexts(metric, flow)
+            if not is_response:
+                self.http_requests.labels(method, str(http.get("protocol", "HTTP/1.1")),
+                                          reporter, *extra).inc()
+                return
+            assert self.http_responses is not None
+            self.http_responses.labels(method, str(http.get("code", 0)), reporter,
+                                       *extra).inc()
+            if l7.get("latency_ns") and self.http_duration is not None:
+                self.http_duration.labels(method, reporter, *extra).observe(
+                    int(l7["latency_ns"]) / 1e9)
+            return
+        if http and self.http_requests is not None and is_response:
             method = str(http.get("method", ""))
             extra = self._dict_contexts(metric, flow)
             labels = [method, str(http.get("protocol", "HTTP/1.1")), str(http.get("code", 0)),

@@ -23,7 +23,7 @@ from villi.observer.export import FlowExporter, read_flows
 from villi.observer.filters import FilterSpec, match
 from villi.observer.flow import iso_time, to_flow
 from villi.observer.flowfilter import flow_matches
-from villi.observer.l7flow import L7Metrics, l7_flow
+from villi.observer.l7flow import l7_flow
 from villi.observer.metrics import HubbleMetrics
 from villi.observer.ring import FlowRing
 
@@ -54,7 +54,6 @@ class Observer:
         # L7 flows (from the proxy's records): few, kept as dicts beside the raw ring.
         self.l7: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
         self.l7_seq = 0
-        self.l7_metrics = L7Metrics(self.metrics.registry)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -78,10 +77,12 @@ class Observer:
         self.l7.extend(flows)
         self.l7_seq += len(flows)
         self.processed += len(flows)
-        self.l7_metrics.count(flows)
-        for f in flows:
-            self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
-                                      f["verdict"]).inc()
+        for flow in flows:
+            self.metrics.count_l7(flow)
+        if self.metrics.flows is not None:
+            for f in flows:
+                self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
+                                          f["verdict"]).inc()
         if self.exporter is not None:
             self.exporter.write([f for f in flows if flow_matches(self.export_filter, f)])
         self._changed.set()

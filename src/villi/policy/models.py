@@ -185,7 +185,7 @@ class L7Rules(StrictModel):
 
     http: list[PortRuleHTTP] | None = Field(None, alias="http")
     kafka: _Kafka = None
-    dns: _DNS = None
+    dns: list[FQDNSelector] | None = None
     l7proto: _L7Proto = None
     l7: _L7Proto = None
 

@@ -18,8 +18,8 @@ from typing import Any
 from villi.identity.labels import NAMESPACE_LABELS_PREFIX, SOURCE_K8S, SOURCE_RESERVED
 from villi.policy.cidr import Net, parse_net, resultant_prefixes
 from villi.policy.entry import Direction, Protocol
-from villi.policy.http import HeaderMatch, HTTPRule
 from villi.policy.fqdn import fqdn_selector
+from villi.policy.http import HeaderMatch, HTTPRule
 from villi.policy.models import (
     CiliumClusterwideNetworkPolicy,
     CiliumNetworkPolicy,

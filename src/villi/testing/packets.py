@@ -32,7 +32,8 @@ def ipv4(src: str, dst: str, proto: int, l4: bytes, frag_off: int = 0) -> bytes:
     return hdr + l4
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: int = SYN, payload: bytes = b"") -> bytes:
+def tcp(src: str, dst: str, sport: int, dport: int, flags: int = SYN,
+        payload: bytes = b"") -> bytes:
     l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
     return eth(ETH_P_IP, ipv4(src, dst, 6, l4))
 
