@@ -325,7 +325,7 @@ int from_netdev(struct __sk_buff *skb)
 	if (state == CT_NEW && (policy_check(ep, DIR_INGRESS, src_id, &p, &res) ||
 				!res.proxy_port))
 		return TC_ACT_OK;
-	enforce(&p, ep, DIR_INGRESS, src_id, &in, 0);
+	enforce(&p, ep, DIR_INGRESS, src_id, 0, &in, 0);
 	if (in.reason)
 		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
 				   ep->identity, in.cookie, in.match_type, in.ct_state);
