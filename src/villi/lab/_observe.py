@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from villi.kvstore.tls import KvstoreTLS
 from villi.lab import _procs
 from villi.lab._state import LabError
 
@@ -77,7 +78,9 @@ def start(state: dict[str, Any], timeout: float = 30.0) -> None:
     d = Path(state["dir"])
     write_scrape_config(state)
     relay_sock, grpc_sock = d / "relay.sock", d / "relay-grpc.sock"
-    cmd = _villi("--netns", state["underlay"]["netns"], "relay",
+    tls = KvstoreTLS.from_dict(state.get("kvstore_tls"))  # the lab's etcd wants certificates
+    cmd = _villi(*(tls.as_flags() if tls is not None else []),
+                 "--netns", state["underlay"]["netns"], "relay",
                  "--kvstore", state["kvstore"], "--agent-port", str(AGENT_FLOW_PORT),
                  "--token-file", str(token_path(state)),
                  "--listen", f"unix://{relay_sock}", "--grpc-listen", f"unix://{grpc_sock}")
