@@ -277,7 +277,7 @@ def test_agent_restart_during_l7_traffic_fails_no_request(lab: Lab) -> None:
             break
         time.sleep(0.05)
     time.sleep(1.0)  # the agent is away: L7 traffic keeps flowing through the proxy
-    node["pid"] = _procs.spawn(cluster._agent_cmd(state, node), Path(node["log"]))
+    node["pid"] = _procs.spawn(cluster.agent_cmd(state, node), Path(node["log"]))
     lab.state_path.write_text(json.dumps(state))
     out, err = proc.communicate(timeout=60)
     summary = json.loads(out.strip().splitlines()[-1])

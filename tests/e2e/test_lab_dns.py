@@ -256,7 +256,7 @@ def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) ->
                 node["ip"], 53, timeout=3))
         assert during.header.rcode == RCODE.NOERROR
         assert lab.probe("default/client", ip, "80")
-        pid = _procs.spawn(cluster._agent_cmd(state, node), Path(node["log"]))
+        pid = _procs.spawn(cluster.agent_cmd(state, node), Path(node["log"]))
         with _state.update() as st:
             st["nodes"][0]["pid"] = pid
         deadline = time.monotonic() + 60
