@@ -123,14 +123,18 @@ def test_follow_through_the_relay_streams_new_flows(lab: Lab) -> None:
                              "--from-pod", "tools/intruder", "-o", "json"], env=lab.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)   # the relay connects to both nodes
-        assert lab.run("lab", "probe", "tools/intruder", "shop/web", "80/tcp",
-                       "--timeout", "0.5").returncode != 0
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)   # type: ignore[arg-type]
-        deadline = time.monotonic() + 15
-        got = []
+        deadline = time.monotonic() + 30
+        got: list[dict] = []
+        next_probe = 0.0
+        # The relay opens its follow streams to both nodes concurrently and a busy
+        # machine may take a while: probe again until the drop streams through.
         while time.monotonic() < deadline and not any(f["verdict"] == "DROPPED" for f in got):
+            if time.monotonic() >= next_probe:
+                assert lab.run("lab", "probe", "tools/intruder", "shop/web", "80/tcp",
+                               "--timeout", "0.5").returncode != 0
+                next_probe = time.monotonic() + 2.0
             if sel.select(timeout=0.5):
                 line = proc.stdout.readline()   # type: ignore[union-attr]
                 if line.strip():

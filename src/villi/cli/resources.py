@@ -95,9 +95,15 @@ async def _current(store: Any, keys: list[str]) -> dict[str, Any]:
 
 
 class _Progress:
-    """Whether the commit was sent: what an interrupt message can promise."""
+    """How far the commit got: what an interrupt message can promise.
+
+    ``committing`` is set before the transaction is sent; ``committed`` once etcd
+    answered it. An interrupt after the answer (while the store closes) must not
+    claim that nothing was applied.
+    """
 
     committing = False
+    committed = False
 
 
 async def _write(url: str, items: list, delete: bool,
@@ -145,6 +151,7 @@ async def _write(url: str, items: list, delete: bool,
                 progress.committing = True
                 revision = await store.commit(ops, expect)
                 progress.committing = False
+                progress.committed = revision is not None
             except StoreError as exc:
                 raise ApplyError(f"{exc}; nothing was applied" if "unknown" not in str(exc)
                                  else f"{exc}: the transaction either applied completely "
@@ -198,7 +205,10 @@ def apply_command(args: argparse.Namespace, delete: bool) -> int:
         with in_netns(target.kvstore_netns):
             lines = asyncio.run(_write(target.kvstore, items, delete, progress))
     except KeyboardInterrupt:
-        if progress.committing:
+        if progress.committed:
+            print("interrupted after the kvstore committed: everything was "
+                  f"{'deleted' if delete else 'applied'}", file=sys.stderr)
+        elif progress.committing:
             print("interrupted while the kvstore was committing: the transaction applied "
                   "completely or not at all; run the command again to be sure",
                   file=sys.stderr)
