@@ -66,6 +66,19 @@ class Lab:
             if time.monotonic() > deadline:
                 return False
 
+    def ipcache_has(self, node: str, ip: str) -> bool:
+        """Whether ``node``'s pinned ipcache map holds ``ip``/32 (read from the kernel)."""
+        from villi.datapath import abi
+        from villi.datapath.maps import BpfMap, TypedMap
+        from villi.endpoint.manager import ip_be
+
+        m = BpfMap.open_pinned(f"/sys/fs/bpf/villi/lab-{self.state['id']}/{node}/villi_ipcache")
+        try:
+            keys = TypedMap(m, abi.IpcacheKey, abi.IpcacheValue).keys()
+            return any(k.prefixlen == 32 and k.addr == ip_be(ip) for k in keys)
+        finally:
+            m.close()
+
     def apply(self, text: str, name: str, delete: bool = False) -> None:
         path = self.tmp / f"{name}.yaml"
         path.write_text(textwrap.dedent(text))

@@ -162,19 +162,6 @@ def _routes_to(netns: str, cidr: str) -> bool:
     return any(dst == cidr for dst, _, _ in routes.routes(netns))
 
 
-def _ipcache_has(lab: Lab, node: str, ip: str) -> bool:
-    from villi.datapath import abi
-    from villi.datapath.maps import BpfMap, TypedMap
-    from villi.endpoint.manager import ip_be
-
-    m = BpfMap.open_pinned(f"/sys/fs/bpf/villi/lab-{lab.state['id']}/{node}/villi_ipcache")
-    try:
-        keys = TypedMap(m, abi.IpcacheKey, abi.IpcacheValue).keys()
-        return any(k.prefixlen == 32 and k.addr == ip_be(ip) for k in keys)
-    finally:
-        m.close()
-
-
 # --- the drills ----------------------------------------------------------------------------
 
 def test_agent_killed_keeps_connections_and_policy_and_restart_restores(lab: Lab) -> None:
@@ -225,7 +212,7 @@ def test_agent_stopped_60s_other_nodes_keep_reaching_its_pods(lab: Lab) -> None:
         while time.monotonic() - t0 < AGENT_OUTAGE:
             time.sleep(5)
             assert _routes_to(node1["netns"], cidr2)
-            assert _ipcache_has(lab, "node1", b_ip)
+            assert lab.ipcache_has("node1", b_ip)
         # after the full outage: still reachable under the last policy, denied still denied
         assert lab.probe("drill/a", "drill/b", "80")
         assert not lab.probe("drill/d", "drill/b", "80")
@@ -340,7 +327,7 @@ def test_node_added_then_deleted_on_purpose_is_withdrawn_at_once(lab: Lab) -> No
     out = lab.ok("lab", "node", "del", "node3")
     assert "node3 deleted" in out
     deadline = t0 + 5   # at once: no lease TTL (90 s here), no grace period
-    while any(_routes_to(n["netns"], cidr3) or _ipcache_has(lab, n["name"], c_ip)
+    while any(_routes_to(n["netns"], cidr3) or lab.ipcache_has(n["name"], c_ip)
               for n in others):
         assert time.monotonic() < deadline, "node3 still routed / in an ipcache"
         time.sleep(0.1)

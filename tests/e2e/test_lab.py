@@ -159,19 +159,6 @@ def test_connectivity_suite_passes(lab: Lab) -> None:
     assert "villi-test" not in lab.ok("get", "policies")
 
 
-def _ipcache_has(lab_id: str, node: str, ip: str) -> bool:
-    from villi.datapath import abi
-    from villi.datapath.maps import BpfMap, TypedMap
-    from villi.endpoint.manager import ip_be
-
-    m = BpfMap.open_pinned(f"/sys/fs/bpf/villi/lab-{lab_id}/{node}/villi_ipcache")
-    try:
-        keys = TypedMap(m, abi.IpcacheKey, abi.IpcacheValue).keys()
-        return any(k.prefixlen == 32 and k.addr == ip_be(ip) for k in keys)
-    finally:
-        m.close()
-
-
 def test_node_killed_hard_disappears_within_lease_ttl(lab: Lab) -> None:
     state = lab.state
     node3 = state["nodes"][2]
@@ -181,14 +168,14 @@ def test_node_killed_hard_disappears_within_lease_ttl(lab: Lab) -> None:
     watchers = state["nodes"][:2]
     for n in watchers:
         assert any(dst == cidr3 for dst, _, _ in routes.routes(n["netns"]))
-        assert _ipcache_has(state["id"], n["name"], c_ip)
+        assert lab.ipcache_has(n["name"], c_ip)
 
     os.kill(node3["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     gone_at = None
     while time.monotonic() - t0 < LEASE_TTL + 5:
         if all(not any(dst == cidr3 for dst, _, _ in routes.routes(n["netns"]))
-               and not _ipcache_has(state["id"], n["name"], c_ip) for n in watchers):
+               and not lab.ipcache_has(n["name"], c_ip) for n in watchers):
             gone_at = time.monotonic() - t0
             break
         time.sleep(0.1)
