@@ -105,6 +105,10 @@ class DNSProxy:
         else:
             self._rules[endpoint_ip] = rules
 
+    def replace_rules(self, rules: dict[str, DNSRuleSet]) -> None:
+        """Every endpoint's DNS rules at once (endpoints not named have none)."""
+        self._rules = dict(rules)
+
     def allows(self, endpoint_ip: str, qname: str) -> bool:
         rules = self._rules.get(endpoint_ip)
         return rules is not None and rules.allows(qname)
@@ -291,12 +295,15 @@ class DNSProxy:
             s.close()
 
     async def _learn(self, endpoint: str, qname: str, msg: WireRecord) -> None:
-        """Cache the answer's IPs and hold until the datapath allows them."""
-        by_name: dict[str, list[tuple[str, int]]] = {}
-        for owner, ip, ttl in a_records(msg):
-            by_name.setdefault(qname, []).append((ip, ttl))
-            if owner != qname:
-                by_name.setdefault(owner, []).append((ip, ttl))
+        """Cache the answer's IPs and hold until the datapath allows them. Every name of
+        a CNAME chain (the query, each CNAME target, each A record's owner) gets the
+        chain's IPs, so a toFQDNs selector naming any of them opens them."""
+        records = a_records(msg)
+        chain = {qname} | {owner for owner, _ip, _ttl in records}
+        chain |= {c if c.endswith(".") else c + "." for c in answer_fields(msg)["cnames"]}
+        pairs = [(ip, ttl) for _owner, ip, ttl in records]
+        by_name: dict[str, list[tuple[str, int]]] = (
+            {name: pairs for name in sorted(chain)} if pairs else {})
         if not by_name:
             return
         cache = self.caches.for_endpoint(endpoint)
@@ -329,7 +336,7 @@ class DNSProxy:
             log.warning("dns proxy: record hook failed: %s", e)
 
 
-def _log_failure(fut: asyncio.Future[object]) -> None:
+def _log_failure(fut: asyncio.Future[list[object]]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("dns proxy: late datapath update failed: %s", fut.exception())
 

@@ -1,15 +1,16 @@
 """The node's DNS proxy service: proxy + caches + name manager + agent link + GC.
 
-``villi-proxy`` (the per-node proxy process) hosts this next to the HTTP proxy; until the
-eBPF steering delivers pods' DNS packets to it transparently, it also runs on its own
-(``python -m villi.dnsproxy.service``) with ``--upstream`` naming the real server, and
-pods that query it directly get the whole behaviour: rule checks, forwarding, learning
-and the hold until the agent has written identities, ipcache and policy maps.
+``villi-proxy`` (the per-node proxy process, ``villi.dnsproxy.host``) hosts this in
+transparent mode behind the eBPF steering: the agent's policy snapshots bring the rules
+(:meth:`DNSProxyService.apply`) and answers are forwarded to where the pod sent them. It
+also runs on its own (``python -m villi.dnsproxy.service``, rules fetched from the
+agent) with ``--upstream`` naming the real server, for pods that query it directly and
+for the benchmark.
 
-Background work, every ``refresh`` seconds: fetch toFQDNs patterns and per-endpoint DNS
-rules from the agent (keep the last ones when it is away); re-post every learned IP
-once an agent comes back (a restarted agent rebuilt its policy without them); expire
-cache entries, release zombies without a live CT entry, persist the caches.
+Background work, every ``refresh`` seconds: ask the agent for patterns and rules (only
+used when no snapshots bring them; the answer also says the agent is there); re-post
+every learned IP once an agent comes back (a restarted agent rebuilt its policy without
+them); expire cache entries, release zombies without a live CT entry, persist the caches.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class DNSProxyService:
                  is_alive: LiveCheck | None = None,
                  snapshot: Callable[[], object] | None = None,
                  on_record: Callable[[DNSRecord], None] | None = None,
-                 refresh: float = 1.0) -> None:
+                 refresh: float = 1.0, rules_from_agent: bool = True) -> None:
         self.link = link
         self.caches = CacheStore(cache_file, min_ttl=min_ttl, max_ips_per_name=max_ips_per_name)
         self.names = NameManager(self._post)
@@ -49,6 +50,7 @@ class DNSProxyService:
         self.is_alive = is_alive or (lambda ep, ip: True)   # no CT: keep zombies
         self.snapshot = snapshot
         self.refresh_every = refresh
+        self.rules_from_agent = rules_from_agent
         self.agent_up = False
         self.unposted = False
         self._task: asyncio.Task[None] | None = None
@@ -76,7 +78,7 @@ class DNSProxyService:
         everything learned (restored caches included)."""
         try:
             patterns = await self.link.patterns()
-            rules = await self.link.dns_rules()
+            rules = await self.link.dns_rules() if self.rules_from_agent else {}
         except AgentLinkError as e:
             if self.agent_up:
                 log.warning("dns proxy: agent away, keeping the last rules: %s", e)
@@ -84,11 +86,8 @@ class DNSProxyService:
             return
         came_back = not self.agent_up
         self.agent_up = True
-        await self.names.set_patterns(patterns)
-        for ep in set(self.proxy._rules) - set(rules):
-            self.proxy.set_rules(ep, None)
-        for ep, pats in rules.items():
-            self.proxy.set_rules(ep, DNSRuleSet(tuple(pats)))
+        if self.rules_from_agent:
+            await self.apply(patterns, rules)
         if came_back or self.unposted:
             self.unposted = False
             for cache in self.caches.caches.values():
@@ -100,6 +99,11 @@ class DNSProxyService:
 
                 await self._post({ip: fqdn_identity_labels(ip, p)
                                   for ip, p in labelled.items()}, [])
+
+    async def apply(self, patterns: list[str], rules: dict[str, list[str]]) -> None:
+        """The toFQDNs patterns and per-endpoint DNS rules in force now."""
+        await self.names.set_patterns(patterns)
+        self.proxy.replace_rules({ep: DNSRuleSet(tuple(p)) for ep, p in rules.items()})
 
     async def collect(self) -> None:
         if self.snapshot is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from villi.datapath.ringbuf import RingBuffer
+from villi.observer import dns
 from villi.observer.context import FlowContext
 from villi.observer.export import FlowExporter, read_flows
 from villi.observer.filters import FilterSpec, match
@@ -70,8 +71,11 @@ class Observer:
         self._changed.set()
 
     def ingest_l7(self, records: list[Any]) -> None:
-        """L7 records from the proxy (``L7Record`` objects or their wire dicts)."""
-        flows = [l7_flow(r if isinstance(r, dict) else r.to_wire(), self.ctx) for r in records]
+        """L7 records from the proxy (``L7Record`` objects or their wire dicts; DNS
+        records are dicts with ``"kind": "dns"``)."""
+        flows = [dns.dns_flow(r, self.ctx) if isinstance(r, dict) and r.get("kind") == "dns"
+                 else l7_flow(r if isinstance(r, dict) else r.to_wire(), self.ctx)
+                 for r in records]
         if not flows:
             return
         self.l7.extend(flows)
@@ -81,7 +85,8 @@ class Observer:
             self.metrics.count_l7(flow)
         if self.metrics.flows is not None:
             for f in flows:
-                self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
+                kind = "dns-" if "dns" in f["l7"] else "http-"
+                self.metrics.flows.labels("L7", kind + f["l7"]["type"].lower(),
                                           f["verdict"]).inc()
         if self.exporter is not None:
             self.exporter.write([f for f in flows if flow_matches(self.export_filter, f)])
