@@ -136,9 +136,15 @@ def dns_snapshot(agent: Agent) -> dict[str, Any]:
 def proxy_args(agent: Agent) -> list[str]:
     """villi-proxy's DNS options (``villi.dnsproxy.host``): where to post learned IPs,
     where the caches persist, the CT for zombies."""
-    return ["--agent-socket", str(agent.config.api_socket),
+    cfg = agent.config
+    return ["--agent-socket", str(cfg.api_socket),
             "--dns-cache-file", str(cache_path(agent)),
-            "--pin-dir", str(agent.datapath.pin_dir)]
+            "--pin-dir", str(agent.datapath.pin_dir),
+            "--tofqdns-dns-reject-response-code", cfg.tofqdns_dns_reject_response_code,
+            "--tofqdns-min-ttl", str(cfg.tofqdns_min_ttl),
+            "--tofqdns-endpoint-max-ip-per-hostname",
+            str(cfg.tofqdns_endpoint_max_ip_per_hostname),
+            "--tofqdns-proxy-response-max-delay", str(cfg.tofqdns_proxy_response_max_delay)]
 
 
 def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:

@@ -64,17 +64,23 @@ def dns_rules_of(snapshot: Snapshot) -> tuple[list[str], dict[str, list[str]]]:
     return patterns, rules
 
 
-def plugin(args: argparse.Namespace) -> proxy_main.Plugin:
+class DNSPlugin:
     """The DNS proxy as a villi-proxy plugin (see :data:`villi.proxy.main.Plugin`)."""
 
-    async def start(store: PolicyStore,
-                    control: ControlServer) -> Callable[[], Awaitable[None]]:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.service: DNSProxyService | None = None
+        self._applying: set[asyncio.Future[None]] = set()
+
+    async def __call__(self, store: PolicyStore,
+                       control: ControlServer) -> Callable[[], Awaitable[None]]:
+        args = self.args
+
         def on_record(rec: DNSRecord) -> None:
             flow = rec.to_flow()
             ipcache = store.snapshot.ipcache
             for side in ("source", "destination"):
-                ip = flow["IP"][side]
-                flow[side] = {"identity": ipcache.lookup(ip)}
+                flow[side] = {"identity": ipcache.lookup(flow["IP"][side])}
             control.emit(_Wire(flow))
 
         config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
@@ -85,47 +91,39 @@ def plugin(args: argparse.Namespace) -> proxy_main.Plugin:
             from villi.dnsproxy.ct import PinnedCT
 
             ct = PinnedCT(args.pin_dir)
-        service = DNSProxyService(
+        service = self.service = DNSProxyService(
             AgentLink(str(args.agent_socket)), args.dns_cache_file, config=config,
             min_ttl=args.tofqdns_min_ttl,
             max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
             is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
             on_record=on_record, refresh=args.dns_refresh, rules_from_agent=False)
-        applied: list[asyncio.Future[None]] = []
-
-        async def apply(snapshot: Snapshot) -> None:
-            patterns, rules = dns_rules_of(snapshot)
-            await service.apply(patterns, rules)
 
         def on_snapshot(snapshot: Snapshot) -> None:
-            # Rules take effect now (the answer to the agent's snapshot waits for
-            # nothing); the name manager's label changes follow asynchronously.
-            _patterns, rules = dns_rules_of(snapshot)
+            # The rules take effect at once; the name manager's label changes (new or
+            # dropped toFQDNs patterns) follow asynchronously.
+            patterns, rules = dns_rules_of(snapshot)
             service.proxy.replace_rules({ep: DNSRuleSet(tuple(p)) for ep, p in rules.items()})
-            task = asyncio.ensure_future(apply(snapshot))
-            applied.append(task)
-            task.add_done_callback(applied.remove)
+            task = asyncio.ensure_future(service.apply(patterns, rules))
+            self._applying.add(task)
+            task.add_done_callback(self._applying.discard)
 
-        await apply(store.snapshot)   # the last snapshot of the state file
+        await service.apply(*dns_rules_of(store.snapshot))   # the persisted snapshot
         store.listeners.append(on_snapshot)
         host = "127.0.0.1" if args.no_transparent else "0.0.0.0"
-        addr = await service.start(host, args.dns_port)
-        log.info("dns proxy on %s:%d (UDP and TCP)", *addr)
+        await service.start(host, args.dns_port)
         base_stats = control.stats
         control.stats = lambda: {**base_stats(), **{
             f"dns_{k}": v for k, v in vars(service.proxy.stats).items()}}
 
         async def stop() -> None:
             store.listeners.remove(on_snapshot)
-            for task in list(applied):
+            for task in list(self._applying):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
             await service.stop()
 
         return stop
-
-    return start
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    proxy_main.run(args, [plugin(args)])
+    proxy_main.run(args, [DNSPlugin(args)])
     return 0
 
 
