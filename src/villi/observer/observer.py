@@ -169,6 +169,10 @@ class Observer:
             flows = self._from_export(spec, since_ns, until_ns, before=oldest)
         flows += [self._flow(r) for r in rec]
         if self.l7:
+            # The export file holds the L7 flows too: from it, only those older than the
+            # ones still in memory (else each shows twice).
+            kept = self.l7[0]["time"]
+            flows = [f for f in flows if f.get("Type") != "L7" or f["time"] < kept]
             flows = sorted(flows + self._l7_query(spec, since_ns, until_ns),
                            key=lambda f: f["time"])
         if first is not None:
