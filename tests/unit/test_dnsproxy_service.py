@@ -159,3 +159,33 @@ def test_villi_proxy_hosts_the_dns_proxy_with_rules_from_snapshots(tmp_path: Pat
     flow = rec["flow"]
     assert flow["verdict"] == "DROPPED" and flow["l7"]["dns"]["query"] == "evil.org."
     assert flow["source"] == {"identity": 256}
+
+
+def test_dns_snapshot_recomputes_rules_only_when_policies_or_endpoints_change() -> None:
+    from types import SimpleNamespace
+
+    from villi.agent import fqdn
+    from villi.policy.simulate import PolicySimulator
+
+    sim = PolicySimulator()
+    sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
+    agent = SimpleNamespace(policy=SimpleNamespace(resolver=sim.resolver))
+    assert fqdn.dns_snapshot(agent) == {"rules": {}, "patterns": []}  # type: ignore[arg-type]
+    sim.apply_yaml("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: d, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*.example.com"}]}
+  - toFQDNs: [{matchName: api.example.com}]
+""")
+    first = fqdn.dns_snapshot(agent)  # type: ignore[arg-type]
+    assert first == {"rules": {"10.64.0.4": ["*.example.com."]},
+                     "patterns": ["api.example.com."]}
+    assert fqdn.dns_snapshot(agent)["rules"] is first["rules"]  # type: ignore[arg-type]
+    sim.add_pod("prod/client2", {"app": "client"}, "10.64.0.5")
+    assert set(fqdn.dns_snapshot(agent)["rules"]) == {"10.64.0.4", "10.64.0.5"}  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,14 +124,29 @@ def restore_learned(agent: Agent) -> int:
     return len(changed)
 
 
+#: resolver → (resources, endpoints, rules) of the last dns_snapshot: the rules are
+#: recomputed only when a policy or an endpoint object changed (a learned IP — the
+#: common push — changes neither).
+_RULES: weakref.WeakKeyDictionary[Any, tuple[list[Any], list[Any], dict[str, list[str]]]] = \
+    weakref.WeakKeyDictionary()
+
+
 def dns_snapshot(agent: Agent) -> dict[str, Any]:
     """The DNS part of the policy snapshot pushed to villi-proxy: each local endpoint's
     ``rules.dns`` patterns and the toFQDNs patterns in force."""
     from villi.policy.dnsrules import dns_patterns
 
     r = agent.policy.resolver
-    return {"rules": dns_patterns(r.resources(), r.endpoints()),
-            "patterns": r.fqdn_patterns()}
+    resources, endpoints = r.resources(), r.endpoints()
+    last = _RULES.get(r)
+    if last is None or not (_same(last[0], resources) and _same(last[1], endpoints)):
+        last = (resources, endpoints, dns_patterns(resources, endpoints))
+        _RULES[r] = last
+    return {"rules": last[2], "patterns": r.fqdn_patterns()}
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def proxy_args(agent: Agent) -> list[str]:
