@@ -91,6 +91,16 @@ def _query_until(lab: Lab, name: str, rcode: int = RCODE.NOERROR, within: float 
                          f"proxy log:\n{_proxy_log(lab)}")
 
 
+def _steered_query(lab: Lab, name: str, **kw: object) -> DNSRecord:
+    """After a policy change: wait until the client's DNS is steered to the proxy (a
+    name outside every DNS rule gets REFUSED, which only the proxy says — dnsmasq says
+    NXDOMAIN), then until ``name`` resolves through it (the proxy has the rules). A
+    NOERROR alone could come straight from dnsmasq while the maps are being written,
+    and then nothing was learned."""
+    _query_until(lab, "steering-check.invalid", RCODE.REFUSED)
+    return _query_until(lab, name, **kw)
+
+
 def _a(ans: DNSRecord) -> list[str]:
     return [str(r.rdata) for r in ans.rr if r.rtype == QTYPE.A]
 
@@ -245,7 +255,7 @@ def test_steered_dns_opens_what_it_resolves_and_refuses_the_rest(lab: Lab) -> No
         # before any lookup nothing outside is allowed: the toFQDNs rule selects nothing
         assert lab.eventually(CLIENT, evil_ip, "80", expect=False)
         assert not _connects(lab, api_ip)
-        ans = _query_until(lab, "api.example.com")
+        ans = _steered_query(lab, "api.example.com")
         assert _a(ans) == [api_ip]
         _connect(lab, api_ip).close()           # at once: the answer waited for the maps
         assert _a(_query(lab, "api.example.com", tcp=True)) == [api_ip]   # DNS over TCP
@@ -313,7 +323,7 @@ def test_ttl_expiry_keeps_ips_with_a_live_connection(lab: Lab) -> None:
           - toFQDNs: [{matchPattern: "*.example.com"}]
             toPorts:
             - ports: [{port: "80", protocol: TCP}]""")):
-        ip = _a(_query_until(lab, "brief.example.com"))[0]
+        ip = _a(_steered_query(lab, "brief.example.com"))[0]
         conn = _connect(lab, ip)
         try:
             short = _a(_query(lab, "short.example.com"))[0]
@@ -344,7 +354,7 @@ def test_agent_restart_keeps_dns_answered_and_learned_ips_allowed(lab: Lab) -> N
           - toFQDNs: [{matchName: api2.example.com}, {matchName: during.example.com}]
             toPorts:
             - ports: [{port: "80", protocol: TCP}]""")):
-        ip = _a(_query_until(lab, "api2.example.com"))[0]
+        ip = _a(_steered_query(lab, "api2.example.com"))[0]
         assert _connects(lab, ip)
         _procs.kill([node["pid"]], f"villi-lab-{state['id']}", grace=5.0)
         try:
@@ -381,7 +391,7 @@ def test_fqdn_with_http_rules_goes_through_both_proxies(lab: Lab) -> None:
             - ports: [{port: "80", protocol: TCP}]
               rules:
                 http: [{method: GET, path: "/"}]""")):
-        _query_until(lab, "web.example.com")
+        _steered_query(lab, "web.example.com")
         url = "http://web.example.com/"
         ok = lab.ok("lab", "exec", CLIENT, "--", "curl", "-s", "-m", "5", url)
         assert "hello from web" in ok
@@ -409,7 +419,7 @@ def test_aaaa_and_cname_answers(lab: Lab) -> None:
             toPorts:
             - ports: [{port: "80", protocol: TCP}]""")):
         assert not _connects(lab, target)
-        ans = _query_until(lab, "alias.example.com")
+        ans = _steered_query(lab, "alias.example.com")
         assert [str(r.rdata) for r in ans.rr if r.rtype == QTYPE.CNAME] == \
             ["target.example.com."]
         assert _a(ans) == [target]

@@ -126,7 +126,7 @@ def test_villi_proxy_hosts_the_dns_proxy_with_rules_from_snapshots(tmp_path: Pat
         def emit(self, record: object) -> None:
             self.records.append(record.to_wire())  # type: ignore[attr-defined]
 
-    args = host._parser().parse_args([
+    args = host.parser().parse_args([
         "--control", str(tmp_path / "c.sock"), "--agent-socket", str(tmp_path / "a.sock"),
         "--dns-cache-file", str(tmp_path / "fqdn-cache.json"), "--dns-port", "0",
         "--no-transparent"])

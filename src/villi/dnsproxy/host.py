@@ -103,7 +103,7 @@ class DNSPlugin:
             # dropped toFQDNs patterns) follow asynchronously.
             patterns, rules = dns_rules_of(snapshot)
             service.proxy.replace_rules({ep: DNSRuleSet(tuple(p)) for ep, p in rules.items()})
-            task = asyncio.ensure_future(service.apply(patterns, rules))
+            task = asyncio.ensure_future(service.names.set_patterns(patterns))
             self._applying.add(task)
             task.add_done_callback(self._applying.discard)
 
@@ -126,7 +126,7 @@ class DNSPlugin:
         return stop
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = proxy_main.parser()
     p.prog = "villi-proxy"
     g = p.add_argument_group("DNS proxy")
@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     proxy_main.run(args, [DNSPlugin(args)])
     return 0
 

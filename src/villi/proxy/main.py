@@ -31,10 +31,7 @@ Plugin = Callable[[PolicyStore, ControlServer], Awaitable[Callable[[], Awaitable
 
 
 def parser() -> argparse.ArgumentParser:
-    return _parser()
-
-
-def _parser() -> argparse.ArgumentParser:
+    """villi-proxy's options (``villi.dnsproxy.host`` adds the DNS proxy's)."""
     p = argparse.ArgumentParser(prog="villi-proxy", description=__doc__.splitlines()[0])
     p.add_argument("--control", type=Path, required=True, help="unix socket for the agent")
     p.add_argument("--ingress-port", type=int, default=DEFAULT_INGRESS_PORT)
@@ -90,7 +87,7 @@ async def serve(args: argparse.Namespace, plugins: Sequence[Plugin] = ()) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     run(args)
     return 0
 
