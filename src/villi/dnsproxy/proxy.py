@@ -60,6 +60,10 @@ class ProxyConfig:
     hold: float = 0.100                  # --tofqdns-proxy-response-max-delay
     upstream_timeout: float = 10.0
     transparent: bool = False            # steered by bpf_sk_assign (needs CAP_NET_ADMIN)
+    #: a query from an endpoint with no rules here waits this long for rules naming it:
+    #: the datapath redirects as soon as the policy maps are written, the agent's
+    #: snapshot with the endpoint's rules follows a few ms later
+    unknown_endpoint_wait: float = 0.25
     #: where to forward, given the original destination (tests map it to a local server)
     upstream: Callable[[Addr], Addr] = field(default=lambda dst: dst)
 
@@ -91,6 +95,7 @@ class DNSProxy:
         self.on_record = on_record or (lambda r: None)
         self.stats = ProxyStats()
         self._rules: dict[str, DNSRuleSet] = {}
+        self._rules_changed = asyncio.Event()
         self._udp: socket.socket | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,6 +113,18 @@ class DNSProxy:
     def replace_rules(self, rules: dict[str, DNSRuleSet]) -> None:
         """Every endpoint's DNS rules at once (endpoints not named have none)."""
         self._rules = dict(rules)
+        self._rules_changed.set()
+        self._rules_changed = asyncio.Event()
+
+    async def _rules_for(self, endpoint_ip: str) -> None:
+        """Wait (bounded) for rules naming an endpoint the proxy does not know yet."""
+        deadline = time.monotonic() + self.config.unknown_endpoint_wait
+        while endpoint_ip not in self._rules:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rules_changed.wait(), left)
 
     def allows(self, endpoint_ip: str, qname: str) -> bool:
         rules = self._rules.get(endpoint_ip)
@@ -245,6 +262,8 @@ class DNSProxy:
             return None
         qname, qtypes = question(msg)
         endpoint = client[0]
+        if endpoint not in self._rules and self.config.unknown_endpoint_wait > 0:
+            await self._rules_for(endpoint)
         allowed = self.allows(endpoint, qname)
         self._record("REQUEST", "FORWARDED" if allowed else "DROPPED", client, orig, proto,
                      qname, qtypes, endpoint)
