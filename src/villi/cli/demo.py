@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,11 @@ class Demo:
                      soft_wrap=True)
         return res
 
+    def apply_shown(self, path: str, text: str) -> bool:
+        """Show a policy file, apply it; whether the apply worked."""
+        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        return self.villi("apply", "-f", path).returncode == 0
+
     def attempt(self, shown: str, what: str, ok: bool | None = None) -> None:
         """One try from inside a pod, as a user types it, then what came back (with ✓/✗
         when the outcome is a success or a failure rather than just an answer)."""
@@ -233,11 +239,10 @@ class Demo:
         self.step("Only the Empire may land: an L3/L4 CiliumNetworkPolicy",
                   "The policy from Cilium's demo, unchanged: it selects the deathstar pods "
                   "and allows ingress from org=empire to TCP port 80.")
-        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-        if self.villi("apply", "-f", path).returncode != 0:
+        if not self.apply_shown(path, text):
             return 1
         self.wait_policy()
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        since = _now()
         self.step("Both ships try again",
                   "The tiefighter (org=empire) lands; the xwing (org=alliance) is dropped "
                   "by the datapath on the deathstar's node: its SYN never gets an answer.")
@@ -415,16 +420,12 @@ class Demo:
                   "Cilium's L7 policy, unchanged: the same rule1 with an HTTP rule. The "
                   "datapath now steers the deathstar's port-80 connections (bpf_sk_assign) "
                   "to the node's villi-proxy, which judges every request.")
-        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-        if self.villi("apply", "-f", path).returncode != 0:
+        if not self.apply_shown(path, text):
             return False
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # until both nodes' proxies enforce it
-            if all(self.curl("default/tiefighter", "-XPUT", f"http://{ip}/v1/exhaust-port")[1]
-                   == "Access denied" for ip in self.deathstar_ips()):
-                break
-            time.sleep(0.3)
+        since = _now()
+        _until(lambda: all(   # both nodes' proxies enforce it
+            self.curl("default/tiefighter", "-XPUT", f"http://{ip}/v1/exhaust-port")[1]
+            == "Access denied" for ip in self.deathstar_ips()))
         self.step("The tiefighter lands, but cannot blow up the deathstar",
                   "Allowed requests reach the deathstar (which sees the tiefighter's own "
                   "address); the PUT gets a 403 from the proxy; the xwing is still dropped "
@@ -463,15 +464,10 @@ class Demo:
                   "(bpf_sk_assign) to the DNS proxy in the node's villi-proxy: it refuses "
                   "other names, and before an answer reaches the pod it has the agent give "
                   "the answer's IPs an identity the toFQDNs rule selects.")
-        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-        if self.villi("apply", "-f", path).returncode != 0:
+        if not self.apply_shown(path, text):
             return False
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:   # until the node's DNS proxy has the rules
-            if self.curl(CLIENT, "http://api.example.com/")[0] == 0:
-                break
-            time.sleep(0.3)
+        since = _now()
+        _until(lambda: self.curl(CLIENT, "http://api.example.com/")[0] == 0)  # proxy ready
         self.step("api.example.com answers; other.example.com is dropped; example.org is "
                   "refused",
                   "other.example.com resolves (the DNS rule allows *.example.com) but no "
@@ -520,6 +516,21 @@ class Demo:
             "  villi connectivity test               the built-in scenario suite\n"
             "Tear it all down with [bold]villi lab down[/].",
             title="next", border_style="cyan"))
+
+
+def _now() -> str:
+    """Now, as ``villi observe --since`` takes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _until(check: Callable[[], bool], within: float = 15.0) -> bool:
+    """Poll ``check`` until it holds (policy reaching every node and proxy)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
 
 
 def _curl_outcome(code: int, body: str) -> str:

@@ -32,10 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from villi.datapath import abi
-from villi.dnsproxy.agentlink import AgentLink
-from villi.dnsproxy.proxy import ProxyConfig
 from villi.dnsproxy.records import DNSRecord
-from villi.dnsproxy.service import DNSProxyService
+from villi.dnsproxy.service import DNSProxyService, add_options, from_options
 from villi.policy.fqdn import DNSRuleSet
 from villi.proxy import main as proxy_main
 from villi.proxy.control import ControlServer
@@ -83,20 +81,9 @@ class DNSPlugin:
                 flow[side] = {"identity": ipcache.lookup(flow["IP"][side])}
             control.emit(_Wire(flow))
 
-        config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
-                             hold=args.tofqdns_proxy_response_max_delay,
-                             transparent=not args.no_transparent)
-        ct = None
-        if args.pin_dir:
-            from villi.dnsproxy.ct import PinnedCT
-
-            ct = PinnedCT(args.pin_dir)
-        service = self.service = DNSProxyService(
-            AgentLink(str(args.agent_socket)), args.dns_cache_file, config=config,
-            min_ttl=args.tofqdns_min_ttl,
-            max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
-            is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
-            on_record=on_record, refresh=args.dns_refresh, rules_from_agent=False)
+        service = self.service = from_options(
+            args, args.dns_cache_file, transparent=not args.no_transparent,
+            refresh=args.dns_refresh, on_record=on_record, rules_from_agent=False)
 
         def on_snapshot(snapshot: Snapshot) -> None:
             # The rules take effect at once; the name manager's label changes (new or
@@ -136,13 +123,7 @@ def parser() -> argparse.ArgumentParser:
                    help="UDP and TCP listener the datapath steers port-53 traffic to")
     g.add_argument("--dns-cache-file", type=Path, required=True,
                    help="where the per-endpoint DNS caches persist (the agent reads it)")
-    g.add_argument("--pin-dir", help="the node's pinned maps (CT, for zombies)")
-    g.add_argument("--tofqdns-dns-reject-response-code", default="refused",
-                   choices=["refused", "nameError"])
-    g.add_argument("--tofqdns-min-ttl", type=int, default=0)
-    g.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int, default=1000)
-    g.add_argument("--tofqdns-proxy-response-max-delay", type=float, default=0.1,
-                   help="seconds an answer is held for the datapath update (0.1)")
+    add_options(g)
     g.add_argument("--dns-refresh", type=float, default=1.0,
                    help="seconds between GC rounds (TTL expiry, zombies, cache file)")
     return p

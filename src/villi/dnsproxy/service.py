@@ -142,6 +142,38 @@ def _addr(text: str, default_port: int) -> tuple[str, int]:
                                                                                default_port)
 
 
+def add_options(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options every DNS proxy process takes (Cilium's ``--tofqdns-*`` names)."""
+    ap.add_argument("--pin-dir", help="the node's pinned maps (CT, for zombies)")
+    ap.add_argument("--tofqdns-dns-reject-response-code", default="refused",
+                    choices=["refused", "nameError"])
+    ap.add_argument("--tofqdns-min-ttl", type=int, default=0)
+    ap.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int, default=1000)
+    ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, default=0.1,
+                    help="seconds an answer is held for the datapath update (0.1)")
+
+
+def from_options(args: argparse.Namespace, cache_file: Path, *, transparent: bool,
+                 refresh: float, upstream: Callable[[tuple[str, int]], tuple[str, int]]
+                 | None = None, on_record: Callable[[DNSRecord], None] | None = None,
+                 rules_from_agent: bool = True) -> DNSProxyService:
+    """A service built from :func:`add_options`' options (and ``--agent-socket``)."""
+    config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
+                         hold=args.tofqdns_proxy_response_max_delay,
+                         transparent=transparent, upstream=upstream or (lambda dst: dst))
+    ct = None
+    if args.pin_dir:
+        from villi.dnsproxy.ct import PinnedCT
+
+        ct = PinnedCT(args.pin_dir)
+    return DNSProxyService(
+        AgentLink(str(args.agent_socket)), cache_file, config=config,
+        min_ttl=args.tofqdns_min_ttl,
+        max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
+        is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
+        on_record=on_record, refresh=refresh, rules_from_agent=rules_from_agent)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="villi-dns-proxy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,13 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     "destination (direct queries, before the eBPF steering)")
     ap.add_argument("--transparent", action="store_true",
                     help="IP_TRANSPARENT listener fed by bpf_sk_assign")
-    ap.add_argument("--pin-dir", help="the node's pinned maps (CT, for zombies)")
-    ap.add_argument("--tofqdns-dns-reject-response-code", default="refused",
-                    choices=["refused", "nameError"])
-    ap.add_argument("--tofqdns-min-ttl", type=int, default=0)
-    ap.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int, default=1000)
-    ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, default=0.1,
-                    help="seconds an answer is held for the datapath update (0.1)")
+    add_options(ap)
     ap.add_argument("--refresh", type=float, default=1.0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -170,23 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
         enter_netns_for_good(args.netns)
     upstream = _addr(args.upstream, 53) if args.upstream else None
-    config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
-                         hold=args.tofqdns_proxy_response_max_delay,
-                         transparent=args.transparent,
-                         upstream=(lambda dst: upstream) if upstream else (lambda dst: dst))
-    ct = None
-    if args.pin_dir:
-        from villi.dnsproxy.ct import PinnedCT
-
-        ct = PinnedCT(args.pin_dir)
-    service = DNSProxyService(
-        AgentLink(args.agent_socket), Path(args.state_dir) / CACHE_FILE, config=config,
-        min_ttl=args.tofqdns_min_ttl,
-        max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
-        is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
+    service = from_options(
+        args, Path(args.state_dir) / CACHE_FILE, transparent=args.transparent,
+        refresh=args.refresh, upstream=(lambda dst: upstream) if upstream else None,
         on_record=lambda r: log.debug("dns %s %s %s %s %s", r.kind.lower(), r.verdict,
-                                     r.endpoint, r.query, ",".join(r.ips)),
-        refresh=args.refresh)
+                                     r.endpoint, r.query, ",".join(r.ips)))
 
     async def run() -> None:
         host, port = _addr(args.listen, 10053)
