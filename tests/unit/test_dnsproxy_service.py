@@ -116,7 +116,7 @@ def test_villi_proxy_hosts_the_dns_proxy_with_rules_from_snapshots(tmp_path: Pat
     the persisted one at start); refused queries become DNS records on the control
     socket, with each side's identity from the snapshot's ipcache."""
     from villi.dnsproxy import host
-    from villi.proxy.store import PolicyStore
+    from villi.proxy.store import PolicyStore, parse_snapshot
 
     class Control:
         def __init__(self) -> None:
@@ -154,6 +154,12 @@ def test_villi_proxy_hosts_the_dns_proxy_with_rules_from_snapshots(tmp_path: Pat
             await stop()
 
     asyncio.run(run())
+    snap = parse_snapshot({"endpoints": [
+        {"id": 1, "ip": "10.64.0.1", "enforced": [True, False]},
+        {"id": 2, "ip": "10.64.0.2", "enforced": [True, True]}],
+        "dns": {"rules": {"10.64.0.2": ["a.example.com."]}, "patterns": ["x."]}})
+    assert host.dns_rules_of(snap) == (["x."], {"10.64.0.1": ["*"],
+                                                "10.64.0.2": ["a.example.com."]})
     (rec,) = control.records
     assert rec["kind"] == "dns"
     flow = rec["flow"]

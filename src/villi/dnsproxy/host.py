@@ -55,10 +55,16 @@ class _Wire:
 
 
 def dns_rules_of(snapshot: Snapshot) -> tuple[list[str], dict[str, list[str]]]:
-    """(toFQDNs patterns, endpoint IP → DNS patterns) from an agent snapshot."""
+    """(toFQDNs patterns, endpoint IP → DNS patterns) from an agent snapshot. A local
+    endpoint whose egress is no longer enforced may ask anything: its queries reach the
+    proxy only on a connection steered before the policy went (the CT entry keeps the
+    redirect), as for HTTP."""
     dns = snapshot.raw.get("dns") or {}
     patterns = [str(p) for p in dns.get("patterns") or []]
     rules = {str(ip): [str(p) for p in pats] for ip, pats in (dns.get("rules") or {}).items()}
+    for ip, ep in snapshot.endpoints.items():
+        if not ep.enforced[1]:
+            rules.setdefault(ip, ["*"])
     return patterns, rules
 
 
