@@ -12,7 +12,13 @@ Same run, same machine, real sockets on loopback:
    endpoints), without the kernel map writes (a lab measurement adds them);
 3. answer-to-allow: from the answer arriving at the proxy to the hook completing
    (p50/p99; goal ≤ 10 ms, Cilium's budget is the 100 ms hold);
-4. proxy CPU per query: CPU time of the proxy's event-loop thread / queries.
+4. proxy CPU per query: CPU time of the proxy's event-loop thread / queries;
+5. steered (``--no-lab`` skips it): a 1-node lab, the same paced client inside a pod
+   asking the lab DNS server — first with no policy (straight to dnsmasq), then with a
+   rules.dns + toFQDNs policy, so the datapath steers every query (bpf_sk_assign) to the
+   DNS proxy in the node's villi-proxy; and names never asked before, one at a time,
+   whose answers wait for the agent's identity, ipcache and policy-map writes (their
+   extra latency over known names estimates answer-to-allow with the kernel writes).
 
 Names cycle over ``--names`` records, a third of them new per round, so the hook does real
 work (new IPs) as well as no-op updates (known IPs).
@@ -38,7 +44,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -65,7 +73,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def paced_client(port: int, names: list[str], rate: float, seconds: float) -> list[float]:
+def paced_client(port: int, names: list[str], rate: float, seconds: float,
+                 host: str = "127.0.0.1") -> list[float]:
     """Send one query per 1/rate s, wait for its answer; latencies in ms."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1.0)
@@ -75,7 +84,7 @@ def paced_client(port: int, names: list[str], rate: float, seconds: float) -> li
     for i in range(n):
         q = DNSRecord.question(names[i % len(names)])
         t0 = time.perf_counter()
-        s.sendto(q.pack(), ("127.0.0.1", port))
+        s.sendto(q.pack(), (host, port))
         try:
             while True:
                 data, _ = s.recvfrom(4096)
@@ -90,6 +99,99 @@ def paced_client(port: int, names: list[str], rate: float, seconds: float) -> li
             time.sleep(delay)
     s.close()
     return out
+
+
+def steered_phase(rate: float, seconds: float, known: int = 60,
+                  fresh: int = 100) -> dict[str, Any]:
+    """The lab part: direct vs steered latency from a pod, and first-lookup latency."""
+    tmp = Path(tempfile.mkdtemp(prefix="villi-bench-dns-lab-"))
+    env = {**os.environ, "VILLI_LAB_STATE": str(tmp / "state.json"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    villi = [sys.executable, "-m", "villi.cli.main"]
+
+    def run(*args: str) -> str:
+        res = subprocess.run([*villi, *args], env=env, capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"villi {' '.join(args)}: {res.stderr.strip()[-500:]}")
+        return res.stdout
+
+    os.environ["VILLI_LAB_STATE"] = env["VILLI_LAB_STATE"]   # villi.lab in-process too
+    from villi._nsenter import in_netns
+    from villi.lab import _state, world
+
+    try:
+        run("lab", "up", "--nodes", "1", "--kvstore", "embedded")
+        run("lab", "pod", "add", "default/client", "--labels", "app=client")
+        names = [f"k{i}.example.com" for i in range(known)]
+        new = [f"n{i}.example.com" for i in range(fresh)]
+        state = _state.require()
+        files = dnsserver.RecordFile(Path(state["dns"]["dir"]))
+        records = files.load()
+        for i, name in enumerate(names + new):
+            records[name] = {"name": name, "type": "A", "ttl": 300,
+                             "ip": f"203.0.113.{i % 250 + 1}" if i < 250 else
+                             f"198.51.100.{i % 250 + 1}"}
+        files.save(records)
+        world.dns_add("k0.example.com", records["k0.example.com"]["ip"], 300)   # restart
+        netns = state["pods"]["default/client"]["netns"]
+        server = world.DNS_IP
+
+        def client(qnames: list[str], qps: float, secs: float) -> list[float]:
+            with in_netns(netns):
+                return paced_client(53, qnames, qps, secs, host=server)
+
+        client(names[:5], 50, 0.2)
+        direct = client(names, rate, seconds)
+        policy = tmp / "fqdn.yaml"
+        policy.write_text(f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: client}}}}
+  egress:
+  - toCIDR: ["{server}/32"]
+    toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*.example.com"}}]
+  - toFQDNs: [{{matchPattern: "k*.example.com"}}, {{matchPattern: "n*.example.com"}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+""")
+        run("apply", "-f", str(policy))
+        deadline = time.monotonic() + 30
+        while "k0.example.com" not in run("get", "fqdn-cache"):   # steered now
+            if time.monotonic() > deadline:
+                raise RuntimeError("the DNS proxy did not start answering")
+            client(["k0.example.com"], 10, 0.1)
+        client(names, 50, 1.0)   # every known name learned once
+        steered = client(names, rate, seconds)
+        first = client(new, 20, fresh / 20)   # one new name every 50 ms
+        with in_netns(state["nodes"][0]["netns"]):
+            agent = urllib.request.urlopen("http://127.0.0.1:9962/metrics",
+                                           timeout=5).read().decode()
+        stats = {line.split()[0].replace("villi_proxy_dns_", "").replace("_total", ""):
+                 float(line.split()[1]) for line in agent.splitlines()
+                 if line.startswith("villi_proxy_dns_")}
+        known_p50 = pct(steered, 50)
+        return {
+            "direct_ms": {"p50": pct(direct, 50), "p99": pct(direct, 99), "n": len(direct)},
+            "steered_ms": {"p50": known_p50, "p99": pct(steered, 99), "n": len(steered)},
+            "added_ms": {"p50": known_p50 - pct(direct, 50),
+                         "p99": pct(steered, 99) - pct(direct, 99)},
+            "first_lookup_ms": {"p50": pct(first, 50), "p99": pct(first, 99),
+                                "n": len(first)},
+            "answer_to_allow_ms_estimate": {"p50": pct(first, 50) - known_p50,
+                                            "p99": pct(first, 99) - known_p50,
+                                            "note": "first-lookup latency minus known-name "
+                                            "p50: proxy → agent → identity, ipcache and "
+                                            "policy map writes → snapshot to villi-proxy"},
+            "proxy_stats": stats,
+        }
+    finally:
+        subprocess.run([*villi, "lab", "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolver_with_endpoints(n: int) -> PolicySimulator:
@@ -115,6 +217,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--names", type=int, default=300)
     ap.add_argument("--endpoints", type=int, default=100)
+    ap.add_argument("--no-lab", action="store_true", help="skip the steered lab phase")
     args = ap.parse_args()
     seconds = 2.0 if args.quick else 10.0
     if shutil.which("dnsmasq") is None and not Path("/usr/sbin/dnsmasq").exists():
@@ -184,6 +287,7 @@ def main() -> int:
         dnsmasq.wait(5)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    steered = None if args.no_lab else steered_phase(args.rate, seconds)
     result = {
         "benchmark": "dns", "quick": args.quick, "rate_qps": args.rate,
         "seconds_per_phase": seconds, "names": args.names, "endpoints": args.endpoints,
@@ -198,6 +302,7 @@ def main() -> int:
                                "note": "policy computation only (no kernel map writes)"},
         "proxy_cpu_us_per_query": cpu / max(queries, 1) * 1e6,
         "hold_timeouts": proxy.stats.hold_timeouts,
+        "steered": steered,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
     }
     RESULTS.mkdir(exist_ok=True)
@@ -211,6 +316,15 @@ def main() -> int:
     print(f"  answer → allowed (policy part)  p50 {a['p50']:.3f} ms  p99 {a['p99']:.3f} ms")
     print(f"  proxy CPU {result['proxy_cpu_us_per_query']:.0f} µs/query; "
           f"hold timeouts {result['hold_timeouts']}")
+    if steered is not None:
+        d, st, f = steered["direct_ms"], steered["steered_ms"], steered["first_lookup_ms"]
+        e = steered["answer_to_allow_ms_estimate"]
+        print("  lab, from a pod to the lab DNS server:")
+        print(f"    direct   p50 {d['p50']:.3f} ms  p99 {d['p99']:.3f} ms  (n {d['n']})")
+        print(f"    steered  p50 {st['p50']:.3f} ms  p99 {st['p99']:.3f} ms  (n {st['n']})")
+        print(f"    first lookup of a name  p50 {f['p50']:.3f} ms  p99 {f['p99']:.3f} ms; "
+              f"answer → allowed ≈ p50 {e['p50']:.3f} ms  p99 {e['p99']:.3f} ms")
+        print(f"    proxy: {steered['proxy_stats']}")
     return 0
 
 

@@ -1,17 +1,20 @@
-"""Issue 13 (lab part) end-to-end: the lab's DNS server and outside world, driven through
-the CLI on a real 1-node lab. Pods resolve through dnsmasq (``getent hosts`` in ``villi
-lab exec``), records come and go with their TTLs, external hosts in TEST-NET ranges are
-reachable by name through the pod's node, nothing lands in the root namespace, and
-toFQDNs/rules.dns policies are accepted by the agent (before any IP is learned a toFQDNs
-rule allows nothing, so the external host is dropped while DNS itself passes)."""
+"""Issue 13 end-to-end, on a real 1-node lab driven through the CLI: the lab's DNS server
+and outside world (pods resolve through dnsmasq, external hosts in TEST-NET ranges,
+nothing in the root namespace), and DNS-aware policy through the steered path — the
+datapath hands pods' port-53 packets (UDP and TCP) to the DNS proxy in the node's
+villi-proxy with ``bpf_sk_assign``; the proxy refuses names no ``rules.dns`` allows,
+forwards the rest to the lab DNS, and releases an answer only once its IPs are allowed
+(toFQDNs). Also: DNS flows and metrics, TTL expiry with and without a live connection,
+an agent restart mid-test, toFQDNs + HTTP rules, AAAA and CNAME answers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
-import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,6 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from villi._nsenter import in_netns
-from villi.dnsproxy.cache import CacheStore
 from villi.lab import _procs, _state, cluster, world
 from villi.lab._api import agent_call, healthz
 from villi.lab._state import LabError
@@ -29,6 +31,8 @@ from villi.policy.fqdn import fqdn_identity_labels
 from .test_lab import Lab, _root_net
 
 pytestmark = [pytest.mark.e2e]
+
+CLIENT = "default/client"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         res = lab.run("lab", "up", "--nodes", "1", "--kvstore", "embedded")
         assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
         lab_id = lab.state["id"]
-        lab.ok("lab", "pod", "add", "default/client", "--labels", "app=client")
+        lab.ok("lab", "pod", "add", CLIENT, "--labels", "app=client")
         yield lab
     finally:
         if lab.state_path.exists():
@@ -56,10 +60,116 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             os.environ["VILLI_LAB_STATE"] = saved
 
 
-def _query(lab: Lab, name: str) -> DNSRecord:
-    netns = lab.state["pods"]["default/client"]["netns"]
+def _query(lab: Lab, name: str, qtype: str = "A", *, tcp: bool = False,
+           server: str = world.DNS_IP, timeout: float = 3.0) -> DNSRecord:
+    """One query from inside the client pod (the pod's own path: steered when its
+    policy has DNS rules)."""
+    netns = lab.state["pods"][CLIENT]["netns"]
     with in_netns(netns):
-        return DNSRecord.parse(DNSRecord.question(name).send(world.DNS_IP, 53, timeout=3))
+        q = DNSRecord.question(name, qtype)
+        return DNSRecord.parse(q.send(server, 53, tcp=tcp, timeout=timeout))
+
+
+def _query_until(lab: Lab, name: str, rcode: int = RCODE.NOERROR, within: float = 20.0,
+                 **kw: object) -> DNSRecord:
+    """Ask until the answer has ``rcode``: right after a policy change the node's proxy
+    may still be starting (the query is dropped, reason 178) or not have the new rules
+    yet (REFUSED)."""
+    deadline = time.monotonic() + within
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            ans = _query(lab, name, timeout=1.0, **kw)  # type: ignore[arg-type]
+        except (OSError, TimeoutError) as e:
+            last = e
+        else:
+            if ans.header.rcode == rcode:
+                return ans
+            last = RCODE.get(ans.header.rcode)
+        time.sleep(0.2)
+    raise AssertionError(f"{name}: no {RCODE.get(rcode)} within {within} s (last: {last}); "
+                         f"proxy log:\n{_proxy_log(lab)}")
+
+
+def _steered_query(lab: Lab, name: str, **kw: object) -> DNSRecord:
+    """After a policy change: wait until the client's DNS is steered to the proxy (a
+    name outside every DNS rule gets REFUSED, which only the proxy says — dnsmasq says
+    NXDOMAIN), then until ``name`` resolves through it (the proxy has the rules). A
+    NOERROR alone could come straight from dnsmasq while the maps are being written,
+    and then nothing was learned."""
+    _query_until(lab, "steering-check.invalid", RCODE.REFUSED)
+    return _query_until(lab, name, **kw)
+
+
+def _a(ans: DNSRecord) -> list[str]:
+    return [str(r.rdata) for r in ans.rr if r.rtype == QTYPE.A]
+
+
+def _proxy_log(lab: Lab) -> str:
+    path = Path(lab.state["nodes"][0]["state_dir"]) / "proxy.log"
+    return path.read_text()[-3000:] if path.exists() else "(no proxy.log)"
+
+
+def _connect(lab: Lab, ip: str, port: int = 80, timeout: float = 2.0) -> socket.socket:
+    with in_netns(lab.state["pods"][CLIENT]["netns"]):
+        return socket.create_connection((ip, port), timeout=timeout)
+
+
+def _connects(lab: Lab, ip: str, port: int = 80) -> bool:
+    try:
+        _connect(lab, ip, port, timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _policy(lab: Lab, name: str, text: str) -> Iterator[None]:
+    """A policy for the body of a test, deleted even when it fails."""
+    lab.apply(text, name)
+    try:
+        yield
+    finally:
+        lab.apply(f"""
+            apiVersion: cilium.io/v2
+            kind: CiliumNetworkPolicy
+            metadata: {{name: {name}, namespace: default}}
+            spec:
+              endpointSelector: {{}}
+            """, name, delete=True)
+
+
+def _dns_rule(patterns: str = '"*.example.com"') -> str:
+    return f"""
+          - toCIDR: ["{world.DNS_IP}/32"]
+            toPorts:
+            - ports: [{{port: "53", protocol: ANY}}]
+              rules:
+                dns: [{{matchPattern: {patterns}}}]"""
+
+
+def _cnp(name: str, egress: str) -> str:
+    return f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: {name}, namespace: default}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: client}}}}
+          egress:{egress}
+        """
+
+
+def _external(lab: Lab, name: str, *args: str) -> str:
+    """An outside host serving 80/tcp (kept if an earlier test made it); its IP."""
+    if name not in lab.state.get("externals", {}):
+        lab.ok("lab", "external", "add", name, "--serve", "80/tcp", *args)
+    return str(lab.state["externals"][name]["ip"])
+
+
+def _metrics(lab: Lab, port: int) -> str:
+    with in_netns(lab.state["nodes"][0]["netns"]), urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
 
 
 def test_pods_resolve_through_the_lab_dns(lab: Lab) -> None:
@@ -109,29 +219,7 @@ def test_nothing_in_the_root_namespace_and_no_route_covers_the_resolver(lab: Lab
             routes.check_safe_cidr(dst)   # raises if a route covers 10.255.0.0/16
 
 
-def test_fqdn_policy_is_accepted_and_selects_nothing_before_a_lookup(lab: Lab) -> None:
-    lab.ok("lab", "external", "add", "fqdn.example.com", "--serve", "80/tcp")
-    assert lab.probe("default/client", "fqdn.example.com", "80")
-    lab.apply(f"""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: fqdn, namespace: default}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: client}}}}
-          egress:
-          - toCIDR: ["{world.DNS_IP}/32"]
-            toPorts:
-            - ports: [{{port: "53", protocol: ANY}}]
-              rules:
-                dns: [{{matchPattern: "*.example.com"}}]
-          - toFQDNs: [{{matchName: fqdn.example.com}}]
-            toPorts:
-            - ports: [{{port: "80", protocol: TCP}}]
-        """, "fqdn")
-    # DNS passes (port 53 to the lab DNS); no IP was learned through a proxy yet, so
-    # the toFQDNs rule selects nothing and the host is dropped
-    assert lab.eventually("default/client", "fqdn.example.com", "80", expect=False)
-    assert _query(lab, "fqdn.example.com").header.rcode == RCODE.NOERROR
+def test_bad_fqdn_policy_and_bad_learned_input_are_clear_errors(lab: Lab) -> None:
     bad = Path(lab.state_path.parent / "bad.yaml")
     bad.write_text("""apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -143,211 +231,207 @@ spec:
 """)
     res = lab.run("apply", "-f", str(bad))
     assert res.returncode != 0 and "bad.yaml:7" in res.stderr and "egress only" in res.stderr
-
-    # What the DNS proxy does after an answer (its hook, until the steering lands): post
-    # the learned IP with its fqdn labels; the agent answers once identity, ipcache and
-    # policy map are written, and the connection passes. Another outside host stays out.
     sock = lab.state["nodes"][0]["socket"]
-    ip = lab.state["externals"]["fqdn.example.com"]["ip"]
-    assert agent_call(sock, "GET", "/v1/fqdn/patterns")["patterns"] == ["fqdn.example.com."]
-    lab.ok("lab", "external", "add", "notmine.example.com", "--serve", "80/tcp")
-    labels = [str(x) for x in fqdn_identity_labels(ip, {"fqdn.example.com."})]
-    out = agent_call(sock, "POST", "/v1/fqdn/learned", json={"changed": {ip: labels}})
-    assert out["identities"][ip] >= 1 << 24
-    assert lab.probe("default/client", "fqdn.example.com", "80")   # at once: no settling
-    assert not lab.probe("default/client", "notmine.example.com", "80")
+    labels = [str(x) for x in fqdn_identity_labels("198.51.100.1", {"a.example.com."})]
     with pytest.raises(LabError, match="not an IPv4"):
         agent_call(sock, "POST", "/v1/fqdn/learned", json={"changed": {"x": labels}})
-    agent_call(sock, "POST", "/v1/fqdn/learned", json={"removed": [ip]})
-    assert not lab.probe("default/client", "fqdn.example.com", "80")
-
-    # villi get fqdn-cache lists what the node's proxy persisted
-    store = CacheStore(Path(lab.state["nodes"][0]["state_dir"]) / "fqdn-cache.json")
-    client_ip = lab.state["pods"]["default/client"]["ip"]
-    store.for_endpoint(client_ip).update("fqdn.example.com.", [(ip, 30)])
-    store.save()
-    listing = lab.ok("get", "fqdn-cache")
-    assert client_ip in listing and "fqdn.example.com." in listing and ip in listing
-    lab.apply("""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: fqdn, namespace: default}
-        spec:
-          endpointSelector: {}
-        """, "fqdn", delete=True)
-    assert lab.eventually("default/client", "fqdn.example.com", "80", expect=True)
 
 
-def test_dns_proxy_learns_and_the_datapath_allows_before_the_answer(lab: Lab) -> None:
-    """The whole chain without the eBPF steering: the pod queries the node's DNS proxy
-    directly; the proxy checks rules.dns, forwards to the lab DNS, posts the learned IP
-    to the agent and releases the answer only when identity, ipcache and policy map are
-    written, so a connection right after the answer passes. Names outside the pattern
-    are REFUSED; an outside host not resolved through the proxy stays dropped."""
-    state = lab.state
-    node = state["nodes"][0]
-    lab.ok("lab", "external", "add", "api2.example.com", "--serve", "80/tcp")
-    lab.ok("lab", "external", "add", "side.example.com", "--serve", "80/tcp")
-    lab.apply("""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: proxy, namespace: default}
-        spec:
-          endpointSelector: {matchLabels: {app: client}}
-          egress:
-          - toEntities: [host]
+def test_steered_dns_opens_what_it_resolves_and_refuses_the_rest(lab: Lab) -> None:
+    """Allowed name → resolves (UDP and TCP) and connects right after the answer; an
+    outside host whose IP no allowed name resolved to → dropped; a name outside the
+    pattern → REFUSED; DNS flows, names on flows to learned IPs, metrics, fqdn-cache."""
+    _external(lab, "api.example.com", "--http-reply", "hello from api")
+    _external(lab, "side.example.com")
+    _external(lab, "evil.example.org")
+    ext = lab.state["externals"]
+    api_ip, side_ip, evil_ip = (ext[n]["ip"] for n in
+                                ("api.example.com", "side.example.com", "evil.example.org"))
+    assert _connects(lab, side_ip) and _connects(lab, evil_ip)   # no policy yet
+    with _policy(lab, "fqdn", _cnp("fqdn", _dns_rule() + """
+          - toFQDNs: [{matchName: api.example.com}]
             toPorts:
-            - ports: [{port: "53", protocol: ANY}]
-              rules:
-                dns: [{matchPattern: "*.example.com"}]
-          - toFQDNs: [{matchName: api2.example.com}]
-            toPorts:
-            - ports: [{port: "80", protocol: TCP}]
-        """, "proxy")
-    # the proxy listens on port 53 of the node (rules.dns apply to port 53)
-    pin_dir = f"/sys/fs/bpf/villi/{state['cluster']}/{node['name']}"
-    log = Path(state["dir"]) / "dnsproxy.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "villi.dnsproxy.service", "--netns", node["netns"],
-         "--agent-socket", node["socket"], "--state-dir", node["state_dir"],
-         "--listen", "0.0.0.0:53", "--upstream", world.DNS_IP, "--pin-dir", pin_dir,
-         "--refresh", "0.3"],
-        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    try:
-        assert (proc.stdout.readline() if proc.stdout else "").startswith("ready"), \
-            log.read_text()
-        client = state["pods"]["default/client"]
-        deadline = time.monotonic() + 10
-        while True:   # the proxy fetches the client's DNS rules within a refresh
-            with in_netns(client["netns"]):
-                ans = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
-                    node["ip"], 53, timeout=3))
-            if ans.header.rcode == RCODE.NOERROR or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert ans.header.rcode == RCODE.NOERROR, log.read_text()
-        ip = str(ans.rr[0].rdata)
-        assert lab.probe("default/client", ip, "80")        # right after the answer
-        assert not lab.probe("default/client", "side.example.com", "80")
-        with in_netns(client["netns"]):
-            refused = DNSRecord.parse(DNSRecord.question("evil.org").send(
-                node["ip"], 53, timeout=3))
-        assert refused.header.rcode == RCODE.REFUSED
-        deadline = time.monotonic() + 5
-        while "api2.example.com." not in lab.ok("get", "fqdn-cache"):
-            assert time.monotonic() < deadline, "the proxy did not persist its cache"
-            time.sleep(0.3)
-        # flows to the learned IP carry its name, and --fqdn finds them
+            - ports: [{port: "80", protocol: TCP}]""")):
+        # before any lookup nothing outside is allowed: the toFQDNs rule selects nothing
+        assert lab.eventually(CLIENT, evil_ip, "80", expect=False)
+        assert not _connects(lab, api_ip)
+        ans = _steered_query(lab, "api.example.com")
+        assert _a(ans) == [api_ip]
+        _connect(lab, api_ip).close()           # at once: the answer waited for the maps
+        assert _a(_query(lab, "api.example.com", tcp=True)) == [api_ip]   # DNS over TCP
+        page = lab.ok("lab", "exec", CLIENT, "--", "curl", "-s", "-m", "5",
+                      "http://api.example.com/")
+        assert "hello from api" in page
+        # side.example.com resolves (the DNS rule allows it) but toFQDNs does not name it
+        assert _a(_query(lab, "side.example.com")) == [side_ip]
+        assert not lab.probe(CLIENT, "side.example.com", "80")
+        # a name outside the pattern: REFUSED over UDP and TCP, and its host stays dropped
+        assert _query(lab, "evil.example.org").header.rcode == RCODE.REFUSED
+        assert _query(lab, "evil.example.org", tcp=True).header.rcode == RCODE.REFUSED
+        res = lab.run("lab", "exec", CLIENT, "--", "getent", "hosts", "evil.example.org")
+        assert res.returncode != 0
+        assert not _connects(lab, evil_ip)
+
+        # DNS flows as hubble prints them; --type l7 has them too
+        out = lab.ok("observe", "--last", "300", "--protocol", "dns")
+        assert "dns-request FORWARDED (DNS Query api.example.com. A)" in out
+        assert f'dns-response FORWARDED (DNS Answer "{api_ip}" TTL: 30 ' \
+               "(Proxy api.example.com. A))" in out
+        assert "dns-request DROPPED (DNS Query evil.example.org. A)" in out
+        assert "default/client" in out
+        assert "dns-request" in lab.ok("observe", "--last", "300", "--type", "l7")
+        # flows to the learned IP carry its name; --fqdn finds DNS flows and those
         deadline = time.monotonic() + 10
         while True:
-            out = lab.ok("observe", "--last", "100", "--fqdn", "api2.example.com",
+            out = lab.ok("observe", "--last", "300", "--fqdn", "api.example.com",
                          "-o", "json")
-            if '"destination_names": ["api2.example.com."]' in out:
+            if '"destination_names": ["api.example.com."]' in out and '"dns"' in out:
                 break
             assert time.monotonic() < deadline, out
             time.sleep(0.5)
+        assert "evil.example.org" not in out
+        # the to-proxy leg of the steered packets: L3/L4 events with verdict REDIRECTED
+        assert "to-proxy" in lab.ok("observe", "--last", "300", "--verdict", "REDIRECTED")
+        listing = lab.ok("get", "fqdn-cache")
+        assert "api.example.com." in listing and api_ip in listing
+        # hubble_dns_* from the real proxy traffic; the proxy's own counters
+        deadline = time.monotonic() + 10
+        while True:
+            text = _metrics(lab, 9965)
+            if 'hubble_dns_responses_total{ips_returned="1",qtypes="A",rcode="No Error"' in text:
+                break
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.5)
+        assert 'hubble_dns_queries_total{ips_returned="0",qtypes="A",rcode=""' in text
+        assert 'hubble_dns_response_types_total{qtypes="A",type="A"' in text
+        deadline = time.monotonic() + 10
+        while "villi_proxy_dns_refused_total" not in (agent := _metrics(lab, 9962)) or \
+                'villi_proxy_dns_refused_total 0.0' in agent:
+            assert time.monotonic() < deadline, agent[-2000:]
+            time.sleep(0.5)
+        assert "villi_proxy_dns_hold_timeouts_total" in agent
+    # the policy is gone: its DNS rules and toFQDNs identities with it
+    assert lab.eventually(CLIENT, evil_ip, "80", expect=True)
 
-        # agent restart: DNS keeps being answered while it is away, and the learned IP
-        # stays allowed while it is away and after it has rebuilt its policy
-        marker = f"villi-lab-{state['id']}"
-        _procs.kill([node["pid"]], marker, grace=5.0)
-        with in_netns(client["netns"]):
-            during = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
-                node["ip"], 53, timeout=3))
-        assert during.header.rcode == RCODE.NOERROR
-        assert lab.probe("default/client", ip, "80")
-        pid = _procs.spawn(cluster.agent_cmd(state, node), Path(node["log"]))
-        with _state.update() as st:
-            st["nodes"][0]["pid"] = pid
+
+def test_ttl_expiry_keeps_ips_with_a_live_connection(lab: Lab) -> None:
+    """An expired IP stays allowed while the pod holds a connection to it (a zombie, seen
+    in the pinned CT map) and goes once it closes; without a connection it goes at once."""
+    _external(lab, "brief.example.com", "--ttl", "1")
+    _external(lab, "short.example.com", "--ttl", "1")
+    with _policy(lab, "ttl", _cnp("ttl", _dns_rule() + """
+          - toFQDNs: [{matchPattern: "*.example.com"}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]""")):
+        ip = _a(_steered_query(lab, "brief.example.com"))[0]
+        conn = _connect(lab, ip)
+        try:
+            short = _a(_query(lab, "short.example.com"))[0]
+            assert _connects(lab, short)
+            # no live connection to short.example.com: it goes once its TTL is over
+            assert lab.eventually(CLIENT, short, "80", expect=False, within=10), \
+                _proxy_log(lab)
+            listing = lab.ok("get", "fqdn-cache")
+            assert "zombie" in listing, listing + _proxy_log(lab)
+            conn.sendall(b"still here\n")
+            assert conn.recv(64) == b"still here\n"
+            assert _connects(lab, ip)       # still allowed: a live connection holds it
+        finally:
+            conn.close()
+        assert lab.eventually(CLIENT, ip, "80", expect=False, within=10), _proxy_log(lab)
+
+
+def test_agent_restart_keeps_dns_answered_and_learned_ips_allowed(lab: Lab) -> None:
+    """The DNS proxy runs apart from the agent: while the agent is down, queries are
+    answered (and IPs learned then are allowed), and after it has rebuilt its policy every
+    learned IP is still allowed."""
+    _external(lab, "api2.example.com")
+    _external(lab, "during.example.com")
+    _external(lab, "side2.example.com")
+    state = lab.state
+    node = state["nodes"][0]
+    with _policy(lab, "restart", _cnp("restart", _dns_rule() + """
+          - toFQDNs: [{matchName: api2.example.com}, {matchName: during.example.com}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]""")):
+        ip = _a(_steered_query(lab, "api2.example.com"))[0]
+        assert _connects(lab, ip)
+        _procs.kill([node["pid"]], f"villi-lab-{state['id']}", grace=5.0)
+        try:
+            # agent away: DNS is answered, what was learned stays allowed, rules hold
+            away = _query(lab, "api2.example.com")
+            assert _a(away) == [ip], f"{away}\n{_proxy_log(lab)}"
+            assert _connects(lab, ip)
+            assert _query(lab, "evil.org").header.rcode == RCODE.REFUSED
+            # a name learned while the agent is away: the answer is released after the
+            # hold (counted), and the IP is opened once the agent is back
+            during = _a(_query(lab, "during.example.com"))[0]
+        finally:
+            pid = _procs.spawn(cluster.agent_cmd(state, node), Path(node["log"]))
+            with _state.update() as st:
+                st["nodes"][0]["pid"] = pid
         deadline = time.monotonic() + 60
         while (healthz(node["socket"], timeout=1.0) or {}).get("status") != "ok":
             assert time.monotonic() < deadline, cluster.log_tail(node["log"])
             time.sleep(0.2)
         assert "IPs learned by the DNS proxy" in Path(node["log"]).read_text()
-        assert lab.probe("default/client", ip, "80")
-        assert not lab.probe("default/client", "side.example.com", "80")
-        with in_netns(client["netns"]):
-            after = DNSRecord.parse(DNSRecord.question("api2.example.com").send(
-                node["ip"], 53, timeout=3))
-        assert after.header.rcode == RCODE.NOERROR
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    lab.apply("""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: proxy, namespace: default}
-        spec:
-          endpointSelector: {}
-        """, "proxy", delete=True)
+        assert _connects(lab, ip)
+        assert lab.eventually(CLIENT, during, "80", expect=True, within=10), _proxy_log(lab)
+        assert not lab.probe(CLIENT, "side2.example.com", "80")
+        assert _a(_query(lab, "api2.example.com")) == [ip]
 
 
-def test_ttl_expiry_keeps_ips_with_a_live_connection(lab: Lab) -> None:
-    """TTL expiry through the real CT: an expired IP stays allowed while the pod holds a
-    connection to it (a zombie, seen in the pinned CT map), and goes once it closes."""
-    state = lab.state
-    node = state["nodes"][0]
-    client = state["pods"]["default/client"]
-    lab.ok("lab", "external", "add", "brief.example.com", "--serve", "80/tcp", "--ttl", "1")
-    lab.apply("""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: ttl, namespace: default}
-        spec:
-          endpointSelector: {matchLabels: {app: client}}
-          egress:
-          - toEntities: [host]
-            toPorts:
-            - ports: [{port: "53", protocol: ANY}]
-              rules:
-                dns: [{matchPattern: "*.example.com"}]
-          - toFQDNs: [{matchPattern: "*.example.com"}]
+def test_fqdn_with_http_rules_goes_through_both_proxies(lab: Lab) -> None:
+    """toFQDNs + an HTTP rule: the name is learned through the DNS proxy, and requests to
+    its IP are judged by the HTTP proxy (GET / allowed, anything else 403)."""
+    _external(lab, "web.example.com", "--http-reply", "hello from web")
+    with _policy(lab, "fqdnhttp", _cnp("fqdnhttp", _dns_rule() + """
+          - toFQDNs: [{matchName: web.example.com}]
             toPorts:
             - ports: [{port: "80", protocol: TCP}]
-        """, "ttl")
-    log = Path(state["dir"]) / "dnsproxy-ttl.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "villi.dnsproxy.service", "--netns", node["netns"],
-         "--agent-socket", node["socket"], "--state-dir", node["state_dir"],
-         "--listen", "0.0.0.0:53", "--upstream", world.DNS_IP, "--refresh", "0.3",
-         "--pin-dir", f"/sys/fs/bpf/villi/{state['cluster']}/{node['name']}"],
-        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    conn = None
-    try:
-        assert (proc.stdout.readline() if proc.stdout else "").startswith("ready")
-        deadline = time.monotonic() + 10
-        while True:
-            with in_netns(client["netns"]):
-                ans = DNSRecord.parse(DNSRecord.question("brief.example.com").send(
-                    node["ip"], 53, timeout=3))
-            if ans.header.rcode == RCODE.NOERROR or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert ans.header.rcode == RCODE.NOERROR, log.read_text()
-        ip = str(ans.rr[0].rdata)
-        with in_netns(client["netns"]):
-            conn = socket.create_connection((ip, 80), timeout=3)
-        time.sleep(2.5)   # TTL 1 s is over; several GC rounds ran
-        conn.sendall(b"still here\n")
-        assert conn.recv(64) == b"still here\n"
-        assert "zombie" in lab.ok("get", "fqdn-cache")
-        assert lab.probe("default/client", ip, "80")     # still allowed: live connection
-        conn.close()
-        conn = None
-        assert lab.eventually("default/client", ip, "80", expect=False, within=10), \
-            log.read_text()
-    finally:
-        if conn is not None:
-            conn.close()
-        proc.terminate()
-        proc.wait(10)
-    lab.apply("""
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: ttl, namespace: default}
-        spec:
-          endpointSelector: {}
-        """, "ttl", delete=True)
+              rules:
+                http: [{method: GET, path: "/"}]""")):
+        _steered_query(lab, "web.example.com")
+        url = "http://web.example.com/"
+        ok = lab.ok("lab", "exec", CLIENT, "--", "curl", "-s", "-m", "5", url)
+        assert "hello from web" in ok
+        denied = lab.ok("lab", "exec", CLIENT, "--", "curl", "-s", "-m", "5", "-o",
+                        "/dev/null", "-w", "%{http_code}", "-XPUT", url)
+        assert denied == "403"
+        other = lab.ok("lab", "exec", CLIENT, "--", "curl", "-s", "-m", "5",
+                       "http://web.example.com/admin")
+        assert "Access denied" in other
+        out = lab.ok("observe", "--last", "300", "--type", "l7")
+        assert "http-request DROPPED (HTTP/1.1 PUT http://web.example.com/)" in out
+        assert "dns-request FORWARDED (DNS Query web.example.com. A)" in out
+
+
+def test_aaaa_and_cname_answers(lab: Lab) -> None:
+    """AAAA queries pass through the proxy (IPv6 answers are forwarded; the datapath is
+    IPv4-only, so nothing is learned from them); a CNAME chain opens the A records' IPs
+    for a toFQDNs rule naming the alias."""
+    _external(lab, "target.example.com")
+    lab.ok("lab", "dns", "add", "alias.example.com", "--cname", "target.example.com")
+    lab.ok("lab", "dns", "add", "six.example.com", "2001:db8::6")
+    target = lab.state["externals"]["target.example.com"]["ip"]
+    with _policy(lab, "chain", _cnp("chain", _dns_rule() + """
+          - toFQDNs: [{matchName: alias.example.com}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]""")):
+        assert not _connects(lab, target)
+        ans = _steered_query(lab, "alias.example.com")
+        assert [str(r.rdata) for r in ans.rr if r.rtype == QTYPE.CNAME] == \
+            ["target.example.com."]
+        assert _a(ans) == [target]
+        assert _connects(lab, target)
+        six = _query(lab, "six.example.com", "AAAA")
+        assert [str(r.rdata) for r in six.rr if r.rtype == QTYPE.AAAA] == ["2001:db8::6"]
+        out = lab.ok("observe", "--last", "300", "--fqdn", "alias.example.com")
+        assert "dns-response FORWARDED (DNS Answer \"target.example.com.\"," in out
+        assert "DNS Query six.example.com. AAAA" in \
+            lab.ok("observe", "--last", "300", "--protocol", "dns")
+    lab.ok("lab", "dns", "del", "alias.example.com")
+    lab.ok("lab", "dns", "del", "six.example.com")
 
 
 def test_down_removes_dns_server_and_resolv_confs(lab: Lab) -> None:

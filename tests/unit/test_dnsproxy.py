@@ -231,3 +231,33 @@ def test_name_manager_labels_only_selected_names() -> None:
     assert labels == {"cidr:198.51.100.10/32", "reserved:world", "fqdn:*.example.com."}
     assert list(second) == ["203.0.113.66"]
     assert removed == ["198.51.100.10"]
+
+
+def test_a_query_of_an_unknown_endpoint_waits_briefly_for_its_rules(
+        dnsmasq: int, tmp_path: Path) -> None:
+    """The datapath redirects as soon as the maps are written; the rules follow in the
+    agent's next snapshot: a query in between waits for them (bounded) instead of being
+    refused, and an endpoint that stays unknown is refused after the wait."""
+    h = Harness(dnsmasq, tmp_path, unknown_endpoint_wait=2.0)
+    h.proxy.replace_rules({})
+
+    async def main() -> tuple[Wire, float, Wire, float]:
+        _, port = await h.proxy.start("127.0.0.1", 0)
+        try:
+            t0 = time.monotonic()
+            pending = asyncio.create_task(asyncio.to_thread(_udp, "api.example.com", port))
+            await asyncio.sleep(0.2)
+            h.proxy.replace_rules({"127.0.0.1": DNSRuleSet(("*.example.com.",))})
+            first = await pending
+            waited = time.monotonic() - t0
+            h.proxy.config.unknown_endpoint_wait = 0.1
+            h.proxy.replace_rules({})
+            t1 = time.monotonic()
+            refused = await asyncio.to_thread(_udp, "api.example.com", port)
+            return first, waited, refused, time.monotonic() - t1
+        finally:
+            await h.proxy.stop()
+
+    first, waited, refused, refused_after = asyncio.run(main())
+    assert first.header.rcode == RCODE.NOERROR and 0.2 <= waited < 2.0
+    assert refused.header.rcode == RCODE.REFUSED and refused_after >= 0.1

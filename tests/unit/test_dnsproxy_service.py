@@ -109,3 +109,89 @@ def test_parse_learned_names_bad_fields() -> None:
         parse_learned({"changed": {"1.2.3.4": ["cidr:1.2.3.4/32"]}})
     with pytest.raises(ValueError, match="removed"):
         parse_learned({"removed": ["nope"]})
+
+
+def test_villi_proxy_hosts_the_dns_proxy_with_rules_from_snapshots(tmp_path: Path) -> None:
+    """villi.dnsproxy.host: DNS rules arrive with the agent's policy snapshots (and from
+    the persisted one at start); refused queries become DNS records on the control
+    socket, with each side's identity from the snapshot's ipcache."""
+    from villi.dnsproxy import host
+    from villi.proxy.store import PolicyStore, parse_snapshot
+
+    class Control:
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+            self.stats = lambda: {"requests": 0}
+
+        def emit(self, record: object) -> None:
+            self.records.append(record.to_wire())  # type: ignore[attr-defined]
+
+    args = host.parser().parse_args([
+        "--control", str(tmp_path / "c.sock"), "--agent-socket", str(tmp_path / "a.sock"),
+        "--dns-cache-file", str(tmp_path / "fqdn-cache.json"), "--dns-port", "0",
+        "--no-transparent"])
+    state = tmp_path / "proxy-state.json"
+    state.write_text('{"dns": {"rules": {"127.0.0.1": ["*.example.com."]}, '
+                     '"patterns": []}, "ipcache": {"127.0.0.1": 256}}')
+    store = PolicyStore(state)
+    control = Control()
+
+    plugin = host.DNSPlugin(args)
+
+    async def run() -> None:
+        stop = await plugin(store, control)  # type: ignore[arg-type]
+        try:
+            assert plugin.service is not None and plugin.service.proxy.address
+            port = plugin.service.proxy.address[1]
+            loop = asyncio.get_running_loop()
+            ans = await loop.run_in_executor(None, _ask, port, "evil.org")
+            assert ans.header.rcode == RCODE.REFUSED
+            assert not plugin.service.proxy.allows("127.0.0.1", "evil.org.")
+            store.replace({"dns": {"rules": {"127.0.0.1": ["*"]}, "patterns": []}})
+            assert plugin.service.proxy.allows("127.0.0.1", "evil.org.")   # at once
+            assert control.stats()["dns_refused"] == 1
+        finally:
+            await stop()
+
+    asyncio.run(run())
+    snap = parse_snapshot({"endpoints": [
+        {"id": 1, "ip": "10.64.0.1", "enforced": [True, False]},
+        {"id": 2, "ip": "10.64.0.2", "enforced": [True, True]}],
+        "dns": {"rules": {"10.64.0.2": ["a.example.com."]}, "patterns": ["x."]}})
+    assert host.dns_rules_of(snap) == (["x."], {"10.64.0.1": ["*"],
+                                                "10.64.0.2": ["a.example.com."]})
+    (rec,) = control.records
+    assert rec["kind"] == "dns"
+    flow = rec["flow"]
+    assert flow["verdict"] == "DROPPED" and flow["l7"]["dns"]["query"] == "evil.org."
+    assert flow["source"] == {"identity": 256}
+
+
+def test_dns_snapshot_recomputes_rules_only_when_policies_or_endpoints_change() -> None:
+    from types import SimpleNamespace
+
+    from villi.agent import fqdn
+    from villi.policy.simulate import PolicySimulator
+
+    sim = PolicySimulator()
+    sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
+    agent = SimpleNamespace(policy=SimpleNamespace(resolver=sim.resolver))
+    assert fqdn.dns_snapshot(agent) == {"rules": {}, "patterns": []}  # type: ignore[arg-type]
+    sim.apply_yaml("""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: d, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*.example.com"}]}
+  - toFQDNs: [{matchName: api.example.com}]
+""")
+    first = fqdn.dns_snapshot(agent)  # type: ignore[arg-type]
+    assert first == {"rules": {"10.64.0.4": ["*.example.com."]},
+                     "patterns": ["api.example.com."]}
+    assert fqdn.dns_snapshot(agent)["rules"] is first["rules"]  # type: ignore[arg-type]
+    sim.add_pod("prod/client2", {"app": "client"}, "10.64.0.5")
+    assert set(fqdn.dns_snapshot(agent)["rules"]) == {"10.64.0.4", "10.64.0.5"}  # type: ignore[arg-type]

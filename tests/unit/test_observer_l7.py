@@ -118,3 +118,19 @@ def test_l7_flows_count_in_the_flow_metric_with_its_context_labels() -> None:
                                     {"type": "L7", "subtype": "http-request",
                                      "verdict": "FORWARDED", "source": "default"})
     assert got == 1.0
+
+
+def test_l7_flows_in_the_export_file_are_not_returned_twice(tmp_path: Any) -> None:
+    """--since reads older flows back from the export file, which holds the L7 flows
+    too: those still in memory come once."""
+    import asyncio
+
+    async def run() -> list[dict[str, Any]]:
+        obs = Observer(CTX, export_path=tmp_path / "flows.jsonl")
+        obs.ingest_l7([_rec("REQUEST", "PUT", "/v1/exhaust-port", "DROPPED", t=3)])
+        obs.exporter.close()  # type: ignore[union-attr]
+        return obs.query(FilterSpec(), since_ns=1_600_000_000_000_000_000)
+
+    flows = asyncio.run(run())
+    assert len((tmp_path / "flows.jsonl").read_text().splitlines()) == 1
+    assert len(flows) == 1 and flows[0]["l7"]["http"]["method"] == "PUT"

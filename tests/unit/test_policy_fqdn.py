@@ -218,3 +218,57 @@ def test_example_fqdn_policy_loads() -> None:
     assert isinstance(pol, CiliumNetworkPolicy)
     rules = compile_policy(pol, CookieTable())
     assert fqdn_selector("api.example.com.") in rules[0].sections[1].peers
+
+
+def test_dns_rules_redirect_port_53_udp_and_tcp_to_the_dns_proxy() -> None:
+    """Port-53 entries of a rule with rules.dns redirect to the DNS proxy's port (UDP and
+    TCP keys alike); a plain port-53 allow of the same peer wins (no redirect); the HTTP
+    proxy's table never sees DNS entries."""
+    from villi.datapath import abi
+    from villi.endpoint.policymap import kernel_value
+    from villi.policy.entry import Protocol
+    from villi.policy.simulate import PolicySimulator
+
+    sim = PolicySimulator()
+    sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
+    sim.apply_yaml(HEAD.replace("endpointSelector: {}",
+                                "endpointSelector: {matchLabels: {app: client}}") + """  egress:
+  - toCIDR: [192.0.2.53/32]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*"}]
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET}]
+""")
+    r = sim.resolver
+    client = sim.pods["prod/client"].endpoint
+    state = r.map_state(client)
+    dns_keys = {k.protocol: v for k, v in state.items() if k.port == 53}
+    assert set(dns_keys) == {Protocol.TCP, Protocol.UDP, Protocol.SCTP}
+    for key, value in state.items():
+        if key.port == 53:
+            assert value.redirect and value.dns
+            assert kernel_value(key, value).proxy_port == abi.PROXY_DNS_PORT
+    assert r.l7_table(client) == []    # the HTTP rule's peer is not learned yet
+    ident = r.learn_fqdn({"198.51.100.10": fqdn_identity_labels(
+        "198.51.100.10", {"api.example.com."})}).cidr_upserts["198.51.100.10/32"]
+    table = r.l7_table(client)
+    assert [(e.identity, e.port) for e in table] == [(ident, 80)]   # HTTP only
+    http_key = next(k for k, v in r.map_state(client).items() if k.port == 80)
+    assert kernel_value(http_key, r.map_state(client)[http_key]).proxy_port == \
+        abi.PROXY_EGRESS_PORT
+    # a plain allow of the same peer and port wins: no redirect
+    sim.apply_yaml(HEAD.replace("name: p", "name: plain").replace(
+        "endpointSelector: {}", "endpointSelector: {matchLabels: {app: client}}") + """  egress:
+  - toCIDR: [192.0.2.53/32]
+    toPorts:
+    - ports: [{port: "53", protocol: UDP}]
+""")
+    state = r.map_state(client)
+    udp = [v for k, v in state.items() if k.port == 53 and k.protocol == Protocol.UDP]
+    tcp = [v for k, v in state.items() if k.port == 53 and k.protocol == Protocol.TCP]
+    assert [v.redirect for v in udp] == [False] and [v.dns for v in tcp] == [True]

@@ -58,6 +58,11 @@ class AgentConfig:
     flows_tls_key: Path | None = None
     flows_tls_client_ca: Path | None = None
     hubble_metrics: str | None = None
+    #: The DNS proxy in villi-proxy (Cilium's --tofqdns-* flags; docs/dns.md).
+    tofqdns_dns_reject_response_code: str = "refused"
+    tofqdns_min_ttl: int = 0
+    tofqdns_endpoint_max_ip_per_hostname: int = 1000
+    tofqdns_proxy_response_max_delay: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,9 @@ class AgentConfig:
         if self.pod_cidr_backoff_cap <= 0:
             raise VilliError("--pod-cidr-backoff-cap must be > 0 seconds, not "
                              f"{self.pod_cidr_backoff_cap}")
+        if self.tofqdns_dns_reject_response_code not in ("refused", "nameError"):
+            raise VilliError("--tofqdns-dns-reject-response-code must be refused or "
+                             f"nameError, not {self.tofqdns_dns_reject_response_code!r}")
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
@@ -151,6 +159,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "policy:sourceContext=app;destinationContext=pod' or comma-separated "
                     "names (default: dns,drop,tcp,flow,port-distribution,icmp,httpV2,policy,"
                     "flows-to-world)")
+    ap.add_argument("--tofqdns-dns-reject-response-code", choices=["refused", "nameError"],
+                    help="the DNS proxy's answer to a query no DNS rule allows (refused)")
+    ap.add_argument("--tofqdns-min-ttl", type=int,
+                    help="seconds a learned IP stays allowed at least, whatever its TTL (0)")
+    ap.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int,
+                    help="IPs one name may open per endpoint; the oldest go first (1000)")
+    ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, metavar="SECONDS",
+                    help="longest hold of a DNS answer while its IPs are allowed (0.1)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

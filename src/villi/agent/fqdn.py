@@ -12,9 +12,11 @@ caches (``villi get fqdn-cache``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from villi.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
+
+#: How long a learned-IP answer may wait for the snapshot push to villi-proxy.
+PUSH_TIMEOUT = 0.05
 
 #: Where the node's DNS proxy persists its caches (inside the agent's state directory).
 CACHE_FILE = "fqdn-cache.json"
@@ -69,8 +74,8 @@ def cache_listing(path: Path, now: float | None = None) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable DNS cache file: {e}") from e
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable DNS cache file: {exc}") from exc
     rows = []
     for ep, cache in sorted((data.get("endpoints") or {}).items()):
         for e in sorted(cache.get("entries", []), key=lambda e: (e["name"], e["ip"])):
@@ -88,8 +93,8 @@ def learned_names(path: Path) -> dict[str, set[str]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable DNS cache %s: %s", path, e)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable DNS cache %s: %s", path, exc)
         return {}
     out: dict[str, set[str]] = {}
     for cache in (data.get("endpoints") or {}).values():
@@ -119,6 +124,45 @@ def restore_learned(agent: Agent) -> int:
     return len(changed)
 
 
+#: resolver → (resources, endpoints, rules) of the last dns_snapshot: the rules are
+#: recomputed only when a policy or an endpoint object changed (a learned IP — the
+#: common push — changes neither).
+_RULES: weakref.WeakKeyDictionary[Any, tuple[list[Any], list[Any], dict[str, list[str]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def dns_snapshot(agent: Agent) -> dict[str, Any]:
+    """The DNS part of the policy snapshot pushed to villi-proxy: each local endpoint's
+    ``rules.dns`` patterns and the toFQDNs patterns in force."""
+    from villi.policy.dnsrules import dns_patterns
+
+    r = agent.policy.resolver
+    resources, endpoints = r.resources(), r.endpoints()
+    last = _RULES.get(r)
+    if last is None or not (_same(last[0], resources) and _same(last[1], endpoints)):
+        last = (resources, endpoints, dns_patterns(resources, endpoints))
+        _RULES[r] = last
+    return {"rules": last[2], "patterns": r.fqdn_patterns()}
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def proxy_args(agent: Agent) -> list[str]:
+    """villi-proxy's DNS options (``villi.dnsproxy.host``): where to post learned IPs,
+    where the caches persist, the CT for zombies."""
+    cfg = agent.config
+    return ["--agent-socket", str(cfg.api_socket),
+            "--dns-cache-file", str(cache_path(agent)),
+            "--pin-dir", str(agent.datapath.pin_dir),
+            "--tofqdns-dns-reject-response-code", cfg.tofqdns_dns_reject_response_code,
+            "--tofqdns-min-ttl", str(cfg.tofqdns_min_ttl),
+            "--tofqdns-endpoint-max-ip-per-hostname",
+            str(cfg.tofqdns_endpoint_max_ip_per_hostname),
+            "--tofqdns-proxy-response-max-delay", str(cfg.tofqdns_proxy_response_max_delay)]
+
+
 def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
     async def patterns(request: web.Request) -> web.Response:
         return web.json_response({"patterns": agent.policy.resolver.fqdn_patterns()})
@@ -131,6 +175,17 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
             return web.json_response({"error": str(e), "code": 0}, status=400)
         update = agent.policy.resolver.learn_fqdn(changed, removed)
         agent.policy.apply(update, t0)
+        l7 = getattr(agent, "l7", None)
+        if l7 is not None and (update.cidr_upserts or update.cidr_deletes):
+            # toFQDNs + HTTP rules: villi-proxy's HTTP side must know the new identity
+            # and its L7 rows before the DNS answer is released
+            try:
+                # shielded: a push cut off mid-request would leave its reply queued
+                pushed = await asyncio.wait_for(asyncio.shield(l7.push_now()), PUSH_TIMEOUT)
+            except (OSError, TimeoutError):
+                pushed = False
+            if not pushed:
+                l7.request_push()
         return web.json_response({
             "identities": {p.split("/")[0]: int(i) for p, i in update.cidr_upserts.items()},
             "endpoints": len(update.endpoints),

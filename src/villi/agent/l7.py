@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from villi.agent.fqdn import dns_snapshot, proxy_args
 from villi.datapath import abi
 from villi.netns import routes
 from villi.proxy.control import ProxyClient
@@ -52,6 +53,7 @@ class L7Proxy:
         self.pushed: str | None = None
         self.records_received = 0
         self._wanted = asyncio.Event()
+        self._push_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.last_stats: dict[str, int] = {}
         agent.metrics.registry.register(_ProxyCollector(self))
@@ -75,6 +77,25 @@ class L7Proxy:
     def request_push(self) -> None:
         self._wanted.set()
 
+    async def push_now(self) -> bool:
+        """Push the current snapshot at once to a connected proxy (the DNS proxy's
+        learned IPs: the HTTP proxy must know their identities and L7 rows before the
+        answer is released); True once the proxy has it."""
+        async with self._push_lock:   # snapshots reach the proxy in the order built
+            if self.client is None or not self.client.connected.is_set():
+                return False
+            snap = self.snapshot()
+            snap.pop("l7")
+            text = json.dumps(snap, sort_keys=True)
+            if text == self.pushed:
+                return True
+            self.version += 1
+            snap["version"] = self.version
+            if await self.client.push(snap):
+                self.pushed = text
+                return True
+            return False
+
     # -- internals ---------------------------------------------------------------------
 
     async def _attach(self) -> None:
@@ -94,10 +115,11 @@ class L7Proxy:
             await self.agent.kernel(routes.ensure_local_mark_routing, abi.MARK_MAGIC_TO_PROXY,
                                     abi.MARK_MAGIC_MASK, abi.PROXY_ROUTE_TABLE)
             await self.agent.kernel(self._attach_netdev)
-            cmd = [sys.executable, "-m", "villi.proxy.main", "--control", str(self.control),
+            cmd = [sys.executable, "-m", "villi.dnsproxy.host", "--control", str(self.control),
                    "--state-file", str(self.state_file),
                    "--ingress-port", str(abi.PROXY_INGRESS_PORT),
-                   "--egress-port", str(abi.PROXY_EGRESS_PORT)]
+                   "--egress-port", str(abi.PROXY_EGRESS_PORT),
+                   "--dns-port", str(abi.PROXY_DNS_PORT), *proxy_args(self.agent)]
             with open(self.log_file, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=out, start_new_session=True,
@@ -138,7 +160,9 @@ class L7Proxy:
         ipcache = {ip: int(data.get("identity", 2))
                    for ip, data in agent.ipcache_sync.entries.items()}
         ipcache.update(agent.policy.cidr_identities())
-        return {"endpoints": endpoints, "ipcache": ipcache, "l7": any_l7}
+        dns = dns_snapshot(agent)
+        return {"endpoints": endpoints, "ipcache": ipcache, "dns": dns,
+                "l7": any_l7 or bool(dns["rules"])}
 
     async def _push_loop(self) -> None:
         while True:
@@ -164,12 +188,7 @@ class L7Proxy:
                 if text == self.pushed:
                     continue
                 await self._ensure_proxy()
-                assert self.client is not None
-                self.version += 1
-                snap["version"] = self.version
-                if await self.client.push(snap):
-                    self.pushed = text
-                else:
+                if not await self.push_now():
                     log.warning("villi-proxy did not take the policy snapshot; retrying")
                     await asyncio.sleep(0.5)
                     self._wanted.set()
@@ -178,7 +197,7 @@ class L7Proxy:
                 await asyncio.sleep(0.5)
                 self._wanted.set()
 
-    def _on_records(self, records: list[L7Record]) -> None:
+    def _on_records(self, records: list[L7Record | dict[str, Any]]) -> None:
         self.records_received += len(records)
         observer = getattr(self.agent, "observer", None)
         if observer is not None:
@@ -198,7 +217,14 @@ class _ProxyCollector:
                 "bad_requests": "malformed requests (400)",
                 "timeouts": "clients that timed out sending a request head",
                 "connections": "client connections accepted",
-                "upgrades": "connections upgraded (no L7 after)"}
+                "upgrades": "connections upgraded (no L7 after)",
+                "dns_queries": "DNS queries steered to the DNS proxy",
+                "dns_refused": "DNS queries no DNS rule allows (REFUSED/NXDOMAIN)",
+                "dns_forwarded": "DNS queries forwarded to their server",
+                "dns_upstream_errors": "DNS queries whose server did not answer",
+                "dns_hold_timeouts": "answers released before the datapath allowed their "
+                                     "IPs (--tofqdns-proxy-response-max-delay)",
+                "dns_learned_ips": "IPs learned from DNS answers"}
 
     def __init__(self, owner: L7Proxy) -> None:
         self.owner = owner

@@ -15,7 +15,8 @@
  * source's egress rules and for a same-node destination's ingress rules. Connections
  * the proxy opens (SO_MARK MARK_MAGIC_FROM_PROXY) are allowed through to_pod without a
  * second redirect and their CT entry is flagged, so the server's replies are assigned
- * back to the proxy's socket; ordinary packets never pay a socket lookup.
+ * back to the proxy's socket; ordinary packets never pay a socket lookup. Port-53
+ * entries with DNS rules steer UDP and TCP to the DNS proxy the same way.
  *
  * Non-IPv4 traffic: ARP passes untouched (pods reach their gateway through a static
  * neighbour entry, but the node still resolves pod addresses); IPv6 and every other
@@ -123,7 +124,7 @@ static __always_inline void enforce(const struct pkt *p, const struct endpoint_v
 		v->reason = DROP_CONTROL_PLANE;
 		return;
 	}
-	if (!by_proxy && p->protocol == IPPROTO_TCP)
+	if (!by_proxy && (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP))
 		v->proxy_port = res.proxy_port;
 	if (v->ct_state == CT_NEW) {
 		/* Unsolicited echo replies are allowed by policy but start no connection. */

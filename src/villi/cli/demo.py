@@ -10,7 +10,11 @@ tiefighter can also blow up the deathstar (``PUT /v1/exhaust-port``), so Cilium'
 policy (``examples/sw_l3_l4_l7_policy.yaml``, unchanged) allows only ``POST
 /v1/request-landing``: the landing works, the exhaust port gets ``Access denied`` from
 the node's villi-proxy, the xwing is still dropped at L3/L4, and ``villi observe --type
-l7`` shows the HTTP requests. The lab stays up to explore.
+l7`` shows the HTTP requests. Then the FQDN chapter: a ``client`` pod may call one
+outside host by name (``examples/fqdn_policy.yaml``): ``api.example.com`` answers,
+``other.example.com`` — resolved, but not through a name the policy allows — is
+dropped, and a name outside ``*.example.com`` is refused by the node's DNS proxy. The
+lab stays up to explore.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,30 @@ spec:
           path: "/v1/request-landing"
 """
 EXHAUST_ROUTE = "PUT /v1/exhaust-port=Panic: deathstar exploded"
+FQDN_POLICY_FILE = "fqdn_policy.yaml"
+# The policy of examples/fqdn_policy.yaml (without its comments).
+FQDN_POLICY_TEXT = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: client-fqdn
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels: {app: client}
+  egress:
+  - toCIDR: ["192.0.2.53/32"]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns:
+        - matchPattern: "*.example.com"
+  - toFQDNs:
+    - matchName: api.example.com
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"""
+CLIENT = "default/client"
 SERVICE_FILE = "sw_deathstar_service.yaml"
 SERVICE_TEXT = """\
 apiVersion: v1
@@ -139,7 +168,7 @@ class Demo:
 
         self.c = console()
         self.step_no = 0
-        self.curl = shutil.which("curl") is not None
+        self.has_curl = shutil.which("curl") is not None
 
     # --- output helpers ---------------------------------------------------------------
     def step(self, title: str, text: str = "") -> None:
@@ -151,6 +180,43 @@ class Demo:
 
     def cmd(self, line: str) -> None:
         self.c.print(f"[dim]$[/] [bold]{line}[/]", highlight=False)
+
+    def villi(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Show ``$ villi ARGS``, run it, print what it said."""
+        self.cmd("villi " + " ".join(args))
+        res = subprocess.run([*VILLI, *args], capture_output=True, text=True, timeout=timeout)
+        self.c.print(res.stdout.rstrip() or res.stderr.strip(), highlight=False,
+                     soft_wrap=True)
+        return res
+
+    def apply_shown(self, path: str, text: str) -> bool:
+        """Show a policy file, apply it; whether the apply worked."""
+        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        return self.villi("apply", "-f", path).returncode == 0
+
+    def attempt(self, shown: str, what: str, ok: bool | None = None) -> None:
+        """One try from inside a pod, as a user types it, then what came back (with ✓/✗
+        when the outcome is a success or a failure rather than just an answer)."""
+        self.cmd(shown)
+        mark = "" if ok is None else "[green]✓[/] " if ok else "[red]✗[/] "
+        self.c.print(f"  {mark}{what}", highlight=False)
+
+    def curl(self, pod: str, *args: str, timeout: float = 2) -> tuple[int, str]:
+        """curl inside ``pod``: (exit code, body)."""
+        from villi.lab import pods
+
+        res = subprocess.run(pods.exec_argv(pod, ["curl", "-s", "-m", str(timeout), *args]),
+                             capture_output=True, text=True)
+        return res.returncode, res.stdout.strip()
+
+    def show_curl(self, pod: str, *args: str, marked: bool = False,
+                  timeout: float = 2) -> tuple[int, str]:
+        """curl inside ``pod``, shown as the user would type it, with what came back
+        (``marked``: ✓ when curl succeeded, ✗ when not)."""
+        code, body = self.curl(pod, *args, timeout=timeout)
+        self.attempt(f"villi lab exec {pod} -- curl -s {' '.join(args)}",
+                     _curl_outcome(code, body), code == 0 if marked else None)
+        return code, body
 
     # --- the story --------------------------------------------------------------------
     def run(self) -> int:
@@ -173,14 +239,10 @@ class Demo:
         self.step("Only the Empire may land: an L3/L4 CiliumNetworkPolicy",
                   "The policy from Cilium's demo, unchanged: it selects the deathstar pods "
                   "and allows ingress from org=empire to TCP port 80.")
-        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-        self.cmd(f"villi apply -f {path}")
-        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
-        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
-        if res.returncode != 0:
+        if not self.apply_shown(path, text):
             return 1
         self.wait_policy()
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        since = _now()
         self.step("Both ships try again",
                   "The tiefighter (org=empire) lands; the xwing (org=alliance) is dropped "
                   "by the datapath on the deathstar's node: its SYN never gets an answer.")
@@ -190,6 +252,7 @@ class Demo:
         ok = all(v for (ship, _), v in results.items() if ship == "tiefighter") and \
             not any(v for (ship, _), v in results.items() if ship == "xwing")
         ok = self.l7_chapter(vip) and ok
+        ok = self.fqdn_chapter() and ok
         self.outro(ok, time.monotonic() - t0)
         return 0 if ok else 1
 
@@ -242,9 +305,7 @@ class Demo:
                   "A plain Kubernetes Service: villi allocates its virtual IP and every "
                   "node's socket load balancer spreads connects over both pods, wherever "
                   "they run.")
-        self.cmd(f"villi apply -f {path}")
-        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
-        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
+        self.villi("apply", "-f", path)
         deadline = time.monotonic() + 15
         vip = ""
         while time.monotonic() < deadline:
@@ -255,9 +316,7 @@ class Demo:
                 vip = ready[0]["clusterIP"]
                 break
             time.sleep(0.1)
-        self.cmd("villi get services")
-        out = subprocess.run([*VILLI, "get", "services"], capture_output=True, text=True)
-        self.c.print(out.stdout.rstrip(), highlight=False)
+        self.villi("get", "services")
         if not vip:
             raise VilliErrorForDemo("the deathstar service did not get its backends in time")
         return vip
@@ -286,15 +345,10 @@ class Demo:
         from villi.lab import pods
         from villi.lab.probe import probe_detail
 
-        if self.curl:
-            res = subprocess.run(
-                pods.exec_argv(f"default/{ship}", ["curl", "-s", "-m", str(timeout),
-                                                   "-XPOST", f"http://{ip}/v1/request-landing"]),
-                capture_output=True, text=True)
-            if res.returncode == 0:
-                return True, res.stdout.strip()
-            return False, "timed out: no answer (dropped)" if res.returncode == 28 else \
-                f"curl exit code {res.returncode}"
+        if self.has_curl:
+            code, body = self.curl(f"default/{ship}", "-XPOST",
+                                   f"http://{ip}/v1/request-landing", timeout=timeout)
+            return code == 0, _curl_outcome(code, body)
         rec = pods.get(f"default/{ship}")
         ok, why = probe_detail(rec["netns"], ip, 80, "tcp", timeout)
         return ok, why
@@ -308,11 +362,9 @@ class Demo:
             futs = {j: pool.submit(self.land, j[0], "deathstar", vip, timeout) for j in jobs}
             out = {j: f.result() for j, f in futs.items()}
         for (ship, _n), (ok, what) in out.items():
-            tool = f"curl -s -XPOST {vip}/v1/request-landing" if self.curl else \
+            tool = f"curl -s -XPOST {vip}/v1/request-landing" if self.has_curl else \
                 f"probe {vip}:80"
-            self.cmd(f"villi lab exec default/{ship} -- {tool}")
-            mark = "[green]✓[/]" if ok else "[red]✗[/]"
-            self.c.print(f"  {mark} {what}", highlight=False)
+            self.attempt(f"villi lab exec default/{ship} -- {tool}", what, ok)
         return {k: v[0] for k, v in out.items()}
 
     def wait_policy(self) -> None:
@@ -330,27 +382,19 @@ class Demo:
         help_text = subprocess.run([*VILLI, "observe", "--help"], capture_output=True,
                                    text=True).stdout
         if "--last" in help_text and "not built yet" not in help_text:
-            args = ["observe", "--since", since, "--to-pod", "default/deathstar",
-                    "--tcp-flags", "SYN", "--not", "--tcp-flags", "ACK"]
-            self.cmd("villi " + " ".join(args))
-            res = subprocess.run([*VILLI, *args], capture_output=True, text=True, timeout=30)
+            res = self.villi("observe", "--since", since, "--to-pod", "default/deathstar",
+                             "--tcp-flags", "SYN", "--not", "--tcp-flags", "ACK", timeout=30)
             if res.returncode == 0 and res.stdout.strip():
-                self.c.print(res.stdout.rstrip(), highlight=False, soft_wrap=True)
                 self.c.print("[dim]Each SYN is seen leaving the ship's side (from-endpoint, "
                              "or to-stack towards the other node) and then on the deathstar's "
                              "side: to-endpoint when delivered, Policy denied DROPPED when the "
                              "deathstar's ingress policy refuses it — the xwing's SYN is "
                              "retried and dropped again.[/]")
-                args = ["observe", "--verdict", "DROPPED", "--from-pod",
-                        "default/xwing", "--to-pod", "default/deathstar-1", "--last", "1",
-                        "--explain"]
                 self.c.print()
                 self.c.print("Why was the xwing dropped? Ask for an explanation:")
-                self.cmd("villi " + " ".join(args))
-                res = subprocess.run([*VILLI, *args], capture_output=True, text=True,
-                                     timeout=30)
-                if res.returncode == 0 and res.stdout.strip():
-                    self.c.print(res.stdout.rstrip(), highlight=False, soft_wrap=True)
+                self.villi("observe", "--verdict", "DROPPED", "--from-pod", "default/xwing",
+                           "--to-pod", "default/deathstar-1", "--last", "1", "--explain",
+                           timeout=30)
                 return
             self.c.print(f"[yellow]villi observe did not answer ({res.returncode}): "
                          f"{res.stderr.strip()[:300]}[/]")
@@ -359,24 +403,11 @@ class Demo:
         self.c.print(drop_counters(self.state))
 
     # --- the L7 chapter -----------------------------------------------------------------
-    def http(self, ship: str, method: str, url: str, timeout: float = 2) -> tuple[int, str]:
-        from villi.lab import pods
-
-        res = subprocess.run(pods.exec_argv(f"default/{ship}", [
-            "curl", "-s", "-m", str(timeout), "-X", method, url]),
-            capture_output=True, text=True)
-        return res.returncode, res.stdout.strip()
-
     def show_http(self, ship: str, method: str, vip: str, path: str) -> tuple[int, str]:
-        code, body = self.http(ship, method, f"http://{vip}{path}")
-        self.cmd(f"villi lab exec default/{ship} -- curl -s -X{method} {vip}{path}")
-        what = body if code == 0 else ("timed out: no answer (dropped)" if code == 28
-                                       else f"curl exit code {code}")
-        self.c.print(f"  {what}", highlight=False)
-        return code, body
+        return self.show_curl(f"default/{ship}", f"-X{method}", f"http://{vip}{path}")
 
     def l7_chapter(self, vip: str) -> bool:
-        if not self.curl:
+        if not self.has_curl:
             self.c.print("[yellow]curl is not installed: skipping the L7 chapter[/]")
             return True
         self.step("The Empire's own ships are a danger too",
@@ -389,19 +420,12 @@ class Demo:
                   "Cilium's L7 policy, unchanged: the same rule1 with an HTTP rule. The "
                   "datapath now steers the deathstar's port-80 connections (bpf_sk_assign) "
                   "to the node's villi-proxy, which judges every request.")
-        self.c.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-        self.cmd(f"villi apply -f {path}")
-        res = subprocess.run([*VILLI, "apply", "-f", path], capture_output=True, text=True)
-        self.c.print(res.stdout.strip() or res.stderr.strip(), highlight=False)
-        if res.returncode != 0:
+        if not self.apply_shown(path, text):
             return False
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:  # until both nodes' proxies enforce it
-            if all(self.http("tiefighter", "PUT", f"http://{ip}/v1/exhaust-port")[1] ==
-                   "Access denied" for ip in self.deathstar_ips()):
-                break
-            time.sleep(0.3)
+        since = _now()
+        _until(lambda: all(   # both nodes' proxies enforce it
+            self.curl("default/tiefighter", "-XPUT", f"http://{ip}/v1/exhaust-port")[1]
+            == "Access denied" for ip in self.deathstar_ips()))
         self.step("The tiefighter lands, but cannot blow up the deathstar",
                   "Allowed requests reach the deathstar (which sees the tiefighter's own "
                   "address); the PUT gets a 403 from the proxy; the xwing is still dropped "
@@ -410,13 +434,54 @@ class Demo:
         denied = self.show_http("tiefighter", "PUT", vip, "/v1/exhaust-port")
         xwing = self.show_http("xwing", "POST", vip, "/v1/request-landing")
         self.step("What the proxy saw: L7 flows")
-        args = ["observe", "--since", since, "--type", "l7", "--protocol", "http"]
-        self.cmd("villi " + " ".join(args))
-        out = subprocess.run([*VILLI, *args], capture_output=True, text=True, timeout=30)
-        self.c.print(out.stdout.rstrip() or out.stderr.strip(), highlight=False,
-                     soft_wrap=True)
+        self.villi("observe", "--since", since, "--type", "l7", "--protocol", "http",
+                   timeout=30)
         return exploded and landed[0] == 0 and "Ship landed" in landed[1] and \
             denied == (0, "Access denied") and xwing[0] != 0
+
+    # --- the FQDN chapter ---------------------------------------------------------------
+    def fqdn_chapter(self) -> bool:
+        from villi.lab import pods, world
+
+        if not self.has_curl:
+            self.c.print("[yellow]curl is not installed: skipping the FQDN chapter[/]")
+            return True
+        self.step("Outside the cluster: hosts by name",
+                  "Two hosts outside the cluster (TEST-NET addresses in the lab's own "
+                  "namespaces, registered in the lab's DNS server) and a client pod.")
+        self.cmd(f"villi lab pod add {CLIENT} --node 1 --labels app=client")
+        pods.add(CLIENT, node="1", labels={"app": "client"})
+        for name, reply in (("api.example.com", "hello from api.example.com"),
+                            ("other.example.com", None)):
+            extra = f" --http-reply '{reply}'" if reply else ""
+            self.cmd(f"villi lab external add {name} --serve 80/tcp{extra}")
+            rec = world.external_add(name, pods.parse_serve("80/tcp"), http_reply=reply)
+            self.c.print(f"  {name} at {rec['ip']}", highlight=False)
+        path, text = _example_path(FQDN_POLICY_FILE, FQDN_POLICY_TEXT)
+        self.step("DNS-aware policy: one outside host, by name",
+                  "The client may look up *.example.com names only, and may call "
+                  "api.example.com on port 80. The datapath steers the client's DNS packets "
+                  "(bpf_sk_assign) to the DNS proxy in the node's villi-proxy: it refuses "
+                  "other names, and before an answer reaches the pod it has the agent give "
+                  "the answer's IPs an identity the toFQDNs rule selects.")
+        if not self.apply_shown(path, text):
+            return False
+        since = _now()
+        _until(lambda: self.curl(CLIENT, "http://api.example.com/")[0] == 0)  # proxy ready
+        self.step("api.example.com answers; other.example.com is dropped; example.org is "
+                  "refused",
+                  "other.example.com resolves (the DNS rule allows *.example.com) but no "
+                  "name the toFQDNs rule allows led to its address; www.example.org is "
+                  "outside the DNS rule, so the proxy answers REFUSED.")
+        api = self.show_curl(CLIENT, "http://api.example.com/", marked=True)
+        other = self.show_curl(CLIENT, "http://other.example.com/", marked=True)
+        refused = self.show_curl(CLIENT, "http://www.example.org/", marked=True)
+        self.step("What the DNS proxy saw: DNS flows, and what the client learned")
+        self.villi("observe", "--since", since, "--protocol", "dns", "--pod", CLIENT,
+                   timeout=30)
+        self.villi("get", "fqdn-cache")
+        return api == (0, "hello from api.example.com") and other[0] == 28 and \
+            refused[0] == 6
 
     def deathstar_ips(self) -> list[str]:
         from villi.lab import _state
@@ -429,7 +494,8 @@ class Demo:
         self.c.print()
         if ok:
             self.c.print(f"[bold green]✓ The Empire lands, the Alliance is dropped, the "
-                         f"exhaust port is safe[/] — demo finished in {seconds:.0f}s.")
+                         f"exhaust port is safe, the client calls api.example.com only[/] — demo "
+                         f"finished in {seconds:.0f}s.")
         else:
             self.c.print("[bold red]✗ The outcome was not the expected one[/] (see above).")
         self.c.print(Panel(
@@ -444,9 +510,36 @@ class Demo:
             "side\n"
             "  villi observe --type l7 --http-status 4+         denied HTTP requests\n"
             "  villi delete -f examples/sw_l3_l4_l7_policy.yaml  lift the policy\n"
+            "  villi observe --fqdn api.example.com               DNS flows and flows to "
+            "its IPs\n"
+            "  villi get fqdn-cache                  what each pod resolved, TTLs\n"
             "  villi connectivity test               the built-in scenario suite\n"
             "Tear it all down with [bold]villi lab down[/].",
             title="next", border_style="cyan"))
+
+
+def _now() -> str:
+    """Now, as ``villi observe --since`` takes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _until(check: Callable[[], bool], within: float = 15.0) -> bool:
+    """Poll ``check`` until it holds (policy reaching every node and proxy)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def _curl_outcome(code: int, body: str) -> str:
+    """What a user learns from curl's exit code."""
+    if code == 0:
+        return body
+    return {28: "timed out: no answer (dropped)",
+            6: "could not resolve the name (the DNS proxy refused it)"}.get(
+        code, f"curl exit code {code}")
 
 
 def drop_counters(state: dict[str, Any]) -> Table:

@@ -123,11 +123,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_world_parsers(ls: argparse._SubParsersAction) -> None:
-    dns = ls.add_parser("dns", help="the lab DNS server's A records (dnsmasq)")
+    dns = ls.add_parser("dns", help="the lab DNS server's records (dnsmasq)")
     ds = dns.add_subparsers(dest="dns_cmd", metavar="COMMAND")
-    p = ds.add_parser("add", help="add or replace an A record")
+    p = ds.add_parser("add", help="add or replace an A, AAAA or CNAME record")
     p.add_argument("name")
-    p.add_argument("ip")
+    p.add_argument("ip", nargs="?", help="IPv4 (A) or IPv6 (AAAA) address")
+    p.add_argument("--cname", metavar="TARGET", help="an alias of TARGET (a lab name)")
     p.add_argument("--ttl", type=int, default=30, help="seconds (30)")
     p = ds.add_parser("del", aliases=["delete"], help="remove an A record")
     p.add_argument("name")
@@ -359,14 +360,19 @@ def _probe_target(state: dict[str, Any], src: dict[str, Any], dst: str
     return (ip, dst) if ip else (None, why)
 
 
+def _rdata(rec: dict[str, object]) -> str:
+    kind = str(rec.get("type", "A"))
+    return f"{kind} {rec['target'] if kind == 'CNAME' else rec['ip']}"
+
+
 def _dns(args: argparse.Namespace) -> int:
     from villi.lab import world
     from villi.lab._view import console
 
     c = console()
     if args.dns_cmd == "add":
-        rec = world.dns_add(args.name, args.ip, args.ttl)
-        c.print(f"DNS {rec['name']} A {rec['ip']} (TTL {rec['ttl']}s)", highlight=False)
+        rec = world.dns_add(args.name, args.ip, args.ttl, args.cname)
+        c.print(f"DNS {rec['name']} {_rdata(rec)} (TTL {rec['ttl']}s)", highlight=False)
         return 0
     if args.dns_cmd in ("del", "delete"):
         rec = world.dns_del(args.name)
@@ -379,7 +385,7 @@ def _dns(args: argparse.Namespace) -> int:
         else:
             print(f"server {world.DNS_IP}:53")
             for name, rec in sorted(records.items()):
-                print(f"{name:40} A {rec['ip']:16} TTL {rec['ttl']}")
+                print(f"{name:40} {_rdata(rec):22} TTL {rec['ttl']}")
         return 0
     print("usage: villi lab dns {add,del,list} ...", file=sys.stderr)
     return 2

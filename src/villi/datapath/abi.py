@@ -131,6 +131,8 @@ CT_F_TO_PROXY = 0x01
 CT_F_PROXY_RETURN = 0x02
 PROXY_INGRESS_PORT = 15001
 PROXY_EGRESS_PORT = 15002
+#: villi-proxy's DNS listener (UDP and TCP): port-53 entries with ``rules.dns``.
+PROXY_DNS_PORT = 15053
 #: Node-namespace policy routing for marked packets (proven here; Cilium's numbers).
 PROXY_ROUTE_TABLE = 2004
 

@@ -60,6 +60,10 @@ class ProxyConfig:
     hold: float = 0.100                  # --tofqdns-proxy-response-max-delay
     upstream_timeout: float = 10.0
     transparent: bool = False            # steered by bpf_sk_assign (needs CAP_NET_ADMIN)
+    #: a query from an endpoint with no rules here waits this long for rules naming it:
+    #: the datapath redirects as soon as the policy maps are written, the agent's
+    #: snapshot with the endpoint's rules follows a few ms later
+    unknown_endpoint_wait: float = 0.25
     #: where to forward, given the original destination (tests map it to a local server)
     upstream: Callable[[Addr], Addr] = field(default=lambda dst: dst)
 
@@ -91,6 +95,7 @@ class DNSProxy:
         self.on_record = on_record or (lambda r: None)
         self.stats = ProxyStats()
         self._rules: dict[str, DNSRuleSet] = {}
+        self._rules_changed = asyncio.Event()
         self._udp: socket.socket | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,6 +109,22 @@ class DNSProxy:
             self._rules.pop(endpoint_ip, None)
         else:
             self._rules[endpoint_ip] = rules
+
+    def replace_rules(self, rules: dict[str, DNSRuleSet]) -> None:
+        """Every endpoint's DNS rules at once (endpoints not named have none)."""
+        self._rules = dict(rules)
+        self._rules_changed.set()
+        self._rules_changed = asyncio.Event()
+
+    async def _rules_for(self, endpoint_ip: str) -> None:
+        """Wait (bounded) for rules naming an endpoint the proxy does not know yet."""
+        deadline = time.monotonic() + self.config.unknown_endpoint_wait
+        while endpoint_ip not in self._rules:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rules_changed.wait(), left)
 
     def allows(self, endpoint_ip: str, qname: str) -> bool:
         rules = self._rules.get(endpoint_ip)
@@ -241,6 +262,8 @@ class DNSProxy:
             return None
         qname, qtypes = question(msg)
         endpoint = client[0]
+        if endpoint not in self._rules and self.config.unknown_endpoint_wait > 0:
+            await self._rules_for(endpoint)
         allowed = self.allows(endpoint, qname)
         self._record("REQUEST", "FORWARDED" if allowed else "DROPPED", client, orig, proto,
                      qname, qtypes, endpoint)
@@ -291,12 +314,15 @@ class DNSProxy:
             s.close()
 
     async def _learn(self, endpoint: str, qname: str, msg: WireRecord) -> None:
-        """Cache the answer's IPs and hold until the datapath allows them."""
-        by_name: dict[str, list[tuple[str, int]]] = {}
-        for owner, ip, ttl in a_records(msg):
-            by_name.setdefault(qname, []).append((ip, ttl))
-            if owner != qname:
-                by_name.setdefault(owner, []).append((ip, ttl))
+        """Cache the answer's IPs and hold until the datapath allows them. Every name of
+        a CNAME chain (the query, each CNAME target, each A record's owner) gets the
+        chain's IPs, so a toFQDNs selector naming any of them opens them."""
+        records = a_records(msg)
+        chain = {qname} | {owner for owner, _ip, _ttl in records}
+        chain |= {c if c.endswith(".") else c + "." for c in answer_fields(msg)["cnames"]}
+        pairs = [(ip, ttl) for _owner, ip, ttl in records]
+        by_name: dict[str, list[tuple[str, int]]] = (
+            {name: pairs for name in sorted(chain)} if pairs else {})
         if not by_name:
             return
         cache = self.caches.for_endpoint(endpoint)
@@ -329,7 +355,7 @@ class DNSProxy:
             log.warning("dns proxy: record hook failed: %s", e)
 
 
-def _log_failure(fut: asyncio.Future[object]) -> None:
+def _log_failure(fut: asyncio.Future[list[object]]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("dns proxy: late datapath update failed: %s", fut.exception())
 

@@ -75,14 +75,15 @@ def question(msg: WireRecord) -> tuple[str, list[str]]:
 
 
 def answer_fields(msg: WireRecord) -> dict[str, Any]:
-    """IPs (A records), minimum TTL, CNAMEs, rcode and rrtypes of a response."""
+    """IPs (A and AAAA records, as Hubble lists them), minimum TTL, CNAMEs, rcode and
+    rrtypes of a response."""
     ips, cnames, rrtypes, ttls = [], [], [], []
     for rr in msg.rr:
         if rr.rclass != CLASS.IN:
             continue
         rrtypes.append(QTYPE.get(rr.rtype))
         ttls.append(rr.ttl)
-        if rr.rtype == QTYPE.A:
+        if rr.rtype in (QTYPE.A, QTYPE.AAAA):
             ips.append(str(rr.rdata))
         elif rr.rtype == QTYPE.CNAME:
             cnames.append(str(rr.rdata).lower())

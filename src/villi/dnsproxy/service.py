@@ -1,15 +1,16 @@
 """The node's DNS proxy service: proxy + caches + name manager + agent link + GC.
 
-``villi-proxy`` (the per-node proxy process) hosts this next to the HTTP proxy; until the
-eBPF steering delivers pods' DNS packets to it transparently, it also runs on its own
-(``python -m villi.dnsproxy.service``) with ``--upstream`` naming the real server, and
-pods that query it directly get the whole behaviour: rule checks, forwarding, learning
-and the hold until the agent has written identities, ipcache and policy maps.
+``villi-proxy`` (the per-node proxy process, ``villi.dnsproxy.host``) hosts this in
+transparent mode behind the eBPF steering: the agent's policy snapshots bring the rules
+(:meth:`DNSProxyService.apply`) and answers are forwarded to where the pod sent them. It
+also runs on its own (``python -m villi.dnsproxy.service``, rules fetched from the
+agent) with ``--upstream`` naming the real server, for pods that query it directly and
+for the benchmark.
 
-Background work, every ``refresh`` seconds: fetch toFQDNs patterns and per-endpoint DNS
-rules from the agent (keep the last ones when it is away); re-post every learned IP
-once an agent comes back (a restarted agent rebuilt its policy without them); expire
-cache entries, release zombies without a live CT entry, persist the caches.
+Background work, every ``refresh`` seconds: ask the agent for patterns and rules (only
+used when no snapshots bring them; the answer also says the agent is there); re-post
+every learned IP once an agent comes back (a restarted agent rebuilt its policy without
+them); expire cache entries, release zombies without a live CT entry, persist the caches.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class DNSProxyService:
                  is_alive: LiveCheck | None = None,
                  snapshot: Callable[[], object] | None = None,
                  on_record: Callable[[DNSRecord], None] | None = None,
-                 refresh: float = 1.0) -> None:
+                 refresh: float = 1.0, rules_from_agent: bool = True) -> None:
         self.link = link
         self.caches = CacheStore(cache_file, min_ttl=min_ttl, max_ips_per_name=max_ips_per_name)
         self.names = NameManager(self._post)
@@ -49,6 +50,7 @@ class DNSProxyService:
         self.is_alive = is_alive or (lambda ep, ip: True)   # no CT: keep zombies
         self.snapshot = snapshot
         self.refresh_every = refresh
+        self.rules_from_agent = rules_from_agent
         self.agent_up = False
         self.unposted = False
         self._task: asyncio.Task[None] | None = None
@@ -76,7 +78,7 @@ class DNSProxyService:
         everything learned (restored caches included)."""
         try:
             patterns = await self.link.patterns()
-            rules = await self.link.dns_rules()
+            rules = await self.link.dns_rules() if self.rules_from_agent else {}
         except AgentLinkError as e:
             if self.agent_up:
                 log.warning("dns proxy: agent away, keeping the last rules: %s", e)
@@ -84,11 +86,8 @@ class DNSProxyService:
             return
         came_back = not self.agent_up
         self.agent_up = True
-        await self.names.set_patterns(patterns)
-        for ep in set(self.proxy._rules) - set(rules):
-            self.proxy.set_rules(ep, None)
-        for ep, pats in rules.items():
-            self.proxy.set_rules(ep, DNSRuleSet(tuple(pats)))
+        if self.rules_from_agent:
+            await self.apply(patterns, rules)
         if came_back or self.unposted:
             self.unposted = False
             for cache in self.caches.caches.values():
@@ -100,6 +99,11 @@ class DNSProxyService:
 
                 await self._post({ip: fqdn_identity_labels(ip, p)
                                   for ip, p in labelled.items()}, [])
+
+    async def apply(self, patterns: list[str], rules: dict[str, list[str]]) -> None:
+        """The toFQDNs patterns and per-endpoint DNS rules in force now."""
+        await self.names.set_patterns(patterns)
+        self.proxy.replace_rules({ep: DNSRuleSet(tuple(p)) for ep, p in rules.items()})
 
     async def collect(self) -> None:
         if self.snapshot is not None:
@@ -138,6 +142,38 @@ def _addr(text: str, default_port: int) -> tuple[str, int]:
                                                                                default_port)
 
 
+def add_options(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options every DNS proxy process takes (Cilium's ``--tofqdns-*`` names)."""
+    ap.add_argument("--pin-dir", help="the node's pinned maps (CT, for zombies)")
+    ap.add_argument("--tofqdns-dns-reject-response-code", default="refused",
+                    choices=["refused", "nameError"])
+    ap.add_argument("--tofqdns-min-ttl", type=int, default=0)
+    ap.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int, default=1000)
+    ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, default=0.1,
+                    help="seconds an answer is held for the datapath update (0.1)")
+
+
+def from_options(args: argparse.Namespace, cache_file: Path, *, transparent: bool,
+                 refresh: float, upstream: Callable[[tuple[str, int]], tuple[str, int]]
+                 | None = None, on_record: Callable[[DNSRecord], None] | None = None,
+                 rules_from_agent: bool = True) -> DNSProxyService:
+    """A service built from :func:`add_options`' options (and ``--agent-socket``)."""
+    config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
+                         hold=args.tofqdns_proxy_response_max_delay,
+                         transparent=transparent, upstream=upstream or (lambda dst: dst))
+    ct = None
+    if args.pin_dir:
+        from villi.dnsproxy.ct import PinnedCT
+
+        ct = PinnedCT(args.pin_dir)
+    return DNSProxyService(
+        AgentLink(str(args.agent_socket)), cache_file, config=config,
+        min_ttl=args.tofqdns_min_ttl,
+        max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
+        is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
+        on_record=on_record, refresh=refresh, rules_from_agent=rules_from_agent)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="villi-dns-proxy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,13 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     "destination (direct queries, before the eBPF steering)")
     ap.add_argument("--transparent", action="store_true",
                     help="IP_TRANSPARENT listener fed by bpf_sk_assign")
-    ap.add_argument("--pin-dir", help="the node's pinned maps (CT, for zombies)")
-    ap.add_argument("--tofqdns-dns-reject-response-code", default="refused",
-                    choices=["refused", "nameError"])
-    ap.add_argument("--tofqdns-min-ttl", type=int, default=0)
-    ap.add_argument("--tofqdns-endpoint-max-ip-per-hostname", type=int, default=1000)
-    ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, default=0.1,
-                    help="seconds an answer is held for the datapath update (0.1)")
+    add_options(ap)
     ap.add_argument("--refresh", type=float, default=1.0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -166,23 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
         enter_netns_for_good(args.netns)
     upstream = _addr(args.upstream, 53) if args.upstream else None
-    config = ProxyConfig(reject_rcode=args.tofqdns_dns_reject_response_code,
-                         hold=args.tofqdns_proxy_response_max_delay,
-                         transparent=args.transparent,
-                         upstream=(lambda dst: upstream) if upstream else (lambda dst: dst))
-    ct = None
-    if args.pin_dir:
-        from villi.dnsproxy.ct import PinnedCT
-
-        ct = PinnedCT(args.pin_dir)
-    service = DNSProxyService(
-        AgentLink(args.agent_socket), Path(args.state_dir) / CACHE_FILE, config=config,
-        min_ttl=args.tofqdns_min_ttl,
-        max_ips_per_name=args.tofqdns_endpoint_max_ip_per_hostname,
-        is_alive=ct.is_alive if ct else None, snapshot=ct.snapshot if ct else None,
+    service = from_options(
+        args, Path(args.state_dir) / CACHE_FILE, transparent=args.transparent,
+        refresh=args.refresh, upstream=(lambda dst: upstream) if upstream else None,
         on_record=lambda r: log.debug("dns %s %s %s %s %s", r.kind.lower(), r.verdict,
-                                     r.endpoint, r.query, ",".join(r.ips)),
-        refresh=args.refresh)
+                                     r.endpoint, r.query, ",".join(r.ips)))
 
     async def run() -> None:
         host, port = _addr(args.listen, 10053)

@@ -259,7 +259,8 @@ class EndpointManager:
                             protocol=key.protocol, port=socket.ntohs(key.dport),
                             prefix_bits=key.prefixlen - abi.POLICY_STATIC_PREFIX - 8)
             state[mk] = MapValue(deny=bool(value.deny), cookie=value.cookie,
-                                 redirect=bool(value.proxy_port))
+                                 redirect=bool(value.proxy_port),
+                                 dns=value.proxy_port == abi.PROXY_DNS_PORT)
         return state
 
     # --- helpers ----------------------------------------------------------------------

@@ -53,6 +53,8 @@ def proxy_port(key: MapKeyLike, value: MapValueLike) -> int:
     """The node proxy listener an L7 entry redirects to (by the key's direction)."""
     if value.deny or not getattr(value, "redirect", False):  # L3/L4-only value types
         return 0
+    if getattr(value, "dns", False):
+        return abi.PROXY_DNS_PORT
     if key.direction == abi.Dir.INGRESS:
         return abi.PROXY_INGRESS_PORT
     return abi.PROXY_EGRESS_PORT

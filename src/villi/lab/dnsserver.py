@@ -1,6 +1,7 @@
 """The lab's DNS server: a real dnsmasq (Debian's ``dnsmasq-base``) serving the lab's names.
 
-dnsmasq answers only from its own records (``host-record`` lines, each with its TTL) and
+dnsmasq answers only from its own records (``host-record`` lines for A and AAAA records,
+``cname`` lines for aliases of local names, each with its TTL) and
 says NXDOMAIN for every other name (``local=/#/``): it never forwards anywhere, so
 nothing a pod asks leaves the lab. Records live in ``<lab dir>/dns/records.json``;
 the config file is rendered from them and dnsmasq is restarted on change (it re-reads
@@ -39,14 +40,22 @@ def check_name(name: str) -> str:
     return norm
 
 
-def check_record(name: str, ip: str, ttl: int = DEFAULT_TTL) -> dict[str, Any]:
-    try:
-        addr = ipaddress.IPv4Address(ip)
-    except ValueError:
-        raise LabError(f"{ip!r} is not an IPv4 address") from None
+def check_record(name: str, ip: str | None, ttl: int = DEFAULT_TTL,
+                 cname: str | None = None) -> dict[str, Any]:
+    """An A (IPv4), AAAA (IPv6) or, with ``cname``, CNAME record."""
     if not 0 <= ttl <= 604800:
         raise LabError(f"--ttl {ttl}: between 0 and 604800 seconds")
-    return {"name": check_name(name), "ip": str(addr), "ttl": int(ttl)}
+    if cname is not None:
+        if ip:
+            raise LabError("give an IP or --cname TARGET, not both")
+        return {"name": check_name(name), "type": "CNAME", "target": check_name(cname),
+                "ip": "", "ttl": int(ttl)}
+    try:
+        addr = ipaddress.ip_address(ip or "")
+    except ValueError:
+        raise LabError(f"{ip!r} is not an IPv4 or IPv6 address") from None
+    return {"name": check_name(name), "type": "A" if addr.version == 4 else "AAAA",
+            "ip": str(addr), "ttl": int(ttl)}
 
 
 def render(records: dict[str, dict[str, Any]]) -> str:
@@ -55,7 +64,10 @@ def render(records: dict[str, dict[str, Any]]) -> str:
              "no-poll", "bind-interfaces", "cache-size=0"]
     for name in sorted(records):
         rec = records[name]
-        lines.append(f"host-record={name},{rec['ip']},{rec['ttl']}")
+        if rec.get("type") == "CNAME":
+            lines.append(f"cname={name},{rec['target']},{rec['ttl']}")
+        else:
+            lines.append(f"host-record={name},{rec['ip']},{rec['ttl']}")
     return "\n".join(lines) + "\n"
 
 

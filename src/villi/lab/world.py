@@ -160,8 +160,9 @@ def remove_lab_files(lab_id: str) -> int:
 
 # --- records -------------------------------------------------------------------------------
 
-def dns_add(name: str, ip: str, ttl: int = dnsserver.DEFAULT_TTL) -> dict[str, Any]:
-    record = dnsserver.check_record(name, ip, ttl)
+def dns_add(name: str, ip: str | None, ttl: int = dnsserver.DEFAULT_TTL,
+            cname: str | None = None) -> dict[str, Any]:
+    record = dnsserver.check_record(name, ip, ttl, cname)
     with _state.update() as state:
         files = dnsserver.RecordFile(Path(_require_dns(state)["dir"]))
         records = files.load()

@@ -9,6 +9,7 @@ does with them, kept apart from the numpy path of datapath records:
   ``dns-request FORWARDED (DNS Query api.example.com. A)`` and
   ``dns-response FORWARDED (DNS Answer "198.51.100.10" TTL: 30 (Proxy api.example.com. A))``;
 * :func:`matches` evaluates ``--fqdn`` and ``--protocol dns`` on a flow dict;
+* :func:`dns_flow` completes a record from the proxy (endpoints, node, summary);
 * :class:`DNSMetrics` counts ``hubble_dns_queries_total``, ``hubble_dns_responses_total``
   and ``hubble_dns_response_types_total`` with Hubble's labels.
 """
@@ -20,6 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
+
+from villi.observer.flow import _endpoint
+from villi.observer.l7flow import MESSAGE_TYPE_ACCESSLOG
 
 #: Hubble's rcode label values (pkg/hubble/metrics/dns).
 RCODE_LABELS = {0: "No Error", 1: "Format Error", 2: "Server Failure",
@@ -66,6 +70,20 @@ def fqdn_matches(flow: dict[str, Any], pattern: str) -> bool:
     if is_dns(flow):
         names.append(str(flow["l7"]["dns"].get("query", "")).lower().rstrip("."))
     return any(fnmatch.fnmatchcase(n, want) for n in names)
+
+
+def dns_flow(rec: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """The Hubble flow of one DNS record from villi-proxy (``{"kind": "dns", "flow":
+    {...}}``; the proxy filled the flow and each side's identity): pod names, labels,
+    node and the compact summary are the observer's to add."""
+    flow = dict(rec["flow"])
+    for side in ("source", "destination"):
+        ip = flow["IP"][side]
+        identity = int((flow.get(side) or {}).get("identity", 0))
+        flow[side] = _endpoint(ctx, ip, identity)
+    flow["node_name"] = ctx.node_name()
+    flow["event_type"] = {"type": MESSAGE_TYPE_ACCESSLOG}
+    return with_summary(flow)
 
 
 def add_destination_names(flow: dict[str, Any],

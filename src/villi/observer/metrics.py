@@ -19,6 +19,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from villi.observer.context import FlowContext
+from villi.observer.dns import RCODE_LABELS
 from villi.observer.metricsconfig import MetricOptions, MetricsConfig, parse
 from villi.observer.vocab import (
     ICMP_TYPES,
@@ -215,6 +216,8 @@ class HubbleMetrics:
                                    ["rcode", "qtypes", "ips_returned"])
         self.dns_responses = counter("dns", "hubble_dns_responses_total", "DNS responses",
                                      ["rcode", "qtypes", "ips_returned"])
+        self.dns_response_types = counter("dns", "hubble_dns_response_types_total",
+                                          "DNS response types", ["type", "qtypes"])
 
     # --- series of departed pods ----------------------------------------------------------
     def _remember(self, counter: Any, n_ctx: int, labels: list[str]) -> None:
@@ -229,6 +232,7 @@ class HubbleMetrics:
         names = {"flows": "flow", "drops": "drop", "tcp_flags": "tcp",
                  "ports": "port-distribution", "icmp": "icmp", "policy": "policy",
                  "to_world": "flows-to-world", "dns_queries": "dns", "dns_responses": "dns",
+                 "dns_response_types": "dns",
                  "http_requests": "httpV2" if self.config.enabled("httpV2") else "http"}
         for attr, metric in names.items():
             if getattr(self, attr, None) is counter:
@@ -444,6 +448,10 @@ class HubbleMetrics:
                 return
             is_resp = l7.get("type") in ("RESPONSE", 2)
             target = self.dns_responses if is_resp else self.dns_queries
-            target.labels(str(dns.get("rcode", "")) if is_resp else "", qtypes,
-                          str(len(dns.get("ips") or [])) if is_resp else "0",
-                          *self._dict_contexts("dns", flow)).inc()
+            ctx = self._dict_contexts("dns", flow)
+            rcode = int(dns.get("rcode", 0))
+            target.labels(RCODE_LABELS.get(rcode, str(rcode)) if is_resp else "", qtypes,
+                          str(len(dns.get("ips") or [])) if is_resp else "0", *ctx).inc()
+            if is_resp and self.dns_response_types is not None:
+                for rrtype in dns.get("rrtypes") or []:
+                    self.dns_response_types.labels(rrtype, qtypes, *ctx).inc()

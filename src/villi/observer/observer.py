@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from villi.datapath.ringbuf import RingBuffer
+from villi.observer import dns
 from villi.observer.context import FlowContext
 from villi.observer.export import FlowExporter, read_flows
 from villi.observer.filters import FilterSpec, match
@@ -70,8 +71,11 @@ class Observer:
         self._changed.set()
 
     def ingest_l7(self, records: list[Any]) -> None:
-        """L7 records from the proxy (``L7Record`` objects or their wire dicts)."""
-        flows = [l7_flow(r if isinstance(r, dict) else r.to_wire(), self.ctx) for r in records]
+        """L7 records from the proxy (``L7Record`` objects or their wire dicts; DNS
+        records are dicts with ``"kind": "dns"``)."""
+        flows = [dns.dns_flow(r, self.ctx) if isinstance(r, dict) and r.get("kind") == "dns"
+                 else l7_flow(r if isinstance(r, dict) else r.to_wire(), self.ctx)
+                 for r in records]
         if not flows:
             return
         self.l7.extend(flows)
@@ -160,6 +164,10 @@ class Observer:
             flows = self._from_export(spec, since_ns, until_ns, before=oldest)
         flows += [self._flow(r) for r in rec]
         if self.l7:
+            # The export file holds the L7 flows too: from it, only those older than the
+            # ones still in memory (else each shows twice).
+            kept = self.l7[0]["time"]
+            flows = [f for f in flows if f.get("Type") != "L7" or f["time"] < kept]
             flows = sorted(flows + self._l7_query(spec, since_ns, until_ns),
                            key=lambda f: f["time"])
         if first is not None:

@@ -205,17 +205,17 @@ def section_entries(section: Section, ids: set[int], own_ports: Mapping[str, tup
     for spec in section.ports:
         if spec.name is None:
             out.update(PolicyEntry(IdentityID(i), d, spec.protocol, spec.port, spec.end_port,
-                                   deny, cookie, spec.http) for i in ids)
+                                   deny, cookie, spec.http, spec.dns) for i in ids)
         elif d is Direction.INGRESS:
             declared = own_ports.get(spec.name)
             if declared and spec.protocol in (Protocol.ANY, declared[1]):
                 out.update(PolicyEntry(IdentityID(i), d, Protocol(declared[1]), declared[0], 0,
-                                       deny, cookie, spec.http) for i in ids)
+                                       deny, cookie, spec.http, spec.dns) for i in ids)
         else:
             peers = ids if 0 not in ids else set(identity_ports)
             for i in peers:
                 for port, proto in identity_ports.get(i, {}).get(spec.name, ()):
                     if spec.protocol in (Protocol.ANY, proto):
                         out.add(PolicyEntry(IdentityID(i), d, Protocol(proto), port, 0, deny,
-                                            cookie, spec.http))
+                                            cookie, spec.http, spec.dns))
     return frozenset(out) if out else EMPTY

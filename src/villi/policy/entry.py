@@ -10,7 +10,8 @@ A deny entry wins over every allow entry that matches the same packet.
 
 L7: an allow entry with ``http`` rules redirects the matching connections to the node's
 HTTP proxy, which enforces the rules per request. An allow without ``http`` on the same
-key wins (no redirect), as in Cilium.
+key wins (no redirect), as in Cilium. An allow entry with ``dns`` set (a port-53 rule
+with ``rules.dns``) redirects to the node's DNS proxy instead (UDP and TCP).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class PolicyEntry:
     cookie: int = 0
     #: L7 HTTP rules (allow entries only); non-empty = redirect to the proxy
     http: tuple[HTTPRule, ...] = ()
+    #: ``rules.dns`` on this port: redirect to the node's DNS proxy
+    dns: bool = False
 
     @property
     def redirect(self) -> bool:
-        return bool(self.http) and not self.deny
+        return (bool(self.http) or self.dns) and not self.deny
 
     @property
     def key(self) -> tuple[int, int, int, int, int]:

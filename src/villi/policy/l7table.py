@@ -58,6 +58,7 @@ def l7_entries(entries: Iterable[PolicyEntry],
                state: Mapping[MapKey, MapValue]) -> list[L7Entry]:
     """The endpoint's L7 entries that still redirect in its map state."""
     out = []
+    entries = [e for e in entries if not e.dns]   # DNS redirects: the DNS proxy's business
     l7 = [e for e in entries if e.redirect]
     if not l7:
         return []

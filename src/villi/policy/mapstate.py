@@ -79,6 +79,8 @@ class MapValue:
     cookie: int = 0
     #: allowed traffic goes through the node's HTTP proxy (L7 rules on this key)
     redirect: bool = False
+    #: ... through its DNS proxy instead (``rules.dns``; only with ``redirect``)
+    dns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +146,8 @@ def _covers(deny: MapKey, allow: MapKey) -> bool:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _value(deny: bool, cookie: int, redirect: bool = False) -> MapValue:
-    return MapValue(deny, cookie, redirect)
+def _value(deny: bool, cookie: int, redirect: bool = False, dns: bool = False) -> MapValue:
+    return MapValue(deny, cookie, redirect, dns and redirect)
 
 
 def _wins(new: MapValue, old: MapValue) -> bool:
@@ -169,13 +171,13 @@ def compute_map_state(entries: Collection[PolicyEntry]) -> MapState:
         (entry,) = entries
         return dict.fromkeys(_keys(entry.identity, entry.direction, entry.protocol,
                                    entry.port, entry.end_port),
-                             _value(entry.deny, entry.cookie, entry.redirect))
+                             _value(entry.deny, entry.cookie, entry.redirect, entry.dns))
     state: MapState = {}
     get = state.get
     any_deny = False
     for entry in entries:
         deny = entry.deny
-        value = _value(deny, entry.cookie, entry.redirect)
+        value = _value(deny, entry.cookie, entry.redirect, entry.dns)
         any_deny = any_deny or deny
         for key in _keys(entry.identity, entry.direction, entry.protocol, entry.port,
                          entry.end_port):

@@ -65,13 +65,15 @@ PeerSelector = Selector | CIDRSelector
 @dataclass(frozen=True, slots=True)
 class PortSpec:
     """A port rule: ``port``..``end_port`` (0..0 = all) or a named port, per protocol;
-    ``http`` holds the port rule's L7 HTTP rules (empty: plain L4 allow)."""
+    ``http`` holds the port rule's L7 HTTP rules (empty: plain L4 allow); ``dns`` says
+    the port rule has ``rules.dns`` (its traffic goes to the node's DNS proxy)."""
 
     protocol: Protocol
     port: int = 0
     end_port: int = 0
     name: str | None = None
     http: tuple[HTTPRule, ...] = ()
+    dns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,15 +204,17 @@ def _cnp_ports(rule: Any) -> tuple[PortSpec, ...] | None:
     specs = []
     for port_rule in rule.to_ports:
         http = tuple(_http_rule(h) for h in getattr(port_rule, "http", None) or ())
+        rules = getattr(port_rule, "rules", None)
+        dns = rules is not None and getattr(rules, "dns", None) is not None
         for pp in port_rule.ports:
             # L7 applies to TCP only; ANY narrows to TCP when there are HTTP rules.
             proto = Protocol.TCP if http else Protocol[pp.protocol]
             number = pp.number
             if number is None:
-                specs.append(PortSpec(proto, name=pp.port.lower(), http=http))
+                specs.append(PortSpec(proto, name=pp.port.lower(), http=http, dns=dns))
             else:
                 specs.append(PortSpec(proto, number, (pp.end_port or 0) if number else 0,
-                                      http=http))
+                                      http=http, dns=dns))
     return tuple(specs)
 
 

@@ -17,7 +17,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from villi.proxy.records import L7Record
 from villi.proxy.store import PolicyStore, SnapshotError
@@ -26,6 +26,19 @@ log = logging.getLogger("villi.proxy")
 
 MAX_LINE = 64 * 1024 * 1024
 PENDING_RECORDS = 10000
+
+
+class WireRecord(Protocol):
+    """A record the proxy reports: HTTP (:class:`L7Record`) or DNS (its wire dict has
+    ``"kind": "dns"``, see ``villi.dnsproxy.host``)."""
+
+    def to_wire(self) -> dict[str, Any]: ...
+
+
+def from_wire(data: dict[str, Any]) -> L7Record | dict[str, Any]:
+    """HTTP records become :class:`L7Record`; DNS records stay dicts (the observer
+    renders them)."""
+    return data if data.get("kind") == "dns" else L7Record.from_wire(data)
 
 
 class ControlServer:
@@ -61,7 +74,7 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def emit(self, record: L7Record) -> None:
+    def emit(self, record: WireRecord) -> None:
         if len(self.pending) == self.pending.maxlen:
             self.dropped_records += 1
         self.pending.append(record.to_wire())
@@ -124,7 +137,8 @@ class ProxyClient:
     """The agent's side: keeps a connection, (re)sends the last snapshot after every
     reconnect, and hands received records to ``on_records``."""
 
-    def __init__(self, path: Path, on_records: Callable[[list[L7Record]], None]) -> None:
+    def __init__(self, path: Path,
+                 on_records: Callable[[list[L7Record | dict[str, Any]]], None]) -> None:
         self.path = path
         self.on_records = on_records
         self.snapshot: dict[str, Any] | None = None
@@ -202,7 +216,7 @@ class ProxyClient:
             message = json.loads(line)
             if message.get("op") == "records":
                 try:
-                    self.on_records([L7Record.from_wire(r) for r in message["records"]])
+                    self.on_records([from_wire(r) for r in message["records"]])
                 except Exception:  # the observer must not break the channel
                     log.exception("handling L7 records failed")
             else:

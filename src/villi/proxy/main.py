@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from villi.policy.entry import Direction
@@ -24,8 +25,13 @@ from villi.proxy.store import PolicyStore
 DEFAULT_INGRESS_PORT = 15001
 DEFAULT_EGRESS_PORT = 15002
 
+#: Something else the proxy process hosts (the DNS proxy): started once the listeners
+#: are up with the shared policy store and control server; returns its stop function.
+Plugin = Callable[[PolicyStore, ControlServer], Awaitable[Callable[[], Awaitable[None]]]]
 
-def _parser() -> argparse.ArgumentParser:
+
+def parser() -> argparse.ArgumentParser:
+    """villi-proxy's options (``villi.dnsproxy.host`` adds the DNS proxy's)."""
     p = argparse.ArgumentParser(prog="villi-proxy", description=__doc__.splitlines()[0])
     p.add_argument("--control", type=Path, required=True, help="unix socket for the agent")
     p.add_argument("--ingress-port", type=int, default=DEFAULT_INGRESS_PORT)
@@ -47,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, plugins: Sequence[Plugin] = ()) -> None:
     try:
         import uvloop  # noqa: F401  (the loop policy is set in main)
     except ImportError:
@@ -66,6 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     await control.start()
     ingress = await server.listen(Direction.INGRESS, args.ingress_port, host)
     egress = await server.listen(Direction.EGRESS, args.egress_port, host)
+    stops = [await plugin(store, control) for plugin in plugins]
     if args.ready_file is not None:
         args.ready_file.write_text(f"{ingress} {egress}\n")
     stop = asyncio.Event()
@@ -73,21 +80,27 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for stop_plugin in stops:
+        await stop_plugin()
     await control.close()
     await server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+def run(args: argparse.Namespace, plugins: Sequence[Plugin] = ()) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="villi-proxy %(levelname)s %(message)s")
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, plugins))
     else:
-        uvloop.run(serve(args))
-    return 0
+        uvloop.run(serve(args, plugins))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import ipaddress
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,8 @@ class PolicyStore:
     def __init__(self, state_file: Path | None = None) -> None:
         self.state_file = state_file
         self.snapshot = EMPTY
+        #: called with each new snapshot from the agent (the DNS proxy takes its rules)
+        self.listeners: list[Callable[[Snapshot], None]] = []
         if state_file is not None and state_file.exists():
             try:
                 self.snapshot = parse_snapshot(json.loads(state_file.read_text()))
@@ -123,6 +125,8 @@ class PolicyStore:
             tmp = self.state_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(snapshot.raw))
             os.replace(tmp, self.state_file)
+        for listener in self.listeners:
+            listener(snapshot)
         return snapshot
 
     def context(self, direction: Direction, src_ip: str, dst_ip: str) -> ConnectionContext:

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* proxy.h — steering redirected TCP packets to the node's L7 proxy.
+/* proxy.h — steering redirected TCP and UDP packets to the node's L7 and DNS proxies.
  *
  * API: proxy_assign(skb, p, proxy_port) → 0 or DROP_PROXY_LOOKUP_FAILED /
  * DROP_PROXY_SET_FAILED. It assigns the packet to the proxy socket that owns its tuple
@@ -9,6 +9,11 @@
  * so the node namespace routes it locally (ip rule fwmark 0x200/0xf00 lookup 2004;
  * local 0.0.0.0/0 dev lo table 2004). tc ingress only (bpf_sk_assign's rule); the
  * caller returns TC_ACT_OK. Cilium's ctx_redirect_to_proxy_ingress4(), same steps.
+ *
+ * UDP (the DNS proxy): only the proxy's unconnected listener on 0.0.0.0:proxy_port is
+ * looked up (bpf_sk_lookup_udp) — never a socket by the packet's tuple: the DNS proxy
+ * briefly binds transparent sockets to the original destination to send answers, and a
+ * query assigned to one of those would be lost.
  */
 #ifndef __VILLI_PROXY_H
 #define __VILLI_PROXY_H
@@ -34,6 +39,15 @@ static __always_inline int proxy_assign(struct __sk_buff *skb, const struct pkt 
 	struct bpf_sock *sk;
 	long ret;
 
+	if (p->protocol == IPPROTO_UDP) {
+		if (!proxy_port)
+			return DROP_PROXY_LOOKUP_FAILED;
+		tuple.ipv4.dport = bpf_htons(proxy_port);
+		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return DROP_PROXY_LOOKUP_FAILED;
+		goto assign;
+	}
 	tuple.ipv4.saddr = p->saddr;
 	tuple.ipv4.daddr = p->daddr;
 	tuple.ipv4.sport = bpf_htons(p->sport);
