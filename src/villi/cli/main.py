@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
 
     lab_cli.add_parsers(sub)
     observe_cli.add_parsers(sub)
+    from villi.cli import bpf as bpf_cli
+    from villi.cli import policy_cmd
+
+    policy_cmd.add_parsers(sub)   # villi policy trace|selectors|generate
+    bpf_cli.add_parsers(sub)      # villi bpf …, villi endpoint get, villi identity get
     from villi.relay.main import add_arguments as relay_arguments
 
     relay_arguments(sub.add_parser("relay", help="merge the flows of every agent (Hubble "
@@ -118,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             from villi._nsenter import enter_netns_for_good
 
             enter_netns_for_good(args.netns)
+        handler = getattr(args, "handler", None)
+        if handler is not None:   # commands registered with set_defaults(handler=…)
+            return int(handler(args))
         if args.command == "agent":
             from villi.cli.daemons import run_agent_command
             return run_agent_command(args)
