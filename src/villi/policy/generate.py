@@ -172,6 +172,14 @@ def _port(flow: Mapping[str, Any]) -> _Port | None:
     return None
 
 
+def _five_tuple(flow: Mapping[str, Any]) -> tuple[Any, ...]:
+    ips = flow.get("IP") or {}
+    l4 = flow.get("l4") or {}
+    ports = next(iter(l4.values()), {}) if l4 else {}
+    return (ips.get("source"), ips.get("destination"), next(iter(l4), None),
+            ports.get("source_port"), ports.get("destination_port"), ports.get("type"))
+
+
 def _dns_name(text: str) -> str:
     name = re.sub(r"[^a-z0-9.-]+", "-", text.lower()).strip("-.")
     return name[:253] or "workload"
@@ -301,6 +309,12 @@ def generate(flows: Iterable[Mapping[str, Any]], *, namespace: str | None = None
     if world not in ("cidr", "entity"):
         raise ValueError(f"world must be cidr or entity, not {world!r}")
     builder = _Builder(namespace, world)
+    flows = list(flows)
+    # A connection forwarded at the source's egress but dropped at the destination's
+    # ingress did not happen: one dropped packet disqualifies its whole 5-tuple.
+    dropped = set() if "DROPPED" in wanted else {
+        _five_tuple(f) for f in flows
+        if str(f.get("verdict", "")).upper() == "DROPPED" and not f.get("is_reply")}
     for flow in flows:
         if flow.get("is_reply"):
             builder.skip("reply")
@@ -310,6 +324,9 @@ def generate(flows: Iterable[Mapping[str, Any]], *, namespace: str | None = None
             continue
         if flow.get("Type", "L3_L4") != "L3_L4":
             builder.skip(f"type {flow.get('Type')}")
+            continue
+        if dropped and _five_tuple(flow) in dropped:
+            builder.skip("connection dropped elsewhere")
             continue
         builder.add(flow)
     policies = []

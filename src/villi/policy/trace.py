@@ -266,9 +266,9 @@ class _Tracer:
                              "(k8s:app=web,k8s:io.kubernetes.pod.namespace=prod), an "
                              "entity (world, host, remote-node, …) or an IPv4 address")
         labels = _labels_spec(text)
-        known = self.by_labels.get(labels)
-        if known is not None:
-            identity = known
+        existing = self.by_labels.get(labels)
+        if existing is not None:
+            identity = existing
         else:
             identity = max([MIN_CLUSTER_IDENTITY - 1, *(i for i in self.identities
                                                         if i < 1 << 24)]) + 1
