@@ -115,9 +115,10 @@ def conntrack(pin_dir: Path) -> list[dict[str, Any]]:
             if v.expires < now:
                 continue
             proto = PROTOCOL_NAMES.get(k.protocol, str(k.protocol))
+            # ct keys hold ports in host order (parse.h), unlike policy keys
             rows.append({"protocol": proto, "source": ip_str(k.saddr),
-                         "sourcePort": socket.ntohs(k.sport), "destination": ip_str(k.daddr),
-                         "destinationPort": socket.ntohs(k.dport),
+                         "sourcePort": k.sport, "destination": ip_str(k.daddr),
+                         "destinationPort": k.dport,
                          "direction": DIRECTION_NAMES.get(k.direction, str(k.direction)),
                          "expiresIn": v.expires - now, "endpointID": v.endpoint_id,
                          "peerIdentity": v.peer_identity, "cookie": v.cookie,
