@@ -175,7 +175,7 @@ def _port(flow: Mapping[str, Any]) -> _Port | None:
 def _five_tuple(flow: Mapping[str, Any]) -> tuple[Any, ...]:
     ips = flow.get("IP") or {}
     l4 = flow.get("l4") or {}
-    ports = next(iter(l4.values()), {}) if l4 else {}
+    ports: Mapping[str, Any] = next(iter(l4.values()), {}) if l4 else {}
     return (ips.get("source"), ips.get("destination"), next(iter(l4), None),
             ports.get("source_port"), ports.get("destination_port"), ports.get("type"))
 
