@@ -282,6 +282,18 @@ def test_map_dumps_match_the_agents_view(lab: Lab) -> None:
         assert row["frontend"] == f"{svc['clusterIP']}:80"
         assert [x["address"] for x in row["backends"]] == svc["ports"][0]["backends"]
     lab.apply(SERVICE, "svc", delete=True)
+    # the agent down: the pinned maps still answer (rules as cookie numbers), the same rows
+    lab.ok("lab", "agent", "kill", b["node"])
+    try:
+        res = lab.run("bpf", "policy", "get", f"{NS}/b")
+        assert res.returncode == 0, res.stderr
+        assert "did not name the rules" in res.stderr and "cookie " in res.stdout
+        down = lab.json("bpf", "policy", "get", f"{NS}/b")
+        assert {(r["identity"], r["direction"], r["protocol"], r["port"], r["deny"])
+                for r in down["entries"]} == expect
+        assert all(r["rule"] is None for r in down["entries"])
+    finally:
+        lab.ok("lab", "agent", "start", b["node"])
     # errors are precise
     assert "unknown endpoint 99" in lab.fails("bpf", "policy", "get", "99")
     assert "pass --node" in lab.fails("bpf", "policy", "get", "1")

@@ -32,16 +32,27 @@ def _common(p: argparse.ArgumentParser, node_flag: bool = True) -> None:
                    "only (do not read the kvstore or the agents to name them)")
 
 
+def _sub(parent: argparse._SubParsersAction, name: str,
+         helptext: str) -> argparse._SubParsersAction:
+    """``villi bpf NAME COMMAND``; ``villi bpf NAME`` alone prints its usage."""
+    parser = parent.add_parser(name, help=helptext)
+
+    def usage(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(handler=usage)
+    return parser.add_subparsers(dest=f"bpf_{name}_cmd", metavar="COMMAND")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     bs = group(sub, "bpf", "dump the datapath's pinned BPF maps (policy, ct, ipcache, lb)")
-    pol = bs.add_parser("policy", help="policy map").add_subparsers(dest="bpf_policy_cmd",
-                                                                     metavar="COMMAND")
+    pol = _sub(bs, "policy", "policy map")
     p = pol.add_parser("get", help="an endpoint's policy map entries")
     p.add_argument("endpoint", metavar="ENDPOINT", help="endpoint id or NAMESPACE/POD")
     _common(p)
     p.set_defaults(handler=policy_get_command)
-    ct = bs.add_parser("ct", help="connection tracking map").add_subparsers(
-        dest="bpf_ct_cmd", metavar="COMMAND")
+    ct = _sub(bs, "ct", "connection tracking map")
     p = ct.add_parser("list", help="live conntrack entries of a node (or every node)")
     p.add_argument("node", nargs="?", metavar="NODE")
     _common(p, node_flag=False)
@@ -51,8 +62,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             ("lb", "socket load-balancer frontends and backends", lb_list_command),
             ("endpoint", "endpoints map: pod IP → endpoint id, identity, flags",
              endpoint_list_command)):
-        g = bs.add_parser(name, help=helptext).add_subparsers(dest=f"bpf_{name}_cmd",
-                                                              metavar="COMMAND")
+        g = _sub(bs, name, helptext)
         p = g.add_parser("list", help=f"dump the {name} map")
         _common(p)
         p.set_defaults(handler=handler)
