@@ -12,10 +12,11 @@ from villi.identity.labels import pod_identity_labels
 from villi.policy.loader import load_text
 from villi.policy.trace import (
     ClusterView,
+    EndpointMode,
     PodView,
     TraceError,
-    audit_from_endpoints,
     format_trace,
+    modes_from_endpoints,
     parse_dport,
     selectors_view,
     trace,
@@ -45,14 +46,14 @@ spec:
 """
 
 
-def _view(audit: dict[str, tuple[bool, bool]] | None = None) -> ClusterView:
+def _view(modes: dict[str, EndpointMode] | None = None) -> ClusterView:
     ids = {256: pod_identity_labels("t", {"app": "a"}),
            257: pod_identity_labels("t", {"app": "b"}),
            258: pod_identity_labels("t", {"app": "c"})}
     pods = [PodView("t", "a", "10.64.0.1", 256, "node1", 1),
             PodView("t", "b", "10.64.1.1", 257, "node2", 1, {"web": (8080, "TCP")}),
             PodView("t", "c", "10.64.0.2", 258, "node1", 2)]
-    return ClusterView(list(load_text(POLICY, "p.yaml")), ids, pods, audit or {})
+    return ClusterView(list(load_text(POLICY, "p.yaml")), ids, pods, modes or {})
 
 
 @pytest.mark.parametrize("src,dst,dport,verdict,ingress,egress", [
@@ -104,20 +105,42 @@ def test_trace_names_the_deciding_rule_or_default_deny() -> None:
 
 
 def test_audit_mode_reports_audited_not_denied() -> None:
-    view = _view(audit={"t/b": (True, False)})
+    view = _view(modes={"t/b": EndpointMode(audit=(True, False))})
     result = trace(view, "t/a", "t/b", "80/tcp")
     assert result.verdict == "AUDITED" and result.allowed
-    assert "AUDITED" in format_trace(result) and "audit mode" in format_trace(result)
+    text = format_trace(result)
+    assert "AUDITED" in text and "(audit mode: would be dropped, forwarded" in text
     # a deny rule is audited too; an allowed packet stays allowed
     assert trace(view, "t/c", "t/b", "80/tcp").ingress.decision == "AUDITED"  # type: ignore[union-attr]
     assert trace(view, "t/a", "t/b", "8080/tcp").verdict == "ALLOWED"
-    flags = audit_from_endpoints([
-        {"namespace": "t", "podName": "b", "policy": {"ingress": "enabled", "audit": True}},
+    degraded = trace(_view(modes={"t/b": EndpointMode(degraded=True)}), "t/a", "t/b", "80")
+    assert degraded.verdict == "AUDITED" and "node degraded" in format_trace(degraded)
+
+
+def test_enforcement_modes_always_and_never() -> None:
+    always = _view(modes={"t/a": EndpointMode("always"), "t/b": EndpointMode("always")})
+    # a is selected by no policy: with 'always' it is default deny anyway
+    res = trace(always, "t/b", "t/a", "80/tcp")
+    assert res.verdict == "DENIED" and res.egress is not None
+    assert "enforcement is 'always'" in res.egress.reason
+    never = _view(modes={"t/b": EndpointMode("never"), "t/c": EndpointMode("never")})
+    res = trace(never, "t/c", "t/b", "8080/tcp")   # deny rules are ignored too
+    assert res.verdict == "ALLOWED" and res.ingress is not None
+    assert res.ingress.decision == "NOT ENFORCED" and "'never'" in res.ingress.reason
+
+
+def test_modes_from_agents_endpoint_json() -> None:
+    modes = modes_from_endpoints([
+        {"namespace": "t", "podName": "b", "policy": {"ingress": "disabled (audit)",
+                                                      "auditMode": True,
+                                                      "enforcement": "default"}},
         {"namespace": "t", "podName": "a", "policyAuditMode": "Enabled"},
-        {"namespace": "t", "podName": "c", "policy": {"audit": {"ingress": False,
-                                                               "egress": True}}},
-        {"namespace": "t", "podName": "d", "policy": {}}])
-    assert flags == {"t/b": (True, True), "t/a": (True, True), "t/c": (False, True)}
+        {"namespace": "t", "podName": "c", "policy": {"enforcement": "always",
+                                                      "degraded": True}},
+        {"namespace": "t", "podName": "d", "policy": {"ingress": "enabled"}}])
+    assert modes == {"t/b": EndpointMode("default", (True, True)),
+                     "t/a": EndpointMode("default", (True, True)),
+                     "t/c": EndpointMode("always", (False, False), True)}
 
 
 @pytest.mark.parametrize("src,dst,dport,message", [

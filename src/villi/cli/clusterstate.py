@@ -99,7 +99,7 @@ def cluster_view(target: Target) -> Any:
     """A :class:`villi.policy.trace.ClusterView` of the live cluster."""
     from villi import resources as codec
     from villi.identity.labels import LabelSet
-    from villi.policy.trace import ClusterView, PodView, audit_from_endpoints
+    from villi.policy.trace import ClusterView, PodView, modes_from_endpoints
 
     state = read_state(target, resources=True)
     policy_kinds = {"CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy",
@@ -120,10 +120,10 @@ def cluster_view(target: Target) -> Any:
         pods.append(PodView(entry.get("namespace", "default"), entry.get("podName", ip), ip,
                             int(entry.get("identity", 2)), entry.get("node", ""),
                             int(entry.get("endpointID", 0)), ports))
-    audit: dict[str, tuple[bool, bool]] = {}
+    modes = {}
     for _node, eps in agents_get(target, "/v1/endpoint")[0]:
-        audit.update(audit_from_endpoints(eps))
-    return ClusterView(items, identities, pods, audit)
+        modes.update(modes_from_endpoints(eps))
+    return ClusterView(items, identities, pods, modes)
 
 
 def agents_get(target: Target, path: str,

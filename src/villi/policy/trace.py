@@ -44,7 +44,8 @@ from villi.policy.resolver import Endpoint, PolicyResolver
 from villi.policy.rules import CookieInfo
 
 __all__ = ["ClusterView", "PodView", "SideResult", "TraceError", "TraceResult",
-           "audit_from_endpoints", "format_trace", "parse_dport", "selectors_view", "trace"]
+           "EndpointMode", "format_trace", "modes_from_endpoints", "parse_dport",
+           "selectors_view", "trace"]
 
 ALLOWED, DENIED, AUDITED, NOT_ENFORCED = "ALLOWED", "DENIED", "AUDITED", "NOT ENFORCED"
 _PROTOCOLS = {"tcp": Protocol.TCP, "udp": Protocol.UDP, "sctp": Protocol.SCTP,
@@ -72,15 +73,27 @@ class PodView:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointMode:
+    """What the endpoint's node enforces: ``enforcement`` default|always|never (Cilium's
+    ``--enable-policy``), audit mode per direction (ingress, egress), the node's
+    degradation switch (forwards what policy would drop, reported as AUDIT)."""
+
+    enforcement: str = "default"
+    audit: tuple[bool, bool] = (False, False)
+    degraded: bool = False
+
+
 @dataclass
 class ClusterView:
-    """What every agent follows: resources, identities and pods (plus audit flags)."""
+    """What every agent follows: resources, identities and pods (plus each endpoint's
+    enforcement mode as its agent reports it)."""
 
     resources: list[Resource]
     identities: dict[int, LabelSet]
     pods: list[PodView]
-    #: (namespace/pod) → (ingress, egress) audit mode of its endpoint
-    audit: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    #: namespace/pod → its endpoint's mode (absent: default enforcement, no audit)
+    modes: dict[str, EndpointMode] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +129,19 @@ class SideResult:
     rule: CookieInfo | None = None
     enforced_by: tuple[str, ...] = ()
     audit: bool = False
+    mode: str = "default"
+    degraded: bool = False
 
     @property
     def reason(self) -> str:
         d = self.direction.lower()
         if self.decision == NOT_ENFORCED:
+            if self.mode == "never":
+                return "policy enforcement is 'never' on its node"
             return f"no policy selects {self.endpoint} for {d}"
+        if self.drop_reason == DROP_POLICY_DENIED and not self.enforced_by:
+            return ("default deny: policy enforcement is 'always' on its node and no rule "
+                    "allows this peer and port")
         if self.drop_reason == DROP_POLICY_DENY:
             return f"denied by {rule_text(self.rule)}"
         if self.drop_reason == DROP_POLICY_DENIED:
@@ -135,6 +155,7 @@ class SideResult:
         return {"direction": self.direction, "endpoint": self.endpoint,
                 "enforced": self.enforced, "decision": self.decision,
                 "dropReason": self.drop_reason, "audit": self.audit,
+                "enforcement": self.mode, "degraded": self.degraded,
                 "rule": rule_json(self.rule), "enforcedBy": list(self.enforced_by),
                 "reason": self.reason}
 
@@ -308,8 +329,9 @@ class _Tracer:
                                                me.namespace, ports,
                                                me.pod.ip if me.pod else None))
         policy = self.resolver.policy(eid)
+        mode = self.view.modes.get(me.pod.ref if me.pod else "", EndpointMode())
         enforced = (policy.ingress_enforced if direction is Direction.INGRESS
-                    else policy.egress_enforced)
+                    else policy.egress_enforced) or mode.enforcement == "always"
         verdict = datapath_verdict(self.resolver.map_state(eid),
                                    ingress_or_egress_enforced=enforced,
                                    identity=other.identity, direction=int(direction),
@@ -317,16 +339,18 @@ class _Tracer:
         rules = self.resolver.enforcing_rules(eid)[0 if direction is Direction.INGRESS else 1]
         enforced_by = tuple(dict.fromkeys(
             f"{kind} {ns + '/' if ns else ''}{name}" for kind, ns, name, _spec in rules))
-        audit_flags = self.view.audit.get(me.pod.ref if me.pod else "", (False, False))
-        audit = audit_flags[0 if direction is Direction.INGRESS else 1]
+        audit = mode.audit[0 if direction is Direction.INGRESS else 1]
+        self.resolver.delete_endpoint(eid)
+        if mode.enforcement == "never":   # the datapath skips policy altogether
+            return SideResult(direction.name, me.text, False, NOT_ENFORCED, mode="never",
+                              audit=audit, degraded=mode.degraded)
         if verdict.allowed:
             decision = ALLOWED if enforced or verdict.cookie else NOT_ENFORCED
         else:
-            decision = AUDITED if audit else DENIED
-        self.resolver.delete_endpoint(eid)
+            decision = AUDITED if audit or mode.degraded else DENIED
         return SideResult(direction.name, me.text, enforced, decision, verdict.drop_reason,
                           self.resolver.cookie_info(verdict.cookie) if verdict.cookie else None,
-                          enforced_by, audit)
+                          enforced_by, audit, mode.enforcement, mode.degraded)
 
 
 def _named_ports(ports: Mapping[str, tuple[int, str]]) -> dict[str, tuple[int, int]]:
@@ -368,7 +392,10 @@ def format_trace(result: TraceResult) -> str:
         if side is None:
             lines.append(f"  {d:<7} of {peer.text}: not an endpoint, no {d} policy applies")
             continue
-        audit = " (audit mode: would be dropped, forwarded)" if side.decision == AUDITED else ""
+        audit = ""
+        if side.decision == AUDITED:
+            why = "node degraded" if side.degraded and not side.audit else "audit mode"
+            audit = f" ({why}: would be dropped, forwarded and reported as AUDIT)"
         lines.append(f"  {d:<7} of {side.endpoint}: {side.decision}: {side.reason}{audit}")
     lines.append(f"Final verdict: {result.verdict}")
     return "\n".join(lines)
@@ -392,19 +419,21 @@ def selectors_view(view: ClusterView) -> list[dict[str, Any]]:
     return out
 
 
-def audit_from_endpoints(endpoints: Iterable[Mapping[str, Any]]) -> dict[str, tuple[bool, bool]]:
-    """Audit flags per pod from agents' endpoint JSON, when the agents report them
-    (``policy.audit`` or ``policyAuditMode``; absent means enforcing)."""
+def modes_from_endpoints(endpoints: Iterable[Mapping[str, Any]]) -> dict[str, EndpointMode]:
+    """Each pod's endpoint mode from agents' endpoint JSON (``policy.enforcement``,
+    ``policy.auditMode``, ``policy.degraded``; absent: default enforcement, no audit)."""
     out = {}
     for ep in endpoints:
         pol = ep.get("policy") or {}
-        flag = pol.get("audit", ep.get("policyAuditMode", False))
+        flag = pol.get("auditMode", pol.get("audit", ep.get("policyAuditMode", False)))
         if isinstance(flag, str):
             flag = flag.lower() in ("enabled", "true", "on")
         if isinstance(flag, Mapping):
-            pair = (bool(flag.get("ingress")), bool(flag.get("egress")))
+            audit = (bool(flag.get("ingress")), bool(flag.get("egress")))
         else:
-            pair = (bool(flag), bool(flag))
-        if any(pair) and ep.get("namespace") and ep.get("podName"):
-            out[f"{ep['namespace']}/{ep['podName']}"] = pair
+            audit = (bool(flag), bool(flag))
+        enforcement = str(pol.get("enforcement") or "default").lower()
+        mode = EndpointMode(enforcement, audit, bool(pol.get("degraded", False)))
+        if mode != EndpointMode() and ep.get("namespace") and ep.get("podName"):
+            out[f"{ep['namespace']}/{ep['podName']}"] = mode
     return out
