@@ -36,6 +36,16 @@ def test_a_group_is_shared_by_modules_in_any_order() -> None:
     assert ap.parse_args(["policy", "selectors"]).handler is policy_cmd.selectors_command
 
 
+def test_a_group_registered_with_plain_add_parser_is_reused() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command")
+    ep = sub.add_parser("endpoint").add_subparsers(dest="endpoint_command", required=True)
+    ep.add_parser("config").add_argument("endpoint")          # another module's verb
+    bpf.add_parsers(sub)
+    assert ap.parse_args(["endpoint", "config", "3"]).endpoint == "3"
+    assert ap.parse_args(["endpoint", "get", "3"]).handler is bpf.endpoint_get_command
+
+
 def test_port_text() -> None:
     row = {"protocol": "TCP", "port": 8000, "endPort": 8015}
     assert bpf._port_text(row) == "8000-8015/TCP"

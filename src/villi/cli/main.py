@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)
+        if args.command in ("policy", "bpf", "endpoint", "identity"):
+            for action in ap._actions:   # a group without its verb: its usage
+                if isinstance(action, argparse._SubParsersAction):
+                    action.choices[args.command].print_help()
+            return 2
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
