@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _group_usage(ap: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """A command group given without its verb: print the group's usage (True)."""
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            group = action.choices[args.command]
+            for sub in group._actions:
+                if isinstance(sub, argparse._SubParsersAction) and \
+                        getattr(args, sub.dest, None) is None:
+                    group.print_help()
+                    return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -159,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)
-        if args.command in ("policy", "bpf", "endpoint", "identity"):
-            for action in ap._actions:   # a group without its verb: its usage
-                if isinstance(action, argparse._SubParsersAction):
-                    action.choices[args.command].print_help()
+        if args.command in ("policy", "bpf", "endpoint", "identity") and \
+                _group_usage(ap, args):
             return 2
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
