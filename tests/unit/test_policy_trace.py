@@ -1,6 +1,6 @@
 """``villi policy trace`` and ``villi policy selectors`` on a cluster view (no kernel).
 
-The e2e module (tests/e2e/test_policy_ops.py) checks the same answers against real
+The e2e module (tests/e2e/test_policy_debug.py) checks the same answers against real
 probes in a lab; here: each decision kind, its wording, the JSON shape and the errors.
 """
 
