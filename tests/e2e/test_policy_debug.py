@@ -349,3 +349,53 @@ def test_generated_policies_enforce_exactly_the_observed_traffic(lab: Lab) -> No
     bad = lab.state_path.parent / "bad.json"
     bad.write_text('{"flow": {"verdict": "FORWARDED", "IP": {}}}\nnot json\n')
     assert f"{bad}:2: not JSON" in lab.fails("policy", "generate", "--from-flows", str(bad))
+
+
+DEFAULT_DENY_B = f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: b-default-deny, namespace: {NS}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: b}}}}
+  ingress: [{{}}]
+"""
+
+
+def test_audit_generate_enforce_workflow(lab: Lab) -> None:
+    """docs/policy.md's workflow with audit mode (villi config, from the audit-mode
+    work): trace says AUDITED while audit forwards, `generate --verdict AUDIT` learns
+    what audit flagged, and the result enforces it. Skipped where `villi config` is
+    not part of this build."""
+    if lab.run("config", "--help").returncode != 0:
+        pytest.skip("villi config (policy audit mode) is not in this build")
+    lab.apply(DEFAULT_DENY_B, "default-deny-b")
+    assert lab.eventually(f"{NS}/a", f"{NS}/b", "80", False)
+    lab.ok("config", "set", "PolicyAuditMode=enabled")
+    generated = lab.state_path.parent / "audit-generated.yaml"
+    try:
+        assert lab.eventually(f"{NS}/a", f"{NS}/b", "80", True)    # audit: forwarded
+        deadline = time.monotonic() + 10
+        while lab.json("policy", "trace", "--src", f"{NS}/a", "--dst", f"{NS}/b",
+                       "--dport", "80/tcp")["verdict"] != "AUDITED":
+            assert time.monotonic() < deadline, "trace never said AUDITED"
+            time.sleep(0.5)
+        start = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        time.sleep(0.05)
+        assert lab.probe(f"{NS}/a", f"{NS}/b", "80")
+        time.sleep(0.5)
+        res = lab.run("policy", "generate", "--since", start, "-n", NS, "--verdict", "AUDIT")
+        assert res.returncode == 0, res.stderr
+        assert "app: b" in res.stdout and "port: '80'" in res.stdout, res.stdout
+        generated.write_text(res.stdout)
+        lab.apply(DEFAULT_DENY_B, "default-deny-b", delete=True)
+        lab.ok("apply", "-f", str(generated))
+    finally:
+        lab.ok("config", "set", "PolicyAuditMode=disabled")
+    try:
+        assert lab.eventually(f"{NS}/c", f"{NS}/b", "80", False)   # enforced, not audited
+        assert lab.probe(f"{NS}/a", f"{NS}/b", "80")
+        assert lab.json("policy", "trace", "--src", f"{NS}/a", "--dst", f"{NS}/b",
+                        "--dport", "80/tcp")["verdict"] == "ALLOWED"
+    finally:
+        if generated.exists():
+            lab.ok("delete", "-f", str(generated))
