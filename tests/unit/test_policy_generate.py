@@ -170,3 +170,38 @@ def test_parse_flows_accepts_observe_json_jsonpb_and_arrays() -> None:
         parse_flows(json.dumps(f) + "\n{oops", "flows.json")
     with pytest.raises(FlowParseError, match=r":1: not a flow"):
         parse_flows(json.dumps({"hello": 1}))
+
+
+def test_flows_as_the_observer_writes_them() -> None:
+    """The observer's own flow JSON (``to_flow``) goes through unchanged."""
+    import socket
+    import struct
+
+    import numpy as np
+
+    from villi.datapath.abi import FLOW_EVENT_DTYPE
+    from villi.observer.context import PodInfo, StaticContext
+    from villi.observer.flow import to_flow
+
+    def ip(s: str) -> int:
+        return int(struct.unpack("<I", socket.inet_aton(s))[0])
+
+    ctx = StaticContext(node="n1", labels={256: ["k8s:app=client"], 257: ["k8s:app=server"]},
+                        pods={"10.1.0.1": PodInfo("default", "client", 1),
+                              "10.1.0.2": PodInfo("default", "server", 2)})
+    r = np.zeros(2, dtype=FLOW_EVENT_DTYPE)
+    for i, (s, d, sp, dp, si, di) in enumerate([("10.1.0.1", "10.1.0.2", 40000, 80, 256, 257),
+                                                ("10.1.0.2", "10.1.0.1", 80, 40000, 257, 256)]):
+        r[i]["src_ip"], r[i]["dst_ip"], r[i]["sport"], r[i]["dport"] = ip(s), ip(d), sp, dp
+        r[i]["protocol"], r[i]["event_type"], r[i]["tcp_flags"] = 6, 4, 0x02
+        r[i]["src_identity"], r[i]["dst_identity"] = si, di
+    r[1]["flags"], r[1]["ct_state"] = 1, 2   # the reply
+    lines = "\n".join(json.dumps({"flow": to_flow(rec, 0, ctx)}) for rec in r)
+    result = generate(parse_flows(lines))
+    by_name = {p["metadata"]["name"]: p["spec"] for p in result.policies}
+    assert by_name["client"]["egress"] == [{"toEndpoints": [{"matchLabels": {"app": "server"}}],
+                                            "toPorts": [{"ports": [{"port": "80",
+                                                                    "protocol": "TCP"}]}]}]
+    assert by_name["server"]["ingress"][0]["fromEndpoints"] == [
+        {"matchLabels": {"app": "client"}}]
+    assert by_name["server"]["egress"] == [{}] and result.skipped == {"reply": 1}
