@@ -15,24 +15,19 @@ policies first).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e._lab import VILLI, Lab, running_lab
 from villi.cli.client import AgentClient
-from villi.lab import cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
-VILLI = [sys.executable, "-m", "villi.cli.main"]
 NS = "pops"
 
 POLICIES = f"""\
@@ -68,12 +63,8 @@ spec:
 """
 
 
-class Lab:
-    def __init__(self, state_path: Path) -> None:
-        self.state_path = state_path
-        self.env = dict(os.environ, VILLI_LAB_STATE=str(state_path))
-        for var in ("VILLI_KVSTORE", "VILLI_AGENT_SOCKET"):
-            self.env.pop(var, None)
+class OpsLab(Lab):
+    """The shared lab driver plus JSON output, expected failures, stdin and agent calls."""
 
     def run(self, *args: str, timeout: float = 120,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,44 +87,16 @@ class Lab:
         assert "Traceback" not in res.stderr
         return res.stderr
 
-    @property
-    def state(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())
-
-    def probe(self, src: str, dst: str, port: str, timeout: float = 1.0) -> bool:
-        res = self.run("lab", "probe", src, dst, port, "--timeout", str(timeout))
-        assert res.returncode in (0, 1), res.stderr
-        return res.returncode == 0
-
-    def eventually(self, src: str, dst: str, port: str, expect: bool,
-                   within: float = 10.0) -> bool:
-        deadline = time.monotonic() + within
-        while True:
-            if self.probe(src, dst, port) == expect:
-                return True
-            if time.monotonic() > deadline:
-                return False
-
-    def apply(self, text: str, name: str, delete: bool = False) -> None:
-        path = self.state_path.parent / f"{name}.yaml"
-        path.write_text(textwrap.dedent(text))
-        self.ok("delete" if delete else "apply", "-f", str(path))
-
     def agent(self, node: str) -> AgentClient:
         sock = next(n["socket"] for n in self.state["nodes"] if n["name"] == node)
         return AgentClient(sock)
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("opslab") / "state.json")
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
-    lab_id = None
-    try:
-        res = lab.run("lab", "up", "--nodes", "2", "--lease-ttl", "30")
-        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
-        lab_id = lab.state["id"]
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsLab]:
+    with running_lab(tmp_path_factory, "opslab", "--nodes", "2", "--lease-ttl", "30",
+                     lab_class=OpsLab) as lab:
+        assert isinstance(lab, OpsLab)
         for pod, node, labels, serve in (
                 ("a", "1", "app=a", "80/tcp,81/udp"),
                 ("b", "2", "app=b", "80/tcp,web=8080/tcp,81/udp"),
@@ -142,16 +105,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lab.ok("lab", "pod", "add", f"{NS}/{pod}", "--node", node, "--labels", labels,
                    "--serve", serve)
         yield lab
-    finally:
-        if lab.state_path.exists():
-            lab_id = lab_id or lab.state.get("id")
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 # (src, dst, trace --dport, probe port, expected verdict, what it shows)
@@ -170,7 +123,7 @@ CASES = [
 ]
 
 
-def test_policy_trace_agrees_with_real_probes(lab: Lab) -> None:
+def test_policy_trace_agrees_with_real_probes(lab: OpsLab) -> None:
     lab.apply(POLICIES, "trace-policies")
     assert lab.eventually(f"{NS}/c", f"{NS}/b", "80", False)   # policies are in force
     assert lab.eventually(f"{NS}/d", f"{NS}/a", "80", False)
@@ -210,7 +163,7 @@ def test_policy_trace_agrees_with_real_probes(lab: Lab) -> None:
     assert sel_a["users"] == ["CiliumNetworkPolicy pops/b-in"]
 
 
-def test_map_dumps_match_the_agents_view(lab: Lab) -> None:
+def test_map_dumps_match_the_agents_view(lab: OpsLab) -> None:
     eps = lab.json("get", "endpoints")
     bpf_eps = lab.json("bpf", "endpoint", "list")
     assert sorted((e["node"], e["id"], e["ipv4"], e["identity"],
@@ -308,7 +261,7 @@ UNOBSERVED = [("a", "b", "8080"), ("c", "b", "80"), ("b", "a", "80"), ("a", "c",
               ("d", "b", "80")]
 
 
-def test_generated_policies_enforce_exactly_the_observed_traffic(lab: Lab) -> None:
+def test_generated_policies_enforce_exactly_the_observed_traffic(lab: OpsLab) -> None:
     lab.apply(POLICIES, "trace-policies", delete=True)
     assert lab.eventually(f"{NS}/c", f"{NS}/b", "80", True)   # nothing enforced any more
     assert lab.eventually(f"{NS}/d", f"{NS}/a", "80", True)
@@ -323,12 +276,12 @@ def test_generated_policies_enforce_exactly_the_observed_traffic(lab: Lab) -> No
     assert "4 policies" in res.stderr, res.stderr
     # the same flows through a file (villi observe -o json) give the same policies
     flows = lab.ok("observe", "--since", start, "-o", "json")
-    path = lab.state_path.parent / "flows.json"
+    path = lab.tmp / "flows.json"
     path.write_text(flows)
     assert lab.ok("policy", "generate", "--from-flows", str(path), "-n", NS) == yaml_text
     assert lab.ok("policy", "generate", "--from-flows", "-", "-n", NS,
                   stdin=flows) == yaml_text
-    out = lab.state_path.parent / "generated.yaml"
+    out = lab.tmp / "generated.yaml"
     out.write_text(yaml_text)
     lab.ok("apply", "-f", str(out))
     try:
@@ -346,7 +299,7 @@ def test_generated_policies_enforce_exactly_the_observed_traffic(lab: Lab) -> No
         assert t["egress"]["enforcedBy"] == ["CiliumNetworkPolicy pops/a"]
     finally:
         lab.ok("delete", "-f", str(out))
-    bad = lab.state_path.parent / "bad.json"
+    bad = lab.tmp / "bad.json"
     bad.write_text('{"flow": {"verdict": "FORWARDED", "IP": {}}}\nnot json\n')
     assert f"{bad}:2: not JSON" in lab.fails("policy", "generate", "--from-flows", str(bad))
 
@@ -361,7 +314,7 @@ spec:
 """
 
 
-def test_audit_generate_enforce_workflow(lab: Lab) -> None:
+def test_audit_generate_enforce_workflow(lab: OpsLab) -> None:
     """docs/policy.md's workflow with audit mode (villi config, from the audit-mode
     work): trace says AUDITED while audit forwards, `generate --verdict AUDIT` learns
     what audit flagged, and the result enforces it. Skipped where `villi config` is
@@ -371,7 +324,7 @@ def test_audit_generate_enforce_workflow(lab: Lab) -> None:
     lab.apply(DEFAULT_DENY_B, "default-deny-b")
     assert lab.eventually(f"{NS}/a", f"{NS}/b", "80", False)
     lab.ok("config", "set", "PolicyAuditMode=enabled")
-    generated = lab.state_path.parent / "audit-generated.yaml"
+    generated = lab.tmp / "audit-generated.yaml"
     try:
         assert lab.eventually(f"{NS}/a", f"{NS}/b", "80", True)    # audit: forwarded
         deadline = time.monotonic() + 10
