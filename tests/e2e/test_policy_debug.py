@@ -184,6 +184,13 @@ def test_map_dumps_match_the_agents_view(lab: OpsLab) -> None:
             assert row["labels"] == identities[e["identity"]]
             assert row["pod"] == f"{NS}/{e['podName']}"
             assert bool(row["nodeIP"]) == (e["node"] != node)   # remote pods carry a node IP
+    # trace sees node addresses as the ipcache does: host to its own pods, else remote-node
+    b_node = next(e["node"] for e in eps if e["podName"] == "b")
+    for row in ipcache:
+        if row["node"] == b_node and row["identity"] in (1, 6):
+            t = lab.json("policy", "trace", "--src", row["prefix"].split("/")[0], "--dst",
+                         f"{NS}/b", "--dport", "80")
+            assert t["src"]["identity"] == row["identity"], (row, t["src"])
     one = lab.json("bpf", "ipcache", "list", "--node", "node1")
     assert {r["node"] for r in one} == {"node1"}
     # identity get = villi get identities, plus the pods that have it

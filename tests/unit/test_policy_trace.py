@@ -53,7 +53,8 @@ def _view(modes: dict[str, EndpointMode] | None = None) -> ClusterView:
     pods = [PodView("t", "a", "10.64.0.1", 256, "node1", 1),
             PodView("t", "b", "10.64.1.1", 257, "node2", 1, {"web": (8080, "TCP")}),
             PodView("t", "c", "10.64.0.2", 258, "node1", 2)]
-    return ClusterView(list(load_text(POLICY, "p.yaml")), ids, pods, modes or {})
+    return ClusterView(list(load_text(POLICY, "p.yaml")), ids, pods, modes or {},
+                       {"172.30.0.11": "node1", "172.30.0.12": "node2"})
 
 
 @pytest.mark.parametrize("src,dst,dport,verdict,ingress,egress", [
@@ -65,6 +66,8 @@ def _view(modes: dict[str, EndpointMode] | None = None) -> ClusterView:
     ("world", "t/b", "443/tcp", "ALLOWED", "ALLOWED", None),
     ("198.51.100.1", "t/b", "443/tcp", "ALLOWED", "ALLOWED", None),
     ("host", "t/b", "22/tcp", "ALLOWED", "ALLOWED", None),
+    ("172.30.0.12", "t/b", "22/tcp", "ALLOWED", "ALLOWED", None),   # b's node: host
+    ("172.30.0.11", "t/b", "22/tcp", "DENIED", "DENIED", None),     # remote-node
     ("t/c", "192.0.2.7", "53/udp", "ALLOWED", None, "ALLOWED"),
     ("t/c", "198.51.100.1", "53/udp", "DENIED", None, "DENIED"),
     ("k8s:app=a,k8s:io.kubernetes.pod.namespace=t", "t/b", "8080", "ALLOWED", "ALLOWED",
@@ -155,6 +158,13 @@ def test_modes_from_agents_endpoint_json() -> None:
 def test_trace_errors_are_precise(src: str, dst: str, dport: str, message: str) -> None:
     with pytest.raises(TraceError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trace(_view(), src, dst, dport)
+
+
+def test_node_addresses_are_host_to_their_pods_and_remote_node_to_others() -> None:
+    view = _view()
+    assert trace(view, "172.30.0.12", "t/b", "80").src.identity == 1
+    assert trace(view, "172.30.0.11", "t/b", "80").src.identity == 6
+    assert trace(view, "t/a", "172.30.0.11", "80").dst.identity == 1
 
 
 def test_parse_dport() -> None:

@@ -20,6 +20,7 @@ from villi.cli.context import Target, load_lab_state
 from villi.errors import VilliError
 
 IDENTITIES = "villi/state/identities/v1/id/"
+NODES = "villi/state/nodes/v1/"
 IPCACHE = "villi/state/ip/v1/"
 RESOURCES = "villi/resources/"
 
@@ -58,6 +59,7 @@ class StoreState:
     identities: dict[int, list[str]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)   # ip → ipcache entry
     resources: list[tuple[str, bytes]] = field(default_factory=list)
+    node_ips: dict[str, str] = field(default_factory=dict)   # node IP → node name
 
     def labels_of(self, identity: int) -> list[str]:
         from villi.identity.reserved import RESERVED_LABELS, ReservedIdentity
@@ -76,7 +78,7 @@ class StoreState:
 
 
 def read_state(target: Target, resources: bool = False) -> StoreState:
-    prefixes = [IDENTITIES, IPCACHE] + ([RESOURCES] if resources else [])
+    prefixes = [IDENTITIES, IPCACHE, NODES] + ([RESOURCES] if resources else [])
     lists = store_lists(target, *prefixes)
     state = StoreState()
     for key, value in lists[IDENTITIES]:
@@ -91,6 +93,13 @@ def read_state(target: Target, resources: bool = False) -> StoreState:
             state.pods[key[len(IPCACHE):]] = json.loads(value)
         except ValueError:
             continue
+    for _key, value in lists[NODES]:
+        try:
+            node = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(node, dict) and node.get("ipv4") and node.get("name"):
+            state.node_ips[str(node["ipv4"])] = str(node["name"])
     state.resources = lists.get(RESOURCES, [])
     return state
 
@@ -123,7 +132,7 @@ def cluster_view(target: Target) -> Any:
     modes = {}
     for _node, eps in agents_get(target, "/v1/endpoint")[0]:
         modes.update(modes_from_endpoints(eps))
-    return ClusterView(items, identities, pods, modes)
+    return ClusterView(items, identities, pods, modes, state.node_ips)
 
 
 def agents_get(target: Target, path: str,

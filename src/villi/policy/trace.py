@@ -94,6 +94,9 @@ class ClusterView:
     pods: list[PodView]
     #: namespace/pod → its endpoint's mode (absent: default enforcement, no audit)
     modes: dict[str, EndpointMode] = field(default_factory=dict)
+    #: node IP → node name: a node's address is ``host`` to its own pods and
+    #: ``remote-node`` to the others'
+    node_ips: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +282,9 @@ class _Tracer:
             pod = self.by_ip.get(text)
             if pod is not None:
                 return self._pod_peer(text, pod)
+            if text in self.view.node_ips:
+                rid = ReservedIdentity.REMOTE_NODE   # (host to its own pods: see trace())
+                return Peer(text, int(rid), RESERVED_LABELS[rid])
             identity = self._cidr_identity(int(address))
             return Peer(text, identity, self.identities.get(
                 identity, RESERVED_LABELS[ReservedIdentity.WORLD]))
@@ -367,6 +373,7 @@ def trace(view: ClusterView, src: str, dst: str, dport: str) -> TraceResult:
     port_or_name, proto = parse_dport(dport)
     tracer = _Tracer(view)
     s, d = tracer.peer(src), tracer.peer(dst)
+    s, d = _node_address(view, s, d), _node_address(view, d, s)
     if isinstance(port_or_name, str):
         found = None
         if d.pod is not None:
@@ -381,6 +388,15 @@ def trace(view: ClusterView, src: str, dst: str, dport: str) -> TraceResult:
     egress = tracer.side(s, d, Direction.EGRESS, protocol, port) if s.endpoint else None
     ingress = tracer.side(d, s, Direction.INGRESS, protocol, port) if d.endpoint else None
     return TraceResult(s, d, proto.upper(), port, egress, ingress)
+
+
+def _node_address(view: ClusterView, peer: Peer, other: Peer) -> Peer:
+    """A node's own address is ``host`` to the pods of that node (the ipcache says so)."""
+    node = view.node_ips.get(peer.text)
+    if node is not None and other.pod is not None and other.pod.node == node:
+        rid = ReservedIdentity.HOST
+        return Peer(peer.text, int(rid), RESERVED_LABELS[rid])
+    return peer
 
 
 def format_trace(result: TraceResult) -> str:
