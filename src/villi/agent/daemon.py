@@ -629,8 +629,10 @@ class Agent:
             return web.json_response(self.service_view())
 
         from villi.agent.fqdn import fqdn_routes
+        from villi.agent.policy_debug import policy_debug_routes
 
-        return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self)]
+        return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self),
+                *policy_debug_routes(self)]
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""

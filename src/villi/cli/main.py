@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
 
     lab_cli.add_parsers(sub)
     observe_cli.add_parsers(sub)
+    from villi.cli import bpf as bpf_cli
+    from villi.cli import policy_cmd
+
+    policy_cmd.add_parsers(sub)   # villi policy trace|selectors|generate
+    bpf_cli.add_parsers(sub)      # villi bpf …, villi endpoint get, villi identity get
     from villi.relay.main import add_arguments as relay_arguments
 
     relay_arguments(sub.add_parser("relay", help="merge the flows of every agent (Hubble "
@@ -93,6 +98,19 @@ def _parser() -> argparse.ArgumentParser:
 
     ui_arguments(sub.add_parser("ui", help="web UI: service map, flows, explanations"))
     return ap
+
+
+def _group_usage(ap: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """A command group given without its verb: print the group's usage (True)."""
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            group = action.choices[args.command]
+            for sub in group._actions:
+                if isinstance(sub, argparse._SubParsersAction) and \
+                        getattr(args, sub.dest, None) is None:
+                    group.print_help()
+                    return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             from villi._nsenter import enter_netns_for_good
 
             enter_netns_for_good(args.netns)
+        handler = getattr(args, "handler", None)
+        if handler is not None:   # commands registered with set_defaults(handler=…)
+            return int(handler(args))
         if args.command == "agent":
             from villi.cli.daemons import run_agent_command
             return run_agent_command(args)
@@ -151,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)
+        if args.command in ("policy", "bpf", "endpoint", "identity") and \
+                _group_usage(ap, args):
+            return 2
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

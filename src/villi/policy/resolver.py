@@ -96,6 +96,17 @@ class PolicyResolver(Repository):
         ingress, egress = subject.enforced
         return EndpointPolicy(ingress, egress, subject.entries())
 
+    def enforcing_rules(self, endpoint: int) -> tuple[list[RuleKey], list[RuleKey]]:
+        """(ingress, egress): the rules that make the endpoint default-deny in each
+        direction (``villi policy trace`` names them when nothing allows a packet)."""
+        subject = self._subjects[self._endpoints[EndpointID(endpoint)][1]]
+        return sorted(subject.enforcers[0], key=str), sorted(subject.enforcers[1], key=str)
+
+    def selector_users(self) -> dict[str, list[int]]:
+        """Every selector in use (as text) → the cookies of the rule sections using it
+        (``villi policy selectors``)."""
+        return {str(sel): sorted(users) for sel, users in self._users.items()}
+
     def map_state(self, endpoint: int) -> dict:
         """The endpoint's current kernel map rows (MapKey → MapValue)."""
         return dict(self._subjects[self._endpoints[EndpointID(endpoint)][1]].mapstate.state)

@@ -154,6 +154,10 @@ class CookieTable:
     def info(self, cookie: int) -> CookieInfo | None:
         return self._by_cookie.get(cookie)
 
+    def items(self) -> list[tuple[int, CookieInfo]]:
+        """Every cookie handed out so far and what it names (for map dumps)."""
+        return sorted(self._by_cookie.items())
+
 
 def _reserved(name: str) -> Selector:
     return Selector((Requirement(SOURCE_RESERVED, name, EXISTS),))
