@@ -12,7 +12,20 @@ import time
 import pytest
 
 from tests.e2e.test_datapath_progs import (
-    A, B, C, EGR, EP_A, EP_C, ID_A, ID_B, ID_C, ING, add_endpoint, add_ipcache, add_rule, dp,
+    EGR,
+    EP_A,
+    EP_C,
+    ID_A,
+    ID_B,
+    ID_C,
+    ING,
+    A,
+    B,
+    C,
+    add_endpoint,
+    add_ipcache,
+    add_rule,
+    dp,
 )
 from villi.datapath import abi
 from villi.datapath.node import NodeDatapath

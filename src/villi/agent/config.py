@@ -58,6 +58,10 @@ class AgentConfig:
     flows_tls_key: Path | None = None
     flows_tls_client_ca: Path | None = None
     hubble_metrics: str | None = None
+    #: Cilium's --enable-policy (default | always | never) and policy audit mode; the
+    #: kvstore's settings (`villi config set`) override both at run time.
+    enable_policy: str = "default"
+    policy_audit_mode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +70,9 @@ class AgentConfig:
         if self.pod_cidr_backoff_cap <= 0:
             raise VilliError("--pod-cidr-backoff-cap must be > 0 seconds, not "
                              f"{self.pod_cidr_backoff_cap}")
+        if self.enable_policy not in ("default", "always", "never"):
+            raise VilliError(f"--enable-policy must be default, always or never, not "
+                             f"{self.enable_policy!r}")
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
@@ -151,6 +158,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "policy:sourceContext=app;destinationContext=pod' or comma-separated "
                     "names (default: dns,drop,tcp,flow,port-distribution,icmp,httpV2,policy,"
                     "flows-to-world)")
+    ap.add_argument("--enable-policy", choices=["default", "always", "never"],
+                    help="default: enforce where a rule selects the endpoint; always: "
+                    "default deny everywhere; never: no policy (Cilium's modes; `villi "
+                    "config set EnablePolicy=...` overrides at run time)")
+    ap.add_argument("--policy-audit-mode", action="store_true", default=None,
+                    help="forward what policy would drop and report it as AUDIT (`villi "
+                    "config set PolicyAuditMode=...` overrides at run time)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

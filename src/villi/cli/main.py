@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     lab_cli.add_parsers(sub)
     observe_cli.add_parsers(sub)
+    from villi.cli import policyops  # config, endpoint config, datapath/policy degrade
+
+    policyops.add_parsers(sub)
     from villi.relay.main import add_arguments as relay_arguments
 
     relay_arguments(sub.add_parser("relay", help="merge the flows of every agent (Hubble "
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)
+        if args.command in ("config", "endpoint", "datapath", "policy"):
+            from villi.cli import policyops
+            return policyops.run(args)
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

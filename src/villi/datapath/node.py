@@ -16,8 +16,8 @@ from villi.datapath import abi, tc
 from villi.datapath.compiler import DEFAULT_CACHE_DIR, NodeConfig, compile_program
 from villi.datapath.loader import BpfObject, pin_root
 from villi.datapath.maps import TypedMap
-from villi.datapath.policycfg import PolicyConfigMap
 from villi.datapath.policycfg import U32 as CfgU32
+from villi.datapath.policycfg import PolicyConfigMap
 from villi.datapath.ringbuf import RingBuffer
 
 
