@@ -118,7 +118,10 @@ def _update_key(target: Target, key: str, changes: dict[str, str],
     async def fn(store: Any) -> bytes:
         kv = await store.get(key)
         value = merge(kv.value if kv is not None else None, changes, unset, where=key)
-        await store.put(key, value)
+        if json.loads(value):
+            await store.put(key, value)
+        elif kv is not None:
+            await store.delete(key)   # nothing left: the next layer applies again
         return value
 
     value: bytes = _store_run(target, fn)
