@@ -68,7 +68,10 @@ class Endpoint:
     policy_audit: bool = False     # `villi endpoint config ID PolicyAuditMode=enabled`
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if not data["policy_audit"]:
+            del data["policy_audit"]   # records without audit stay readable by older agents
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Endpoint:
