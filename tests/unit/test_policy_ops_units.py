@@ -262,3 +262,21 @@ def test_degrade_of_an_unknown_node_says_where_it_looked(tmp_path: object,
                  "nocluster", "--bpffs", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "no pinned policy switches at" in err and "nocluster/nowhere" in err
+
+
+def test_agent_flags_enable_policy_and_audit() -> None:
+    import argparse
+
+    from villi.agent.config import AgentConfig, add_arguments, from_args
+    from villi.errors import VilliError
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    cfg = from_args(ap.parse_args(["--node", "n", "--enable-policy", "always",
+                                   "--policy-audit-mode"]))
+    assert (cfg.enable_policy, cfg.policy_audit_mode) == ("always", True)
+    assert from_args(ap.parse_args(["--node", "n"])).enable_policy == "default"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--node", "n", "--enable-policy", "sometimes"])
+    with pytest.raises(VilliError, match="--enable-policy must be"):
+        AgentConfig(node="n", enable_policy="sometimes")
