@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_lab import Lab
-from villi.lab import cluster
+from tests.e2e._lab import Lab, running_lab
 from villi.lab import eni as lab_eni
 from villi.netns import routes
 
@@ -32,26 +31,10 @@ RELEASE_DELAY = 3
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("enilab") / "state.json")
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
-    res = lab.run("lab", "up", "--nodes", "2", "--lease-ttl", "3", "--ipam", "eni",
-                  "--cloud-latency", "5", "--excess-ip-release-delay", str(RELEASE_DELAY))
-    lab_id = None
-    try:
-        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
-        lab_id = lab.state["id"]
+    with running_lab(tmp_path_factory, "enilab", "--nodes", "2", "--lease-ttl", "3",
+                     "--ipam", "eni", "--cloud-latency", "5",
+                     "--excess-ip-release-delay", str(RELEASE_DELAY)) as lab:
         yield lab
-    finally:
-        if lab.state_path.exists():
-            lab_id = lab_id or lab.state.get("id")
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 def _nodes(lab: Lab) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ import pytest
 from villi.lab import _procs, cluster
 from villi.lab import pods as lab_pods
 
-from .test_lab import Lab
+from ._lab import Lab, running_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
@@ -58,13 +58,7 @@ EGRESS = """
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("l7lab") / "state.json")
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
-    lab_id = None
-    try:
-        lab.ok("lab", "up", "--nodes", "2")
-        lab_id = lab.state["id"]
+    with running_lab(tmp_path_factory, "l7lab", "--nodes", "2") as lab:
         lab.ok("lab", "pod", "add", "default/deathstar", "--node", "1", "--labels",
                "org=empire,class=deathstar", "--serve", "80/tcp", "--http-reply",
                "Ship landed", "--http-route", "PUT /v1/exhaust-port=Panic: deathstar exploded")
@@ -75,16 +69,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.ok("lab", "pod", "add", "default/tiefighter2", "--node", "2", "--labels",
                "org=empire,class=tiefighter")
         yield lab
-    finally:
-        if lab.state_path.exists():
-            lab_id = lab_id or lab.state.get("id")
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 def _ip(lab: Lab, pod: str) -> str:

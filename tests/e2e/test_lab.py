@@ -13,64 +13,19 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.e2e._lab import VILLI, Lab, running_lab  # noqa: F401  (Lab: imported by other modules)
 from villi.lab import cluster
 from villi.netns import routes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
-VILLI = [sys.executable, "-m", "villi.cli.main"]
 LEASE_TTL = 3
 NODES = 3
-
-
-class Lab:
-    def __init__(self, state_path: Path) -> None:
-        self.state_path = state_path
-        self.env = dict(os.environ, VILLI_LAB_STATE=str(state_path))
-        for var in ("VILLI_KVSTORE", "VILLI_AGENT_SOCKET"):
-            self.env.pop(var, None)
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*VILLI, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def ok(self, *args: str, timeout: float = 120) -> str:
-        res = self.run(*args, timeout=timeout)
-        assert res.returncode == 0, f"villi {' '.join(args)} → {res.returncode}\n" \
-            f"{res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())
-
-    def probe(self, src: str, dst: str, port: str, timeout: float = 1.0) -> bool:
-        res = self.run("lab", "probe", src, dst, port, "--timeout", str(timeout))
-        assert res.returncode in (0, 1), res.stderr
-        return res.returncode == 0
-
-    def eventually(self, src: str, dst: str, port: str, expect: bool,
-                   within: float = 10.0) -> bool:
-        deadline = time.monotonic() + within
-        while True:
-            if self.probe(src, dst, port) == expect:
-                return True
-            if time.monotonic() > deadline:
-                return False
-
-    def apply(self, text: str, name: str, delete: bool = False) -> None:
-        path = self.state_path.parent / f"{name}.yaml"
-        path.write_text(textwrap.dedent(text))
-        self.ok("delete" if delete else "apply", "-f", str(path))
 
 
 def _root_net() -> tuple[set[str], list[tuple[str, str | None, int]], list[str]]:
@@ -84,28 +39,11 @@ def _root_net() -> tuple[set[str], list[tuple[str, str | None, int]], list[str]]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("lab") / "state.json")
-    # this process too (cluster.leftovers/teardown look beside the state file)
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
     t0 = time.monotonic()
-    res = lab.run("lab", "up", "--nodes", str(NODES), "--lease-ttl", str(LEASE_TTL))
-    lab_id = None
-    try:
-        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
+    with running_lab(tmp_path_factory, "lab", "--nodes", str(NODES),
+                     "--lease-ttl", str(LEASE_TTL)) as lab:
         lab.up_seconds = time.monotonic() - t0   # type: ignore[attr-defined]
-        lab_id = lab.state["id"]
         yield lab
-    finally:
-        if lab.state_path.exists():
-            lab_id = lab_id or lab.state.get("id")
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)   # in case `lab down` itself failed
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 def test_lab_comes_up_with_three_healthy_nodes_and_nothing_in_root(lab: Lab) -> None:
@@ -221,19 +159,6 @@ def test_connectivity_suite_passes(lab: Lab) -> None:
     assert "villi-test" not in lab.ok("get", "policies")
 
 
-def _ipcache_has(lab_id: str, node: str, ip: str) -> bool:
-    from villi.datapath import abi
-    from villi.datapath.maps import BpfMap, TypedMap
-    from villi.endpoint.manager import ip_be
-
-    m = BpfMap.open_pinned(f"/sys/fs/bpf/villi/lab-{lab_id}/{node}/villi_ipcache")
-    try:
-        keys = TypedMap(m, abi.IpcacheKey, abi.IpcacheValue).keys()
-        return any(k.prefixlen == 32 and k.addr == ip_be(ip) for k in keys)
-    finally:
-        m.close()
-
-
 def test_node_killed_hard_disappears_within_lease_ttl(lab: Lab) -> None:
     state = lab.state
     node3 = state["nodes"][2]
@@ -243,14 +168,14 @@ def test_node_killed_hard_disappears_within_lease_ttl(lab: Lab) -> None:
     watchers = state["nodes"][:2]
     for n in watchers:
         assert any(dst == cidr3 for dst, _, _ in routes.routes(n["netns"]))
-        assert _ipcache_has(state["id"], n["name"], c_ip)
+        assert lab.ipcache_has(n["name"], c_ip)
 
     os.kill(node3["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     gone_at = None
     while time.monotonic() - t0 < LEASE_TTL + 5:
         if all(not any(dst == cidr3 for dst, _, _ in routes.routes(n["netns"]))
-               and not _ipcache_has(state["id"], n["name"], c_ip) for n in watchers):
+               and not lab.ipcache_has(n["name"], c_ip) for n in watchers):
             gone_at = time.monotonic() - t0
             break
         time.sleep(0.1)

@@ -10,79 +10,31 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.e2e._lab import Lab, running_lab
 from villi._nsenter import in_netns
 from villi.errors import StoreError
 from villi.kvstore import EtcdStore
 from villi.kvstore.tls import KvstoreTLS
-from villi.lab import cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
-VILLI = [sys.executable, "-m", "villi.cli.main"]
-
-
-class Lab:
-    def __init__(self, state_path: Path) -> None:
-        self.state_path = state_path
-        self.env = dict(os.environ, VILLI_LAB_STATE=str(state_path))
-        for var in list(self.env):
-            if var.startswith("VILLI_") and var != "VILLI_LAB_STATE":
-                self.env.pop(var)
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*VILLI, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def ok(self, *args: str, timeout: float = 120) -> str:
-        res = self.run(*args, timeout=timeout)
-        assert res.returncode == 0, f"villi {' '.join(args)} → {res.returncode}\n" \
-            f"{res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())
-
-    def probe(self, src: str, dst: str, port: str, timeout: float = 1.0) -> bool:
-        res = self.run("lab", "probe", src, dst, port, "--timeout", str(timeout))
-        assert res.returncode in (0, 1), res.stderr
-        return res.returncode == 0
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("seclab") / "state.json")
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
-    res = lab.run("lab", "up", "--nodes", "2")
-    lab_id = None
-    try:
-        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
-        lab_id = lab.state["id"]
+    with running_lab(tmp_path_factory, "seclab", "--nodes", "2") as lab:
         lab.ok("lab", "pod", "add", "sec/a", "--node", "1", "--labels", "app=a")
         lab.ok("lab", "pod", "add", "sec/b", "--node", "2", "--labels", "app=b",
                "--serve", "80/tcp")
         yield lab
-    finally:
-        if lab.state_path.exists():
-            lab_id = lab_id or lab.state.get("id")
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 def tcp_connects(netns: str, host: str, port: int, timeout: float = 1.5) -> bool:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+
+from tests.e2e import _lab
+from tests.e2e._lab import running_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
@@ -66,26 +64,8 @@ spec:
 """
 
 
-class Lab:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = dict(os.environ, VILLI_LAB_STATE=str(tmp / "state.json"))
-        for var in ("VILLI_KVSTORE", "VILLI_AGENT_SOCKET"):
-            self.env.pop(var, None)
-
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*VILLI, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def ok(self, *args: str) -> str:
-        res = self.run(*args)
-        assert res.returncode == 0, f"villi {' '.join(args)}: {res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    def apply(self, name: str, text: str, delete: bool = False) -> None:
-        path = self.tmp / f"{name}.yaml"
-        path.write_text(textwrap.dedent(text))
-        self.ok("delete" if delete else "apply", "-f", str(path))
+class Lab(_lab.Lab):
+    """The lab driver plus the service views these tests read."""
 
     def services(self) -> dict[str, dict]:
         return {s["name"]: s for s in json.loads(self.ok("get", "services", "-o", "json"))}
@@ -95,7 +75,7 @@ class Lab:
         the measurement is not the CLI's start-up time)."""
         from villi.lab._api import agent_call
 
-        state = json.loads((self.tmp / "state.json").read_text())
+        state = self.state
         counts = []
         for node in state["nodes"]:
             svcs = {s["name"]: s for s in agent_call(node["socket"], "GET", "/v1/service")}
@@ -116,28 +96,24 @@ class Lab:
         res = self.run("lab", "exec", pod, "--", "curl", "-s", "-m", str(timeout), url)
         return res.stdout.strip() if res.returncode == 0 else None
 
-    def probe(self, src: str, dst: str, port: str, timeout: float = 1.0) -> tuple[bool, str]:
+    def probe_detail(self, src: str, dst: str, port: str,
+                     timeout: float = 1.0) -> tuple[bool, str]:
         res = self.run("lab", "probe", src, dst, port, "--timeout", str(timeout))
         return res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    tmp = Path(tempfile.mkdtemp(prefix="villi-svc-test-"))
-    lab = Lab(tmp)
-    try:
-        lab.ok("lab", "up", "--nodes", "2")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with running_lab(tmp_path_factory, "svclab", "--nodes", "2", lab_class=Lab) as lab:
+        assert isinstance(lab, Lab)
         lab.ok("lab", "pod", "add", "default/web-1", "--node", "1", "--labels", "app=web",
                "--serve", "80/tcp,udp-echo=82/udp", "--http-reply", "web-1")
         lab.ok("lab", "pod", "add", "default/web-2", "--node", "2", "--labels", "app=web",
                "--serve", "80/tcp,udp-echo=82/udp", "--http-reply", "web-2")
         lab.ok("lab", "pod", "add", "default/client", "--node", "1", "--labels", "app=client")
         lab.ok("lab", "pod", "add", "default/other", "--node", "2", "--labels", "app=other")
-        lab.apply("web", WEB)
+        lab.apply(WEB, "web")
         yield lab
-    finally:
-        lab.run("lab", "down", timeout=120)
-
 
 def test_tcp_spreads_over_backends_on_both_nodes(lab: Lab) -> None:
     vip = lab.vip("web", 2)
@@ -148,7 +124,7 @@ def test_tcp_spreads_over_backends_on_both_nodes(lab: Lab) -> None:
 
 def test_udp_through_the_vip(lab: Lab) -> None:
     vip = lab.vip("web", 2)
-    ok, out = lab.probe("default/other", vip, "82/udp")
+    ok, out = lab.probe_detail("default/other", vip, "82/udp")
     assert ok, out
 
 
@@ -171,19 +147,19 @@ def test_scale_down_and_up_followed_within_a_second(lab: Lab) -> None:
 
 
 def test_client_ip_affinity(lab: Lab) -> None:
-    lab.apply("sticky", STICKY)
+    lab.apply(STICKY, "sticky")
     vip = lab.vip("sticky", 2)
     seen = {lab.curl("default/client", f"http://{vip}:8080/") for _ in range(8)}
     assert len(seen) == 1 and None not in seen, seen
     # Without it, web's backends belong to one service only (flows name one service).
-    lab.apply("sticky", STICKY, delete=True)
+    lab.apply(STICKY, "sticky", delete=True)
 
 
 def test_service_without_backends_refuses_at_once(lab: Lab) -> None:
-    lab.apply("nobody", EMPTY)
+    lab.apply(EMPTY, "nobody")
     vip = lab.vip("nobody", 0)
     t0 = time.monotonic()
-    ok, out = lab.probe("default/client", vip, "80/tcp", timeout=5)
+    ok, out = lab.probe_detail("default/client", vip, "80/tcp", timeout=5)
     assert not ok and "refused" in out.lower(), out
     assert time.monotonic() - t0 < 3.0      # the CLI's own start-up included
     # The refusal is visible: a drop flow naming the service and the reason.
@@ -195,7 +171,7 @@ def test_service_without_backends_refuses_at_once(lab: Lab) -> None:
 
 def test_policy_decides_by_backend_identity_and_flows_name_the_service(lab: Lab) -> None:
     vip = lab.vip("web", 2)
-    lab.apply("policy", ONLY_CLIENT)
+    lab.apply(ONLY_CLIENT, "policy")
     deadline = time.monotonic() + 10
     while lab.curl("default/other", f"http://{vip}/", timeout=1) is not None:
         assert time.monotonic() < deadline, "policy not enforced through the VIP"
@@ -217,4 +193,4 @@ def test_policy_decides_by_backend_identity_and_flows_name_the_service(lab: Lab)
     from_web = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
     assert from_web and all(f["source_service"]["name"] == "web" for f in from_web)
     assert lab.ok("observe", "--service", "default/nobody-else", "--to-port", "80").strip() == ""
-    lab.apply("policy", ONLY_CLIENT, delete=True)
+    lab.apply(ONLY_CLIENT, "policy", delete=True)

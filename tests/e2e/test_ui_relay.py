@@ -6,7 +6,6 @@ explanation with the policy's YAML, screenshots)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import _browser
+from tests.e2e import _browser, _lab
+from tests.e2e._lab import running_lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
@@ -40,25 +40,8 @@ spec:
 """
 
 
-class Lab:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = dict(os.environ, VILLI_LAB_STATE=str(tmp / "state.json"))
-        for var in ("VILLI_KVSTORE", "VILLI_AGENT_SOCKET"):
-            self.env.pop(var, None)
-
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*VILLI, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def ok(self, *args: str) -> str:
-        res = self.run(*args)
-        assert res.returncode == 0, f"villi {' '.join(args)}: {res.stdout}\n{res.stderr}"
-        return res.stdout
-
-    @property
-    def state(self) -> dict:
-        return json.loads((self.tmp / "state.json").read_text())
+class Lab(_lab.Lab):
+    """The lab driver plus the relay flow query."""
 
     def relay_flows(self, *args: str) -> tuple[list[dict], str]:
         res = self.run("observe", "--server", self.state["relay"]["http"], "-o", "json",
@@ -68,26 +51,22 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    tmp = Path(tempfile.mkdtemp(prefix="villi-ui-test-"))
-    lab = Lab(tmp)
-    try:
-        out = lab.ok("lab", "up", "--nodes", "2")
-        assert "Flows: http://127.0.0.1:" in out
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with running_lab(tmp_path_factory, "uilab", "--nodes", "2", lab_class=Lab) as lab:
+        assert isinstance(lab, Lab)
+        assert "Flows: http://127.0.0.1:" in lab.up_output
         lab.ok("lab", "pod", "add", "shop/web", "--node", "1", "--labels", "app=web",
                "--serve", "80/tcp")
         lab.ok("lab", "pod", "add", "shop/frontend", "--node", "2", "--labels", "app=frontend")
         lab.ok("lab", "pod", "add", "tools/intruder", "--node", "2", "--labels", "app=intruder")
-        (tmp / "policy.yaml").write_text(textwrap.dedent(POLICY))
-        lab.ok("apply", "-f", str(tmp / "policy.yaml"))
+        (lab.tmp / "policy.yaml").write_text(textwrap.dedent(POLICY))
+        lab.ok("apply", "-f", str(lab.tmp / "policy.yaml"))
         deadline = time.monotonic() + 10
         while lab.run("lab", "probe", "tools/intruder", "shop/web", "80/tcp",
                       "--timeout", "0.5").returncode == 0:
             assert time.monotonic() < deadline, "the policy never took effect"
         assert lab.run("lab", "probe", "shop/frontend", "shop/web", "80/tcp").returncode == 0
         yield lab
-    finally:
-        lab.run("lab", "down", timeout=120)
 
 
 def test_relay_merges_the_flows_of_both_nodes(lab: Lab) -> None:

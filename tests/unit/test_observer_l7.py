@@ -98,3 +98,23 @@ def test_http_metrics() -> None:
         "method": "PUT", "status": "403", "reporter": "server"}) == 1
     assert reg.get_sample_value("hubble_http_request_duration_seconds_count", {
         "method": "POST", "reporter": "server"}) == 1
+
+
+def test_l7_flows_count_in_the_flow_metric_with_its_context_labels() -> None:
+    """The flow metric with context labels must not break on L7 records (it did)."""
+    from prometheus_client import CollectorRegistry
+
+    from villi.observer.metrics import HubbleMetrics
+    from villi.observer.metricsconfig import parse
+
+    registry = CollectorRegistry()
+    metrics = HubbleMetrics(registry, parse("flow:sourceContext=namespace http"))
+    flow = {"verdict": "FORWARDED", "traffic_direction": "INGRESS",
+            "source": {"namespace": "default", "pod_name": "tiefighter"},
+            "destination": {"namespace": "default", "pod_name": "deathstar"},
+            "l7": {"type": "REQUEST", "http": {"method": "GET", "protocol": "HTTP/1.1"}}}
+    metrics.count_l7(flow)
+    got = registry.get_sample_value("hubble_flows_processed_total",
+                                    {"type": "L7", "subtype": "http-request",
+                                     "verdict": "FORWARDED", "source": "default"})
+    assert got == 1.0

@@ -419,6 +419,13 @@ class HubbleMetrics:
     def count_l7(self, flow: dict[str, Any]) -> None:
         """Count one L7 flow (Hubble JSON shape: ``l7.http`` / ``l7.dns``)."""
         l7 = flow.get("l7") or {}
+        if self.flows is not None:   # with the flow metric's context labels, if any
+            kind = "dns" if l7.get("dns") else "http"
+            extra = self._dict_contexts("flow", flow)
+            labels = ["L7", f"{kind}-{str(l7.get('type', '')).lower()}",
+                      str(flow.get("verdict", "")), *extra]
+            self.flows.labels(*labels).inc()
+            self._remember(self.flows, len(extra), labels)
         reporter = "server" if flow.get("traffic_direction") == "INGRESS" else "client"
         http = l7.get("http")
         metric = "httpV2" if self.config.enabled("httpV2") else "http"

@@ -79,10 +79,6 @@ class Observer:
         self.processed += len(flows)
         for flow in flows:
             self.metrics.count_l7(flow)
-        if self.metrics.flows is not None:
-            for f in flows:
-                self.metrics.flows.labels("L7", "http-" + f["l7"]["type"].lower(),
-                                          f["verdict"]).inc()
         if self.exporter is not None:
             self.exporter.write([f for f in flows if flow_matches(self.export_filter, f)])
         self._changed.set()
