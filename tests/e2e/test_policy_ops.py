@@ -13,8 +13,6 @@ back the settings it changed, even when it fails.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import time
 import urllib.request
@@ -24,9 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_lab import Lab
+from tests.e2e._lab import Lab, running_lab
 from villi._nsenter import in_netns
-from villi.lab import cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 
@@ -55,14 +52,7 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("policyops") / "state.json")
-    saved = os.environ.get("VILLI_LAB_STATE")
-    os.environ["VILLI_LAB_STATE"] = str(lab.state_path)
-    lab_id = None
-    try:
-        res = lab.run("lab", "up", "--nodes", "2")
-        assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
-        lab_id = lab.state["id"]
+    with running_lab(tmp_path_factory, "policyops", "--nodes", "2") as lab:
         lab.ok("lab", "pod", "add", "ops/a", "--node", "1", "--labels", "app=a")
         lab.ok("lab", "pod", "add", "ops/b", "--node", "2", "--labels", "app=b",
                "--serve", "80/tcp,81/tcp,82/tcp")
@@ -72,21 +62,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert lab.eventually("ops/c", "ops/b", "80", False)
         assert lab.eventually("ops/a", "ops/b", "80", True)
         yield lab
-    finally:
-        if lab.state_path.exists():
-            etcd = lab.state.get("processes", {}).get("etcd", {}).get("pid")
-            if etcd:   # a failed test must not leave etcd stopped
-                try:
-                    os.kill(etcd, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            lab.run("lab", "down")
-        if lab_id:
-            cluster.teardown(lab_id)
-        if saved is None:
-            os.environ.pop("VILLI_LAB_STATE", None)
-        else:
-            os.environ["VILLI_LAB_STATE"] = saved
 
 
 # --- helpers -----------------------------------------------------------------------------
