@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "observe":
             from villi.cli import observe as observe_cli
             return observe_cli.run(args)
-        if args.command in ("config", "endpoint", "datapath", "policy"):
+        if getattr(args, "policyops", None):   # config, endpoint config, datapath/policy
             from villi.cli import policyops
             return policyops.run(args)
     except VilliError as e:

@@ -35,34 +35,50 @@ from villi.policy.modes import (
     parse_assignments,
 )
 
-COMMANDS = ("config", "endpoint", "datapath", "policy")
+
+def _family(sub: Any, name: str, help_text: str, dest: str) -> Any:
+    """The subcommands of family ``name`` (``villi policy …``), made here or reused when
+    another module registered the family first (``villi policy trace``, ``villi endpoint
+    get``): both modules' verbs then live under one parser."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help_text)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest=dest, metavar="VERB", required=True)
 
 
 def add_parsers(sub: Any) -> None:
     """Register ``config``, ``endpoint config``, ``datapath policy`` and ``policy
-    degrade|restore`` (the ``endpoint`` and ``policy`` families may gain other verbs)."""
+    degrade|restore``. Every parser made here sets ``policyops``, which is how
+    ``villi.cli.main`` knows to call :func:`run` (other verbs of the same families
+    belong to other modules)."""
     keys = ", ".join(f"{k}={'|'.join(v)}" for k, v in SETTINGS.items())
-    p = sub.add_parser("config", help="cluster-wide or per-node policy settings (kvstore)")
-    csub = p.add_subparsers(dest="config_command", metavar="VERB", required=True)
+    csub = _family(sub, "config", "cluster-wide or per-node policy settings (kvstore)",
+                   "config_command")
     s = csub.add_parser("set", help=f"set settings: {keys}")
     s.add_argument("settings", nargs="+", metavar="KEY=VALUE")
     s.add_argument("--node", help="this node only (overrides the cluster-wide setting)")
+    s.set_defaults(policyops="config")
     s = csub.add_parser("unset", help="remove settings (the next layer applies again)")
     s.add_argument("keys", nargs="+", metavar="KEY", choices=sorted(SETTINGS))
     s.add_argument("--node")
+    s.set_defaults(policyops="config")
     s = csub.add_parser("get", help="stored settings and what each agent enforces")
     s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    s.set_defaults(policyops="config")
 
-    p = sub.add_parser("endpoint", help="endpoint settings")
-    esub = p.add_subparsers(dest="endpoint_command", metavar="VERB", required=True)
+    esub = _family(sub, "endpoint", "endpoint operations", "endpoint_command")
     s = esub.add_parser("config", help="set an endpoint's options, e.g. PolicyAuditMode=enabled")
     s.add_argument("endpoint", metavar="ID|NS/POD")
     s.add_argument("settings", nargs="+", metavar="KEY=VALUE")
     s.add_argument("--node", help="the endpoint's node (needed for a numeric ID when "
                    "several agents run)")
+    s.set_defaults(policyops="endpoint")
 
-    p = sub.add_parser("datapath", help="act on a node's pinned datapath state directly")
-    dsub = p.add_subparsers(dest="datapath_command", metavar="AREA", required=True)
+    dsub = _family(sub, "datapath", "act on a node's pinned datapath state directly",
+                   "datapath_command")
     pol = dsub.add_parser("policy", help="the last-resort policy switch")
     psub = pol.add_subparsers(dest="switch", metavar="VERB", required=True)
     for verb, what in (("degrade", "forward what policy would drop (reported as AUDIT); "
@@ -73,24 +89,28 @@ def add_parsers(sub: Any) -> None:
         s.add_argument("--node", required=verb != "status", help="node name")
         s.add_argument("--cluster", help="cluster name (default: the lab's, else default)")
         s.add_argument("--bpffs", default="/sys/fs/bpf", help=argparse.SUPPRESS)
+        s.set_defaults(policyops="datapath")
 
-    p = sub.add_parser("policy", help="policy operations")
-    polsub = p.add_subparsers(dest="policy_command", metavar="VERB", required=True)
+    polsub = _family(sub, "policy", "policy operations", "policy_command")
     for verb, what in (("degrade", "degrade policy on every node through the kvstore"),
                        ("restore", "end a cluster-wide degradation")):
         s = polsub.add_parser(verb, help=what)
         s.add_argument("--all", action="store_true", required=True,
                        help="every node (one node: villi datapath policy " + verb + ")")
+        s.set_defaults(policyops="policy", policy_switch=verb)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.command == "config":
+    kind = getattr(args, "policyops", None)
+    if kind == "config":
         return _config(args)
-    if args.command == "endpoint":
+    if kind == "endpoint":
         return _endpoint_config(args)
-    if args.command == "datapath":
+    if kind == "datapath":
         return _datapath_policy(args)
-    return _cluster_switch(args)
+    if kind == "policy":
+        return _cluster_switch(args)
+    raise VilliError(f"villi {args.command}: not a policy-operations command")
 
 
 # --- kvstore settings ------------------------------------------------------------------
@@ -293,7 +313,7 @@ def degraded_line(sw: dict[str, Any]) -> str | None:
 
 def _cluster_switch(args: argparse.Namespace) -> int:
     target = resolve(args.kvstore, args.agent_socket)
-    on = args.policy_command == "degrade"
+    on = args.policy_switch == "degrade"
     if on:
         value = _update_key(target, CLUSTER_CONFIG_KEY, {"PolicyDegraded": "enabled"})
     else:
