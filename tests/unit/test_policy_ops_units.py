@@ -280,3 +280,22 @@ def test_agent_flags_enable_policy_and_audit() -> None:
         ap.parse_args(["--node", "n", "--enable-policy", "sometimes"])
     with pytest.raises(VilliError, match="--enable-policy must be"):
         AgentConfig(node="n", enable_policy="sometimes")
+
+
+def test_cli_families_are_shared_with_other_modules() -> None:
+    """Another module may register `villi policy trace` / `villi endpoint get` first."""
+    import argparse
+
+    from villi.cli import policyops
+
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command")
+    other = sub.add_parser("policy").add_subparsers(dest="policy_command")
+    other.add_parser("trace").add_argument("--src")
+    policyops.add_parsers(sub)
+    args = ap.parse_args(["policy", "trace", "--src", "x"])
+    assert args.src == "x" and not getattr(args, "policyops", None)
+    args = ap.parse_args(["policy", "degrade", "--all"])
+    assert (args.policyops, args.policy_switch) == ("policy", "degrade")
+    args = ap.parse_args(["endpoint", "config", "3", "PolicyAuditMode=on", "--node", "n1"])
+    assert args.policyops == "endpoint" and args.node == "n1"
