@@ -99,6 +99,7 @@ def test_flows_have_hubble_shape(env: Env) -> None:
     flows = env.observe()
     srv, cli = env.pods["server"], env.pods["client"]
     fwd = [f for f in flows if f["verdict"] == "FORWARDED" and f["IP"]["destination"] == srv.ip
+           and f["event_type"]["type"] == 4
            and _ports(f)[1] == 80 and f["traffic_direction"] == "INGRESS"
            and f["IP"]["source"] == cli.ip]
     assert fwd, flows
@@ -111,7 +112,7 @@ def test_flows_have_hubble_shape(env: Env) -> None:
     assert f["trace_observation_point"] == "TO_ENDPOINT" and f["is_reply"] is False
     assert f["IP"]["ipVersion"] == "IPv4" and f["IP"]["source"] == cli.ip
     assert f["ingress_allowed_by"][0]["name"] == "server-policy"
-    drops = [f for f in flows if f["verdict"] == "DROPPED"]
+    drops = [f for f in flows if f["verdict"] == "DROPPED" and f["event_type"]["type"] == 1]
     reasons = {(f["source"]["pod_name"], _ports(f)[1]): f["drop_reason_desc"] for f in drops}
     assert reasons[("client", 81)] == "POLICY_DENIED"
     assert reasons[("other", 81)] == "POLICY_DENY"
@@ -161,7 +162,7 @@ FLAG_CASES = [
     (("--protocol", "udp"), lambda f, e: "UDP" in f["l4"]),
     (("--port", "81"), lambda f, e: 81 in _ports(f)),
     (("--to-port", "80"), lambda f, e: _ports(f)[1] == 80),
-    (("--type", "drop"), lambda f, e: f["verdict"] == "DROPPED"),
+    (("--type", "drop"), lambda f, e: f["event_type"]["type"] == 1),
     (("--type", "trace:to-endpoint"),
      lambda f, e: f.get("trace_observation_point") == "TO_ENDPOINT"),
     (("--node", "NODE"), lambda f, e: f["node_name"] == e.agent.node),
@@ -169,7 +170,8 @@ FLAG_CASES = [
     (("-n", "default"), lambda f, e: True),
     (("-l", "app=other"), lambda f, e: "k8s:app=other" in
      f["source"]["labels"] + f["destination"]["labels"]),
-    (("-t", "drop"), lambda f, e: f["verdict"] == "DROPPED"),
+    (("-t", "drop"), lambda f, e: f["event_type"]["type"] == 1),
+    (("--type", "policy-verdict"), lambda f, e: f["event_type"]["type"] == 5),
     (("--node-name", "NODE"), lambda f, e: f["node_name"] == e.agent.node),
     (("-A", "--from-pod", "other"), lambda f, e: f["source"].get("pod_name") == "other"),
     (("-n", "default", "--to-pod", "server"),

@@ -82,9 +82,13 @@ def test_vocabulary_matches_c() -> None:
         assert c[f"MATCH_{mt.name}"] == mt.value
     for ag in abi.Aggregation:
         assert c[f"AGGREGATION_{ag.name}"] == ag.value
+    for mode in abi.Enforcement:
+        assert c[f"ENFORCE_{mode.name}"] == mode.value
     for name in ("EP_F_INGRESS_ENFORCED", "EP_F_EGRESS_ENFORCED", "EP_F_INGRESS_LOOKUP",
                  "EP_F_EGRESS_LOOKUP", "EVF_IS_REPLY", "EVF_REDIRECTED",
-                 "POLICY_STATIC_PREFIX", "POLICY_FULL_PREFIX", "METRICS_SLOTS"):
+                 "POLICY_STATIC_PREFIX", "POLICY_FULL_PREFIX", "METRICS_SLOTS", "EP_F_AUDIT",
+                 "POLICY_CFG_ENFORCEMENT", "POLICY_CFG_AUDIT", "POLICY_CFG_DEGRADED",
+                 "POLICY_CFG_CLUSTER_DEGRADED", "POLICY_CFG_SLOTS"):
         assert c[name] == getattr(abi, name), name
     for reason in abi.DropReason:
         assert reason.value in abi.DROP_REASON_TEXT

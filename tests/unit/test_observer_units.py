@@ -46,6 +46,14 @@ def records() -> np.ndarray:
     return r
 
 
+def with_policy_verdicts(r: np.ndarray) -> np.ndarray:
+    """``r`` plus the datapath's policy-verdict record for each non-reply record."""
+    pv = r[(r["flags"] & 1) == 0].copy()
+    pv["event_type"] = 5
+    pv["ts_ns"] += 100
+    return np.concatenate([r, pv])
+
+
 CTX = StaticContext(
     node="n1",
     labels={256: ["k8s:app=client"], 257: ["k8s:app=server"], 258: ["k8s:app=other"]},

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.test_observer_units import CTX, ip, records
+from tests.unit.test_observer_units import CTX, ip, records, with_policy_verdicts
 from villi.observer.flow import to_flow
 from villi.observer.metrics import HubbleMetrics
 from villi.observer.metricsconfig import MetricsConfigError, parse
@@ -91,7 +91,7 @@ def test_context_labels_name_workloads() -> None:
     m = HubbleMetrics(config=parse("policy:sourceContext=app|pod;destinationContext=pod;"
                                    "labelsContext=source_namespace,traffic_direction"),
                       ctx=CTX)
-    m.count(records())
+    m.count(with_policy_verdicts(records()))
     samples = [s for s in _families(m)["hubble_policy_verdicts"].samples
                if s.name.endswith("_total")]
     got = {(s.labels["source"], s.labels["destination"], s.labels["source_namespace"],
@@ -104,7 +104,7 @@ def test_context_labels_name_workloads() -> None:
 def test_series_of_a_departed_pod_expire() -> None:
     m = HubbleMetrics(config=parse("drop:sourceContext=pod policy:sourceContext=app"),
                       ctx=CTX)
-    m.count(records())
+    m.count(with_policy_verdicts(records()))
     before = {s.labels["source"] for s in _families(m)["hubble_drop"].samples}
     assert "prod/other" in before
     m.forget_pod("prod", "other", "10.1.0.3")       # no running loop: at once

@@ -63,6 +63,10 @@ class AgentConfig:
     tofqdns_min_ttl: int = 0
     tofqdns_endpoint_max_ip_per_hostname: int = 1000
     tofqdns_proxy_response_max_delay: float = 0.1
+    #: Cilium's --enable-policy (default | always | never) and policy audit mode; the
+    #: kvstore's settings (`villi config set`) override both at run time.
+    enable_policy: str = "default"
+    policy_audit_mode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,9 @@ class AgentConfig:
         if self.tofqdns_dns_reject_response_code not in ("refused", "nameError"):
             raise VilliError("--tofqdns-dns-reject-response-code must be refused or "
                              f"nameError, not {self.tofqdns_dns_reject_response_code!r}")
+        if self.enable_policy not in ("default", "always", "never"):
+            raise VilliError(f"--enable-policy must be default, always or never, not "
+                             f"{self.enable_policy!r}")
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
@@ -167,6 +174,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="IPs one name may open per endpoint; the oldest go first (1000)")
     ap.add_argument("--tofqdns-proxy-response-max-delay", type=float, metavar="SECONDS",
                     help="longest hold of a DNS answer while its IPs are allowed (0.1)")
+    ap.add_argument("--enable-policy", choices=["default", "always", "never"],
+                    help="default: enforce where a rule selects the endpoint; always: "
+                    "default deny everywhere; never: no policy (Cilium's modes; `villi "
+                    "config set EnablePolicy=...` overrides at run time)")
+    ap.add_argument("--policy-audit-mode", action="store_true", default=None,
+                    help="forward what policy would drop and report it as AUDIT (`villi "
+                    "config set PolicyAuditMode=...` overrides at run time)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

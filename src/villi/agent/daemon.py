@@ -37,6 +37,7 @@ from villi.agent.ipam import NodeIPAM
 from villi.agent.l7 import L7Proxy
 from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
 from villi.agent.policy_sync import PolicySync
+from villi.agent.policymode import PolicyModes, PolicyModesCollector
 from villi.agent.services import ServiceSync
 from villi.agent.sync import IpcacheSync, NodeSync, StoreHealth
 from villi.datapath.compiler import NodeConfig
@@ -123,6 +124,7 @@ class Agent:
         guard_control_plane(self.datapath, kvstore_endpoints(cfg.kvstore))
         self.services = ServiceSync(self)
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
+        self.policy_modes = PolicyModes.for_agent(self)   # hook: opsa (policy modes)
         restored = await self.kernel(self.endpoints.restore)
         log.info("restored %d endpoints from %s", len(restored), state)
         self.ipam = _make_ipam(cfg, state, self.node)
@@ -145,6 +147,8 @@ class Agent:
         self.identity_cache = IdentityCache()
         self.metrics = AgentMetrics(self)
         self.policy = PolicySync(self)
+        self.metrics.registry.register(PolicyModesCollector(self.policy_modes))  # hook: opsa
+        await self.policy_modes.follow(self.store, self._spawn)   # hook: opsa
         # The initial sync allocates hundreds of thousands of small objects (policy
         # entries, map keys): no collector runs while it does.
         gc.disable()
@@ -383,8 +387,7 @@ class Agent:
             "ipv4Pool": self.ipam.cidr_of(ep.ipv4), "gateway": GATEWAY_IPV4,
             "mac": ep.pod_mac, "hostIfname": ep.host_ifname, "hostMac": ep.host_mac,
             "namedPorts": ep.named_ports, "node": self.node,
-            "policy": {"ingress": "enabled" if ep.ingress_enforced else "disabled",
-                       "egress": "enabled" if ep.egress_enforced else "disabled"},
+            "policy": self.policy_modes.endpoint_policy(ep),   # hook: opsa
             "state": ep.state,
         }
 
@@ -612,6 +615,7 @@ class Agent:
                      **usage, "cidrs": self.ipam.cidrs, "villi.io/ip": usage["free"]},
             "endpoints": len(self.endpoints.endpoints),
             "neigh": getattr(self, "neigh", None),
+            "policy": self.policy_modes.status(),   # hook: opsa
         }
 
     def policy_view(self) -> dict[str, Any]:
@@ -632,7 +636,8 @@ class Agent:
         from villi.agent.policy_debug import policy_debug_routes
 
         return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self),
-                *policy_debug_routes(self)]
+                *policy_debug_routes(self),
+                *self.policy_modes.routes(self._find, self.endpoint_view)]   # hook: opsa
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""

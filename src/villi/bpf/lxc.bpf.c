@@ -84,16 +84,42 @@ struct verdict {
 	__u8  report;       /* a forwarded event is due under the aggregation level */
 	__u8  match_type;
 	__u8  proxy_return; /* a reply to a connection the proxy opened */
+	__u8  audit_reason; /* forwarded by audit mode: the drop policy would have made */
 	__u16 proxy_port;   /* non-zero: steer to this L7 proxy port */
 };
 
+/* Hubble's policy-verdict event (type 5): the decision of one endpoint's policy for the
+ * first packet of a connection in one direction, emitted where the policy applies (an
+ * enforced or looked-up direction, or a guarded destination). Replies never get one:
+ * they are CT_REPLY and skip the policy. */
+static __always_inline void policy_verdict(struct __sk_buff *skb, const struct pkt *p,
+					   const struct endpoint_value *ep, __u8 dir,
+					   __u32 peer_id, const struct verdict *v)
+{
+	struct flow_event ev;
+
+	event_init(&ev, skb, p, ep->endpoint_id, dir);
+	ev.event_type = EVENT_POLICY_VERDICT;
+	ev.drop_reason = v->reason;
+	ev.audit_reason = v->audit_reason;
+	ev.src_identity = dir == DIR_INGRESS ? peer_id : ep->identity;
+	ev.dst_identity = dir == DIR_INGRESS ? ep->identity : peer_id;
+	ev.cookie = v->cookie;
+	ev.match_type = v->match_type;
+	ev.ct_state = CT_NEW;
+	emit_event(&ev);
+}
+
 /* Conntrack + policy for endpoint `ep` in direction `dir` against `peer_id`.
  * `guarded`: the peer is a control-plane destination (guarded.h), which only an
- * explicit policy entry opens.
- * `by_proxy`: the packet comes from the proxy's upstream socket (never redirected). */
-static __always_inline void enforce(const struct pkt *p, const struct endpoint_value *ep,
-				    __u8 dir, __u32 peer_id, __u8 guarded, struct verdict *v,
-				    int by_proxy)
+ * explicit policy entry opens (audit mode and the degradation switch never open it).
+ * `by_proxy`: the packet comes from the proxy's upstream socket (never redirected).
+ * Audit mode (policy_audited): what policy would drop is allowed, tracked like any
+ * connection and reported with audit_reason set; the policy is looked up again for
+ * every packet in the original direction, so leaving audit applies to the next one. */
+static __always_inline void enforce(struct __sk_buff *skb, const struct pkt *p,
+				    const struct endpoint_value *ep, __u8 dir, __u32 peer_id,
+				    __u8 guarded, struct verdict *v, int by_proxy)
 {
 	struct ct_value *ct = NULL;
 	struct policy_result res = {};
@@ -105,6 +131,7 @@ static __always_inline void enforce(const struct pkt *p, const struct endpoint_v
 	v->cookie = 0;
 	v->match_type = MATCH_NONE;
 	v->proxy_return = 0;
+	v->audit_reason = 0;
 	v->proxy_port = 0;
 	v->ct_state = ct_lookup(p, dir, &ct);
 	if (v->ct_state == CT_REPLY && ct) {
@@ -117,12 +144,16 @@ static __always_inline void enforce(const struct pkt *p, const struct endpoint_v
 	v->cookie = res.cookie;
 	v->match_type = res.match_type;
 	if (ret) {
-		v->reason = ret;
-		return;
+		if (!policy_audited(ep)) {
+			v->reason = ret;
+			goto verdict;
+		}
+		v->audit_reason = ret;
 	}
-	if (guarded && res.match_type == MATCH_NONE) {
+	if (guarded && (res.match_type == MATCH_NONE || v->audit_reason)) {
 		v->reason = DROP_CONTROL_PLANE;
-		return;
+		v->audit_reason = 0;
+		goto verdict;
 	}
 	if (!by_proxy && (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP))
 		v->proxy_port = res.proxy_port;
@@ -144,6 +175,9 @@ static __always_inline void enforce(const struct pkt *p, const struct endpoint_v
 		/* A proxied connection stays proxied whatever the policy became since. */
 		v->proxy_port = (ct->proxy_flags & CT_F_TO_PROXY) ? ct->proxy_port : 0;
 	}
+verdict:
+	if (v->ct_state == CT_NEW && !p->icmp_reply && (res.applies || guarded))
+		policy_verdict(skb, p, ep, dir, peer_id, v);
 }
 
 static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct pkt *p,
@@ -164,6 +198,7 @@ static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct 
 	ev.ct_state = v->ct_state;
 	ev.obs_point = obs;
 	ev.flags = flags | (v->ct_state == CT_REPLY ? EVF_IS_REPLY : 0);
+	ev.audit_reason = v->audit_reason;
 	emit_event(&ev);
 }
 
@@ -211,7 +246,7 @@ int from_pod(struct __sk_buff *skb)
 
 	dst_id = ipcache_identity(p.daddr);
 	guarded = guarded_identity(&p, &dst_id);
-	enforce(&p, ep, DIR_EGRESS, dst_id, guarded, &eg, 0);
+	enforce(skb, &p, ep, DIR_EGRESS, dst_id, guarded, &eg, 0);
 	if (eg.reason)
 		return drop_packet(skb, &p, eg.reason, DIR_EGRESS, ep->endpoint_id, ep->identity,
 				   dst_id, eg.cookie, eg.match_type, eg.ct_state);
@@ -226,7 +261,7 @@ int from_pod(struct __sk_buff *skb)
 	if (dst_ep) {
 		/* Same-node destination: its ingress policy runs here, then the packet goes
 		 * straight into its netns. The src identity is ours, no ipcache needed. */
-		enforce(&p, dst_ep, DIR_INGRESS, ep->identity, 0, &in, 0);
+		enforce(skb, &p, dst_ep, DIR_INGRESS, ep->identity, 0, &in, 0);
 		if (in.reason) {
 			trace_forwarded(skb, &p, &eg, ep->endpoint_id, DIR_EGRESS, ep->identity,
 					dst_id, OBS_FROM_LXC, 0);
@@ -276,7 +311,7 @@ int to_pod(struct __sk_buff *skb)
 		return drop_packet(skb, &p, DROP_UNKNOWN_TARGET, DIR_INGRESS, 0, src_id,
 				   ID_UNKNOWN, 0, MATCH_NONE, CT_NEW);
 
-	enforce(&p, ep, DIR_INGRESS, src_id, 0, &in, from_proxy(skb));
+	enforce(skb, &p, ep, DIR_INGRESS, src_id, 0, &in, from_proxy(skb));
 	if (in.reason)
 		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
 				   ep->identity, in.cookie, in.match_type, in.ct_state);
@@ -326,7 +361,7 @@ int from_netdev(struct __sk_buff *skb)
 	if (state == CT_NEW && (policy_check(ep, DIR_INGRESS, src_id, &p, &res) ||
 				!res.proxy_port))
 		return TC_ACT_OK;
-	enforce(&p, ep, DIR_INGRESS, src_id, 0, &in, 0);
+	enforce(skb, &p, ep, DIR_INGRESS, src_id, 0, &in, 0);
 	if (in.reason)
 		return drop_packet(skb, &p, in.reason, DIR_INGRESS, ep->endpoint_id, src_id,
 				   ep->identity, in.cookie, in.match_type, in.ct_state);

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
     policy_cmd.add_parsers(sub)   # villi policy trace|selectors|generate
     bpf_cli.add_parsers(sub)      # villi bpf …, villi endpoint get, villi identity get
+    from villi.cli import policyops  # config, endpoint config, datapath/policy degrade
+
+    policyops.add_parsers(sub)
     from villi.relay.main import add_arguments as relay_arguments
 
     relay_arguments(sub.add_parser("relay", help="merge the flows of every agent (Hubble "
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("policy", "bpf", "endpoint", "identity") and \
                 _group_usage(ap, args):
             return 2
+        if getattr(args, "policyops", None):   # config, endpoint config, datapath/policy
+            from villi.cli import policyops
+            return policyops.run(args)
     except VilliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

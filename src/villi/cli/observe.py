@@ -36,7 +36,8 @@ FILTER_FLAGS: list[tuple[str, ...]] = [
     ("identity", "numeric identity (either side)"), ("from-identity", ""), ("to-identity", ""),
     ("ip", "address or CIDR (either side)"), ("from-ip", ""), ("to-ip", ""),
     ("port", "L4 port (either side)"), ("from-port", ""), ("to-port", ""),
-    ("verdict", "FORWARDED, DROPPED, REDIRECTED (to the L7 proxy) or ERROR"),
+    ("verdict", "FORWARDED, DROPPED, AUDIT (policy would drop: audit mode), REDIRECTED (to "
+                "the L7 proxy) or ERROR"),
     ("protocol", "tcp, udp, icmp, sctp, http, dns"),
     ("type", "trace[:to-endpoint|to-proxy|to-stack|from-endpoint], drop, policy-verdict, "
      "l7", "-t"),

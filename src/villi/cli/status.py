@@ -31,7 +31,21 @@ def neighbour_warning(results: dict[str, dict]) -> str | None:
     return neigh.check(demand, current)
 
 
+def _pinned_policy(node: str) -> dict | None:
+    """A lab node's policy switches straight from its pinned maps (agent or not)."""
+    from villi.cli.policyops import pin_dir_of
+    from villi.datapath.policycfg import read_pinned
+
+    try:
+        sw = read_pinned(pin_dir_of(node, None))
+    except (VilliError, OSError):
+        return None
+    return None if sw is None else {"datapath": sw.as_dict(), "degraded": sw.degraded}
+
+
 def status_command(args: argparse.Namespace) -> int:
+    from villi.cli.policyops import degraded_line
+
     target = resolve(args.kvstore, args.agent_socket)
     results = {}
     for node, sock in target.agents.items():
@@ -40,11 +54,21 @@ def status_command(args: argparse.Namespace) -> int:
                 results[node] = c.get("/v1/healthz")
         except (AgentUnavailable, VilliError) as e:
             results[node] = {"status": "error", "error": str(e)}
+            if target.lab:   # a degraded node must show even when its agent is down
+                pinned = _pinned_policy(node)
+                if pinned is not None:
+                    results[node]["policy"] = pinned
+    degraded = {node: degraded_line((r.get("policy") or {}).get("datapath") or {})
+                for node, r in results.items() if (r.get("policy") or {}).get("degraded")}
     warning = neighbour_warning(results)
     if args.output == "json":
         dump_json(results)
-        return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
+        return 0 if all(r.get("status") == "ok" for r in results.values()) and not degraded \
+            else 1
     if args.brief:
+        for node, line in degraded.items():
+            print(f"error in policy ({node}): {line}")
+            return 1
         for node, r in results.items():
             if r.get("status") != "ok":
                 part = "agent" if "error" in r else next(
@@ -58,6 +82,9 @@ def status_command(args: argparse.Namespace) -> int:
     for node, r in results.items():
         if "error" in r:
             print(f"Node {node}:\n  Agent:       error: {r['error']}")
+            if node in degraded:
+                print(f"  Policy:      !!! {degraded[node]}: policy drops are forwarded "
+                      f"(villi datapath policy restore --node {node})")
             bad = True
             continue
         bad |= r["status"] != "ok"
@@ -67,6 +94,17 @@ def status_command(args: argparse.Namespace) -> int:
               f"{r['datapath'].get('pinned')}")
         print(f"  IPAM:        {r['ipam']['status']}")
         print(f"  Endpoints:   {r['endpoints']}")
+        pol = r.get("policy")
+        if pol:
+            print(f"  Policy:      enforcement {pol.get('enablePolicy')} · audit mode "
+                  f"{'enabled' if pol.get('auditMode') else 'disabled'}"
+                  f" ({pol.get('auditModeSource')})")
+        if node in degraded:
+            print(f"  Policy:      !!! {degraded[node]}: policy drops are forwarded and "
+                  "reported as AUDIT; restore with `villi datapath policy restore --node "
+                  f"{node}`" + (" / `villi policy restore --all`"
+                                if "cluster" in (degraded[node] or "") else ""))
+            bad = True
         print(f"  Status:      {r['status'].upper()}")
     if warning:
         print(f"Warning: {warning}")

@@ -117,6 +117,23 @@ EP_F_INGRESS_ENFORCED = 0x01
 EP_F_EGRESS_ENFORCED = 0x02
 EP_F_INGRESS_LOOKUP = 0x04
 EP_F_EGRESS_LOOKUP = 0x08
+EP_F_AUDIT = 0x10
+
+
+class Enforcement(enum.IntEnum):
+    """The agent's ``--enable-policy`` (Cilium's modes), slot POLICY_CFG_ENFORCEMENT."""
+
+    DEFAULT = 0
+    ALWAYS = 1
+    NEVER = 2
+
+
+#: villi_policy_cfg slots (policy.h): one u32 each, each with one writer.
+POLICY_CFG_ENFORCEMENT = 0
+POLICY_CFG_AUDIT = 1
+POLICY_CFG_DEGRADED = 2          # only `villi datapath policy degrade|restore` writes it
+POLICY_CFG_CLUSTER_DEGRADED = 3  # the agent, from `villi policy degrade --all`
+POLICY_CFG_SLOTS = 8
 
 EVF_IS_REPLY = 0x01
 EVF_REDIRECTED = 0x02
@@ -194,7 +211,7 @@ class FlowEvent(ctypes.Structure):
         ("ifindex", c_u32), ("endpoint_id", c_u16), ("protocol", c_u8), ("tcp_flags", c_u8),
         ("event_type", c_u8), ("drop_reason", c_u8), ("direction", c_u8), ("obs_point", c_u8),
         ("ct_state", c_u8), ("match_type", c_u8), ("flags", c_u8),
-        ("icmp_type", c_u8), ("icmp_code", c_u8), ("pad", c_u8 * 3),
+        ("icmp_type", c_u8), ("icmp_code", c_u8), ("audit_reason", c_u8), ("pad", c_u8 * 2),
     ]
 
 

@@ -16,6 +16,8 @@ from villi.datapath import abi, tc
 from villi.datapath.compiler import DEFAULT_CACHE_DIR, NodeConfig, compile_program
 from villi.datapath.loader import BpfObject, pin_root
 from villi.datapath.maps import TypedMap
+from villi.datapath.policycfg import U32 as CfgU32
+from villi.datapath.policycfg import PolicyConfigMap
 from villi.datapath.ringbuf import RingBuffer
 
 
@@ -49,6 +51,8 @@ class NodeDatapath:
         self.ct = TypedMap(self.obj.map("villi_ct"), abi.CtKey, abi.CtValue)
         self.metrics = TypedMap(self.obj.map("villi_metrics"), U32, abi.MetricsValue)
         self.events_lost_map = TypedMap(self.obj.map("villi_events_lost"), U32, U64)
+        self.policy_cfg = PolicyConfigMap(TypedMap(self.obj.map("villi_policy_cfg"), CfgU32,
+                                                   CfgU32))
         self._events: RingBuffer | None = None
 
     # --- attachments ----------------------------------------------------------------
@@ -94,7 +98,7 @@ class NodeDatapath:
             self._events.close()
             self._events = None
         for m in (self.ipcache, self.guarded, self.endpoints, self.policy, self.ct, self.metrics,
-                  self.events_lost_map):
+                  self.events_lost_map, self.policy_cfg.map):
             m.map.close()
         self.obj.close()
 

@@ -65,9 +65,13 @@ class Endpoint:
     ingress_enforced: bool = False
     egress_enforced: bool = False
     state: str = "ready"
+    policy_audit: bool = False     # `villi endpoint config ID PolicyAuditMode=enabled`
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if not data["policy_audit"]:
+            del data["policy_audit"]   # records without audit stay readable by older agents
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Endpoint:
@@ -188,6 +192,15 @@ class EndpointManager:
             self.save(new_ep)
         return counts
 
+    def set_policy_audit(self, endpoint_id: int, audit: bool) -> Endpoint:
+        """Put one endpoint in or out of policy audit mode (EP_F_AUDIT): the datapath
+        reads the flag per packet, so the next packet sees the change."""
+        ep = replace(self._get(endpoint_id), policy_audit=audit)
+        self._write_endpoint_entry(ep)
+        self.endpoints[endpoint_id] = ep
+        self.save(ep)
+        return ep
+
     def by_ip(self, ipv4: str) -> Endpoint | None:
         """The local endpoint owning ``ipv4`` (O(1): flow enrichment calls it per flow)."""
         eid = self._id_by_ip.get(ipv4)
@@ -283,6 +296,8 @@ class EndpointManager:
             flags |= abi.EP_F_INGRESS_LOOKUP
         if abi.Dir.EGRESS in lookups:
             flags |= abi.EP_F_EGRESS_LOOKUP
+        if ep.policy_audit:
+            flags |= abi.EP_F_AUDIT
         cache_key = (ep.ipv4, ep.host_ifindex, ep.identity, flags)
         if self._written.get(ep.id) == cache_key:
             return

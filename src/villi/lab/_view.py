@@ -155,6 +155,22 @@ def pods_table(state: dict[str, Any], endpoints: dict[str, dict] | None = None) 
     return t
 
 
+def _policy_degraded(state: dict[str, Any], node: str) -> str | None:
+    """``DEGRADED since …`` when the node's pinned policy switch is thrown, else None."""
+    from villi.datapath.loader import pin_root
+    from villi.datapath.policycfg import read_pinned
+
+    sw = read_pinned(pin_root(state["cluster"], node))
+    if sw is None or not sw.degraded:
+        return None
+    parts = []
+    if sw.degraded_since:
+        parts.append("since " + time.strftime("%H:%M:%S UTC", time.gmtime(sw.degraded_since)))
+    if sw.cluster_degraded:
+        parts.append("cluster-wide")
+    return "DEGRADED " + ", ".join(parts)
+
+
 def lab_status(args: argparse.Namespace) -> int:
     from villi.lab import cluster
     from villi.lab._api import agent_call
@@ -164,9 +180,11 @@ def lab_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         out = {k: v for k, v in st.items() if k != "state"}
         out["lab"] = state
+        degraded = {n["name"]: _policy_degraded(state, n["name"]) for n in st["nodes"]}
+        out["policyDegraded"] = {k: v for k, v in degraded.items() if v}
         print(json.dumps(out, indent=2, sort_keys=True, default=str))
         return 0 if all(n["health"] and n["health"]["status"] == "ok" for n in st["nodes"]) \
-            else 1
+            and not out["policyDegraded"] else 1
     c = console()
     def proc_state(p: dict[str, Any]) -> str:
         if p["alive"]:
@@ -219,6 +237,13 @@ def lab_status(args: argparse.Namespace) -> int:
                   str(h["endpoints"]) if h else "-",
                   h["ipam"]["status"].split(" from ")[0] if h else "-")
     c.print(t)
+    for n in st["nodes"]:   # read from the pinned maps: shown with the agent down too
+        line = _policy_degraded(state, n["name"])
+        if line:
+            bad = True
+            c.print(f"[bold red]!!! POLICY {line} on {n['name']}: what policy would drop is "
+                    f"forwarded (reported as AUDIT). Restore: villi datapath policy restore "
+                    f"--node {n['name']}[/]")
     if "_error" in st["entries"]:
         c.print(f"[yellow]kvstore: {st['entries']['_error']['error']}[/]")
     if state["pods"]:

@@ -192,17 +192,21 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
             out |= np.isin(rec[cols[s]], ports)
     elif base == "verdict":
         to_proxy = (rec["flags"] & 0x04) != 0  # EVF_TO_PROXY
+        passed = rec["drop_reason"] == 0
+        audited = passed & (rec["audit_reason"] != 0)
         for v in p.values:
             v = v.upper()
             if v == "FORWARDED":
-                out |= (rec["drop_reason"] == 0) & ~to_proxy
+                out |= passed & ~to_proxy & ~audited
             elif v == "DROPPED":
-                out |= rec["drop_reason"] != 0
+                out |= ~passed
+            elif v == "AUDIT":
+                out |= audited
             elif v == "REDIRECTED":
-                out |= (rec["drop_reason"] == 0) & to_proxy
+                out |= passed & to_proxy & ~audited
             elif v != "ERROR":  # ERROR: L7 flows only
                 raise FilterError(f"verdict {v!r}: villi reports FORWARDED, DROPPED, "
-                                  "REDIRECTED or ERROR")
+                                  "AUDIT, REDIRECTED or ERROR")
     elif base.startswith("http-"):
         pass  # L7 fields: packet records never match (L7 flows are matched as dicts)
     elif base == "protocol":
@@ -230,7 +234,7 @@ def _predicate_mask(p: Predicate, rec: np.ndarray, ctx: FlowContext) -> np.ndarr
             elif kind == "l7":
                 m = np.zeros(len(rec), dtype=bool)   # L7 flows are not datapath records
             elif kind == "policy-verdict":
-                m = (rec["event_type"] == 1) | (rec["ct_state"] == 0)
+                m = rec["event_type"] == 5   # the datapath's own policy-verdict events
             elif kind == "l7":
                 continue  # L7 flows only
             else:

@@ -16,6 +16,7 @@ from typing import Any
 from villi.observer.context import FlowContext, PodInfo, PolicyRef
 from villi.observer.vocab import (
     DIRECTIONS,
+    EVENT_POLICY_VERDICT,
     EVENT_TYPES,
     ICMP_TYPES,
     OBS_POINTS,
@@ -78,15 +79,40 @@ def _l4(rec: Any) -> tuple[dict[str, Any], str]:
     return {}, PROTOCOLS.get(proto, f"proto {proto}")
 
 
+def audit_reason(rec: Any) -> int:
+    """The drop reason audit mode waived for this record (0: none)."""
+    names = getattr(getattr(rec, "dtype", None), "names", None)
+    if names is not None and "audit_reason" not in names:
+        return 0
+    return int(rec["audit_reason"])
+
+
+def verdict_of(rec: Any) -> str:
+    """Hubble's verdict of a record: DROPPED, AUDIT, REDIRECTED or FORWARDED."""
+    if int(rec["drop_reason"]):
+        return "DROPPED"
+    if audit_reason(rec):
+        return "AUDIT"
+    return "REDIRECTED" if int(rec["flags"]) & EVF_TO_PROXY else "FORWARDED"
+
+
 def explain(rec: Any, ctx: FlowContext) -> dict[str, Any]:
     """Which side's policy decided the flow, and which rule (villi extension)."""
     reason = int(rec["drop_reason"])
+    audited = audit_reason(rec)
     direction = DIRECTIONS.get(int(rec["direction"]), "UNKNOWN")
     ref = ctx.policy_of(int(rec["cookie"])) if int(rec["cookie"]) else None
     rule = None
     if ref is not None:
         rule = {"kind": ref.kind, "namespace": ref.namespace, "name": ref.name,
                 "section": f"{ref.direction}[{ref.rule_index}]"}
+    if audited:
+        would = (f"the {direction.lower()} deny rule "
+                 f"{_ref_text(ref) if ref else '(unknown rule)'}" if audited == 181 else
+                 f"{direction.lower()} default deny (no rule allows this identity/port)"
+                 if audited == 133 else drop_reason_text(audited))
+        return {"direction": direction, "decision": "AUDIT", "rule": rule,
+                "text": f"audit mode: forwarded, would be dropped by {would}"}
     if reason == 181:
         text = (f"denied by {direction.lower()} deny rule "
                 f"{_ref_text(ref) if ref else '(unknown rule)'}")
@@ -143,6 +169,7 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     src, dst = ip_str(rec["src_ip"]), ip_str(rec["dst_ip"])
     src_id, dst_id = int(rec["src_identity"]), int(rec["dst_identity"])
     reason = int(rec["drop_reason"])
+    audited = audit_reason(rec)
     ev_type = int(rec["event_type"])
     direction = DIRECTIONS.get(int(rec["direction"]), "TRAFFIC_DIRECTION_UNKNOWN")
     is_reply = bool(int(rec["flags"]) & EVF_IS_REPLY)
@@ -150,8 +177,7 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     wall = int(rec["ts_ns"]) + boot_offset_ns
     flow: dict[str, Any] = {
         "time": iso_time(wall),
-        "verdict": "DROPPED" if reason else (
-            "REDIRECTED" if int(rec["flags"]) & EVF_TO_PROXY else "FORWARDED"),
+        "verdict": verdict_of(rec),
         "IP": {"source": src, "destination": dst, "ipVersion": "IPv4"},
         "l4": l4,
         "source": _endpoint(ctx, src, src_id),
@@ -171,10 +197,12 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
         flow["ethernet"] = {"source": src_pod.mac, "destination": src_pod.host_mac}
     elif dst_pod is not None and dst_pod.mac:
         flow["ethernet"] = {"source": dst_pod.host_mac, "destination": dst_pod.mac}
-    if reason:
-        flow["drop_reason"] = reason
-        flow["drop_reason_desc"] = drop_reason_name(reason)
-    else:
+    if reason or audited:   # an AUDIT flow keeps the reason policy would have dropped it for
+        flow["drop_reason"] = reason or audited
+        flow["drop_reason_desc"] = drop_reason_name(reason or audited)
+    if ev_type == EVENT_POLICY_VERDICT:
+        flow["event_type"]["sub_type"] = 0
+    elif not reason:
         flow["trace_observation_point"] = OBS_POINTS.get(int(rec["obs_point"]), "UNKNOWN_POINT")
         flow["trace_reason"] = TRACE_REASONS.get(int(rec["ct_state"]), "TRACE_REASON_UNKNOWN")
     service = ctx.service_of(dst, int(rec["dport"]))
@@ -193,7 +221,7 @@ def to_flow(rec: Any, boot_offset_ns: int, ctx: FlowContext) -> dict[str, Any]:
     if cookie:
         ref = ctx.policy_of(cookie)
         key = ("ingress" if direction == "INGRESS" else "egress") + \
-              ("_denied_by" if reason else "_allowed_by")
+              ("_denied_by" if reason or audited else "_allowed_by")
         if ref is not None:
             flow[key] = _policy(ref)
     flow["villi"] = {"event": EVENT_TYPES.get(ev_type, str(ev_type)),

@@ -67,8 +67,9 @@ def _pred(p: Predicate, flow: dict[str, Any]) -> bool:
             if flow.get("Type") == "L7":
                 ok |= kind == "l7"
             else:
-                ok |= (kind == "drop" and flow.get("verdict") == "DROPPED") or \
-                      (kind == "trace" and flow.get("verdict") in ("FORWARDED", "REDIRECTED"))
+                etype = (flow.get("event_type") or {}).get("type")
+                ok |= (kind == "drop" and etype == 1) or (kind == "trace" and etype == 4) or \
+                      (kind == "policy-verdict" and etype == 5)
         elif base == "node":
             ok |= flow.get("node_name", "").startswith(v.rstrip("*"))
     return not ok if p.negate else ok

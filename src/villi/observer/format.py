@@ -6,7 +6,12 @@ from datetime import datetime
 from typing import Any
 
 from villi.observer import dns
-from villi.observer.vocab import RESERVED_NAMES
+from villi.observer.vocab import (
+    EVENT_POLICY_VERDICT,
+    MATCH_TYPE_NAMES,
+    POLICY_VERDICT_WORDS,
+    RESERVED_NAMES,
+)
 
 
 def _port(flow: dict[str, Any], side: str) -> int | None:
@@ -49,11 +54,21 @@ def _type(flow: dict[str, Any]) -> str:
         return dns.type_text(flow)   # dns-request / dns-response, even when DROPPED
     if flow.get("Type") == "L7":
         return "http-" + str(flow["l7"]["type"]).lower()
+    if (flow.get("event_type") or {}).get("type") == EVENT_POLICY_VERDICT:
+        match = MATCH_TYPE_NAMES.get(int(flow.get("policy_match_type", 0)), "none")
+        return f"policy-verdict:{match} {flow.get('traffic_direction', '')}"
     if flow["verdict"] == "DROPPED":
         from villi.observer.vocab import drop_reason_text
 
         return drop_reason_text(int(flow.get("drop_reason", 0)))
     return flow.get("trace_observation_point", "").lower().replace("_", "-")
+
+
+def _verdict(flow: dict[str, Any]) -> str:
+    """The verdict word: hubble prints ALLOWED/DENIED/AUDITED for policy verdicts."""
+    if (flow.get("event_type") or {}).get("type") == EVENT_POLICY_VERDICT:
+        return POLICY_VERDICT_WORDS.get(flow["verdict"], flow["verdict"])
+    return str(flow["verdict"])
 
 
 def compact(flow: dict[str, Any], *, node: bool = False, explain: bool = False,
@@ -72,7 +87,7 @@ def compact(flow: dict[str, Any], *, node: bool = False, explain: bool = False,
     where = f" [{flow.get('node_name', '')}]" if node else ""
     dns.with_summary(flow)
     line = (f"{timestamp(flow)}{where}: {left} {arrow} {right} {_type(flow)} "
-            f"{flow['verdict']} ({flow.get('Summary', '')})")
+            f"{_verdict(flow)} ({flow.get('Summary', '')})")
     if explain:
         ex = (flow.get("villi") or {}).get("explain")
         if ex:
@@ -85,5 +100,5 @@ TABLE_HEADERS = ["TIMESTAMP", "NODE", "SOURCE", "DESTINATION", "TYPE", "VERDICT"
 
 def table_row(flow: dict[str, Any]) -> list[str]:
     return [timestamp(flow), flow.get("node_name", ""), _endpoint(flow, "source"),
-            _endpoint(flow, "destination"), _type(flow), flow["verdict"],
+            _endpoint(flow, "destination"), _type(flow), _verdict(flow),
             flow.get("Summary", "")]

@@ -286,20 +286,19 @@ class HubbleMetrics:
     def count(self, rec: np.ndarray) -> None:
         if not len(rec):
             return
+        verdicts = rec["event_type"] == 5
+        if self.policy is not None and verdicts.any():
+            self._count_policy_verdicts(rec[verdicts])
+        if self.flows is not None:
+            self._count_flows(rec)
+        if verdicts.any():
+            # The other metrics count packets' events once: a policy verdict repeats the
+            # decision its trace or drop event already carries.
+            rec = rec[~verdicts]
+            if not len(rec):
+                return
         ctxs = _Contexts(rec, self.ctx)
         dropped = (rec["drop_reason"] != 0)
-        if self.flows is not None:
-            et, obs, reason = rec["event_type"], rec["obs_point"], rec["drop_reason"]
-            extra = ctxs.columns(self.config.options("flow"))
-            cols = [et, obs, dropped.astype(np.int64), reason] + [c for c, _ in extra]
-            for vals, n in _groups(*cols):
-                e, o, d, rs = vals[:4]
-                subtype = drop_reason_name(rs) if e == 1 else OBS_SUBTYPES.get(o, str(o))
-                labels = [METRIC_TYPES.get(e, str(e)), subtype,
-                          "DROPPED" if d else "FORWARDED",
-                          *[values[v] for (_, values), v in zip(extra, vals[4:], strict=True)]]
-                self.flows.labels(*labels).inc(n)
-                self._remember(self.flows, len(extra), labels)
         proto = lambda p: PROTOCOLS.get(p, str(p))  # noqa: E731
         if self.drops is not None:
             self._add("drop", self.drops, rec, dropped, [rec["drop_reason"], rec["protocol"]],
@@ -320,18 +319,37 @@ class HubbleMetrics:
                                                      rec["icmp_type"]],
                       [lambda _v: "IPv4", lambda t: ICMP_TYPES.get(int(t), str(int(t)))],
                       ctxs)
-        if self.policy is not None:
-            # A policy verdict is a new connection's decision or a policy drop.
-            pv = (rec["ct_state"] == 0) & ((rec["drop_reason"] == 0) |
-                                           (rec["drop_reason"] == 133) |
-                                           (rec["drop_reason"] == 181))
-            self._add("policy", self.policy, rec, pv,
-                      [rec["direction"], rec["match_type"], dropped.astype(np.uint8)],
-                      [lambda d: "ingress" if d == 0 else "egress",
-                       lambda m: MATCH_TYPES.get(m, str(m)),
-                       lambda d: "dropped" if d else "forwarded"], ctxs)
         if self.to_world is not None:
             self._count_to_world(rec, dropped, ctxs)
+
+    def _count_flows(self, rec: np.ndarray) -> None:
+        """hubble_flows_processed_total{type, subtype, verdict}: every record."""
+        assert self.flows is not None
+        ctxs = _Contexts(rec, self.ctx)
+        et, obs, reason = rec["event_type"], rec["obs_point"], rec["drop_reason"]
+        verdict = np.where(reason != 0, 1, np.where(rec["audit_reason"] != 0, 2, 0))
+        extra = ctxs.columns(self.config.options("flow"))
+        cols = [et, obs, verdict, reason] + [c for c, _ in extra]
+        for vals, n in _groups(*cols):
+            e, o, d, rs = vals[:4]
+            subtype = drop_reason_name(rs) if e == 1 else \
+                "" if e == 5 else OBS_SUBTYPES.get(o, str(o))
+            labels = [METRIC_TYPES.get(e, str(e)), subtype,
+                      ("FORWARDED", "DROPPED", "AUDIT")[d],
+                      *[values[v] for (_, values), v in zip(extra, vals[4:], strict=True)]]
+            self.flows.labels(*labels).inc(n)
+            self._remember(self.flows, len(extra), labels)
+
+    def _count_policy_verdicts(self, rec: np.ndarray) -> None:
+        """hubble_policy_verdicts_total{direction, match, action} from the datapath's
+        policy-verdict events (one per connection and direction decided)."""
+        action = np.where(rec["drop_reason"] != 0, 1, np.where(rec["audit_reason"] != 0, 2, 0))
+        self._add("policy", self.policy, rec, np.ones(len(rec), dtype=bool),
+                  [rec["direction"], rec["match_type"], action.astype(np.uint8)],
+                  [lambda d: "ingress" if d == 0 else "egress",
+                   lambda m: MATCH_TYPES.get(m, str(m)),
+                   lambda a: ("forwarded", "dropped", "audit")[int(a)]],
+                  _Contexts(rec, self.ctx))
 
     def _add_const(self, metric: str, counter: Any, rec: np.ndarray, mask: np.ndarray,
                    labels: list[str], ctxs: _Contexts) -> None:

@@ -14,6 +14,12 @@ PROTOCOLS = {1: "ICMPv4", 6: "TCP", 17: "UDP", 132: "SCTP"}
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv4": 1, "sctp": 132}
 DIRECTIONS = {0: "INGRESS", 1: "EGRESS"}
 MATCH_TYPES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all"}
+#: Policy match types as hubble prints them in ``policy-verdict:<match> <DIRECTION>``.
+MATCH_TYPE_NAMES = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all"}
+#: The word hubble prints for a policy verdict instead of the flow's verdict.
+POLICY_VERDICT_WORDS = {"FORWARDED": "ALLOWED", "REDIRECTED": "ALLOWED", "DROPPED": "DENIED",
+                        "AUDIT": "AUDITED"}
+EVENT_POLICY_VERDICT = 5
 TCP_FLAGS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10))
 #: ICMPv4 type names as Hubble prints them (gopacket's ICMPv4TypeCode names).
 ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 4: "SourceQuench", 5: "Redirect",

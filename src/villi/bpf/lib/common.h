@@ -82,6 +82,22 @@
 #define EP_F_EGRESS_ENFORCED   0x02
 #define EP_F_INGRESS_LOOKUP    0x04 /* the endpoint has ingress entries to look up */
 #define EP_F_EGRESS_LOOKUP     0x08
+#define EP_F_AUDIT             0x10 /* policy audit mode for this endpoint */
+
+/* --- policy enforcement modes (the agent's --enable-policy, Cilium's) ------ */
+#define ENFORCE_DEFAULT 0 /* enforce where a rule selects the endpoint */
+#define ENFORCE_ALWAYS  1 /* default deny on every endpoint, both directions */
+#define ENFORCE_NEVER   2 /* no policy at all (allow and deny rules ignored) */
+
+/* --- villi_policy_cfg slots (policy.h): one u32 each, one writer each ------- */
+#define POLICY_CFG_ENFORCEMENT      0 /* ENFORCE_*; the agent */
+#define POLICY_CFG_AUDIT            1 /* node-wide audit mode (flag, node or cluster
+                                       * setting); the agent */
+#define POLICY_CFG_DEGRADED         2 /* the last-resort switch: unix time it was thrown,
+                                       * 0 = off; only `villi datapath policy
+                                       * degrade|restore` writes it, never the agent */
+#define POLICY_CFG_CLUSTER_DEGRADED 3 /* `villi policy degrade --all` (kvstore); the agent */
+#define POLICY_CFG_SLOTS            8
 
 /* --- event flags ----------------------------------------------------------- */
 #define EVF_IS_REPLY   0x01
@@ -214,7 +230,9 @@ struct flow_event {
 	__u8  flags;          /* EVF_* */
 	__u8  icmp_type;      /* ICMP type and code as on the wire (protocol 1 only) */
 	__u8  icmp_code;
-	__u8  pad[3];
+	__u8  audit_reason;   /* forwarded only because of audit mode: the DROP_* policy
+	                       * would have applied (verdict AUDIT); 0 otherwise */
+	__u8  pad[2];
 };
 
 /* metrics: per-CPU array indexed by (reason << 1) | direction. */
