@@ -20,9 +20,10 @@ from villi import resources
 from villi.datapath import abi
 from villi.endpoint.manager import Endpoint, ip_be
 from villi.errors import VilliError
+from villi.identity.ids import IdentityID
 from villi.kvstore import EventType, WatchEvent
 from villi.kvstore.sync import PrefixSync
-from villi.policy.entry import EndpointID, IdentityID, Protocol
+from villi.policy.entry import EndpointID, Protocol
 from villi.policy.resolver import Endpoint as PolicyEndpoint
 from villi.policy.resolver import PolicyResolver, PolicyUpdate
 

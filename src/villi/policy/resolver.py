@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import SOURCE_FQDN, LabelSet, cidr_labels, namespace_labels
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import ReservedIdentity, reserved_identities
@@ -36,7 +37,7 @@ from villi.policy._subject import (
     ports_signature,
 )
 from villi.policy.cidr import ip_to_int
-from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry
+from villi.policy.entry import Direction, EndpointID, PolicyEntry
 from villi.policy.l7table import L7Entry, l7_entries
 from villi.policy.mapstate import diff_map_state
 from villi.policy.models import Namespace, Resource, resource_key
