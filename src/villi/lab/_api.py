@@ -110,7 +110,7 @@ def apply_text(state: dict[str, Any], text: str, *, delete: bool = False,
     from villi import resources
     from villi.policy.loader import load_text
 
-    items = load_text(text, filename)
+    items = load_text(text, filename, resources.all_kinds())
 
     async def fn(store: Any) -> list[str]:
         done = []

@@ -281,9 +281,11 @@ class Suite:
 
     def wait_policies(self, text: str, present: bool) -> None:
         """Wait until every live agent has (or no longer has) the resources of ``text``."""
+        from villi import resources
         from villi.policy.loader import load_text
 
-        wanted = {(r.kind, r.namespace, r.metadata.name) for r in load_text(text)
+        wanted = {(r.kind, r.namespace, r.metadata.name)
+                  for r in load_text(text, kinds=resources.all_kinds())
                   if r.kind != "Namespace"}
         deadline = time.monotonic() + self.settle
         for node in self.state["nodes"]:
