@@ -204,16 +204,16 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop serving and following the store; the datapath keeps enforcing."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
         for server in getattr(self, "_metrics_servers", ()):
             await server.close()
         if hasattr(self, "l7"):
             await self.l7.stop()
-        if getattr(self, "_flow_runner", None) is not None:
-            await self._flow_runner.cleanup()
-            self._flow_runner = None
+        flow_runner, self._flow_runner = getattr(self, "_flow_runner", None), None
+        if flow_runner is not None:
+            await flow_runner.cleanup()
         if hasattr(self, "observer"):
             await self.observer.stop()
         for t in self.tasks:

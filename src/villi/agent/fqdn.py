@@ -73,9 +73,10 @@ def cache_listing(path: Path, now: float | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: unreadable DNS cache file: {e}") from e
     rows = []
     for ep, cache in sorted((data.get("endpoints") or {}).items()):
-        for e in sorted(cache.get("entries", []), key=lambda e: (e["name"], e["ip"])):
-            rows.append({"endpoint": ep, "name": e["name"], "ip": e["ip"], "ttl": e["ttl"],
-                         "ttl_left": max(0, round(e["expires"] - now)), "source": "lookup"})
+        for ent in sorted(cache.get("entries", []), key=lambda x: (x["name"], x["ip"])):
+            rows.append({"endpoint": ep, "name": ent["name"], "ip": ent["ip"],
+                         "ttl": ent["ttl"], "ttl_left": max(0, round(ent["expires"] - now)),
+                         "source": "lookup"})
         for z in sorted(cache.get("zombies", []), key=lambda z: z["ip"]):
             rows.extend({"endpoint": ep, "name": n, "ip": z["ip"], "ttl": 0, "ttl_left": 0,
                          "source": "zombie"} for n in z["names"])
@@ -93,8 +94,8 @@ def learned_names(path: Path) -> dict[str, set[str]]:
         return {}
     out: dict[str, set[str]] = {}
     for cache in (data.get("endpoints") or {}).values():
-        for e in cache.get("entries", []):
-            out.setdefault(e["ip"], set()).add(e["name"])
+        for ent in cache.get("entries", []):
+            out.setdefault(ent["ip"], set()).add(ent["name"])
         for z in cache.get("zombies", []):
             out.setdefault(z["ip"], set()).update(z["names"])
     return out

@@ -21,6 +21,7 @@ from villi.datapath.cgroup import cgroup2_root, create_cgroup
 from villi.datapath.lb import ServiceDatapath
 from villi.errors import VilliError
 from villi.service.allocator import allocate_cluster_ip
+from villi.service.models import Service
 from villi.service.table import ServiceTable
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class ServiceSync:
         self._models[(namespace, name)] = model
         asyncio.get_running_loop().create_task(self._upsert(model))
 
-    async def _upsert(self, model: Any) -> None:
+    async def _upsert(self, model: Service) -> None:
         assert self.agent.store is not None
         try:
             ip = await allocate_cluster_ip(self.agent.store, model.namespace, model.name,

@@ -12,6 +12,7 @@ IPs going to the zombies first. Caches serialise to JSON so they survive restart
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -241,7 +242,7 @@ def collect(store: CacheStore, is_alive: LiveCheck,
     released = []
     for endpoint, cache in store.caches.items():
         cache.expire(now)
-        for z in cache.collect_zombies(lambda ip, ep=endpoint: is_alive(ep, ip)):
+        for z in cache.collect_zombies(functools.partial(is_alive, endpoint)):
             released.append((endpoint, z.ip, sorted(z.names)))
     if released:
         store.save()

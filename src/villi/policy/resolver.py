@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from villi.identity.ids import IdentityID
 from villi.identity.labels import SOURCE_FQDN, LabelSet, cidr_labels, namespace_labels
@@ -223,7 +224,7 @@ class PolicyResolver(Repository):
         """The toFQDNs patterns in force (what the DNS proxy's name manager labels by)."""
         out = set()
         for sel in self.selectors.in_use():
-            reqs = getattr(sel, "requirements", ())
+            reqs: tuple[Any, ...] = getattr(sel, "requirements", ())
             if len(reqs) == 1 and reqs[0].source == SOURCE_FQDN:
                 out.add(reqs[0].key)
         return sorted(out)
