@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from villi.errors import ResourceError
+from villi.kvstore.schema import RESOURCES
 
-RESOURCES = "villi/resources/"
 CLUSTERWIDE_NS = "_"
 
 

@@ -16,14 +16,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from villi.identity.labels import SOURCE_FQDN, LabelSet, parse_label
-
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +28,16 @@ log = logging.getLogger(__name__)
 CACHE_FILE = "fqdn-cache.json"
 
 
-def cache_path(agent: Agent) -> Path:
-    return Path(agent.config.state_path) / CACHE_FILE
+class FQDNPolicy(Protocol):
+    """The policy engine the learned IPs go to (``villi.agent.policy_sync.PolicySync``)."""
+
+    @property
+    def resolver(self) -> Any: ...
+    def apply(self, update: Any, started: float | None = None) -> None: ...
+
+
+def cache_path(state_path: Path) -> Path:
+    return Path(state_path) / CACHE_FILE
 
 
 def parse_learned(body: Any) -> tuple[dict[str, LabelSet], list[str]]:
@@ -101,28 +106,28 @@ def learned_names(path: Path) -> dict[str, set[str]]:
     return out
 
 
-def restore_learned(agent: Agent) -> int:
+def restore_learned(policy: FQDNPolicy, state_path: Path) -> int:
     """At start, before policy regeneration: give the IPs in the proxy's persisted caches
     their fqdn identities again, so regeneration keeps (instead of deleting) the policy
     map rows that allow them. Returns how many IPs."""
     from villi.policy.fqdn import fqdn_identity_labels, matches
 
-    resolver = agent.policy.resolver
+    resolver = policy.resolver
     patterns = resolver.fqdn_patterns()
     changed = {}
-    for ip, names in learned_names(cache_path(agent)).items():
+    for ip, names in learned_names(cache_path(state_path)).items():
         hit = {p for p in patterns if any(matches(p, n) for n in names)}
         if hit:
             changed[ip] = fqdn_identity_labels(ip, hit)
     if changed:
-        agent.policy.apply(resolver.learn_fqdn(changed))
+        policy.apply(resolver.learn_fqdn(changed))
         log.info("restored %d IPs learned by the DNS proxy", len(changed))
     return len(changed)
 
 
-def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
+def fqdn_routes(policy: FQDNPolicy, state_path: Path) -> list[tuple[str, str, Any]]:
     async def patterns(request: web.Request) -> web.Response:
-        return web.json_response({"patterns": agent.policy.resolver.fqdn_patterns()})
+        return web.json_response({"patterns": policy.resolver.fqdn_patterns()})
 
     async def learned(request: web.Request) -> web.Response:
         t0 = time.perf_counter()
@@ -130,8 +135,8 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
             changed, removed = parse_learned(await request.json())
         except (ValueError, json.JSONDecodeError) as e:
             return web.json_response({"error": str(e), "code": 0}, status=400)
-        update = agent.policy.resolver.learn_fqdn(changed, removed)
-        agent.policy.apply(update, t0)
+        update = policy.resolver.learn_fqdn(changed, removed)
+        policy.apply(update, t0)
         return web.json_response({
             "identities": {p.split("/")[0]: int(i) for p, i in update.cidr_upserts.items()},
             "endpoints": len(update.endpoints),
@@ -139,14 +144,14 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
 
     async def cache(request: web.Request) -> web.Response:
         try:
-            return web.json_response(cache_listing(cache_path(agent)))
+            return web.json_response(cache_listing(cache_path(state_path)))
         except ValueError as e:
             return web.json_response({"error": str(e), "code": 0}, status=500)
 
     async def dns_rules(request: web.Request) -> web.Response:
         from villi.policy.dnsrules import dns_patterns
 
-        r = agent.policy.resolver
+        r = policy.resolver
         return web.json_response(dns_patterns(r.resources(), r.endpoints()))
 
     return [("GET", "/v1/fqdn/patterns", patterns), ("GET", "/v1/fqdn/dns-rules", dns_rules),

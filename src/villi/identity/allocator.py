@@ -37,9 +37,10 @@ from villi.identity.reserved import (
     MIN_CLUSTER_IDENTITY,
     reserved_identity_for,
 )
+from villi.kvstore.schema import IDENTITIES
 from villi.kvstore.store import LeaseID, Store
 
-PREFIX = "villi/state/identities/v1/"
+PREFIX = IDENTITIES
 ID_PREFIX = PREFIX + "id/"
 VALUE_PREFIX = PREFIX + "value/"
 

@@ -88,16 +88,21 @@ def store_run(state: dict[str, Any], fn: Any, quick: bool = False) -> Any:
 
 
 def node_entries(state: dict[str, Any], quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Node name → its entry in the store (only nodes whose lease is alive)."""
-    prefix = "villi/state/nodes/v1/"
+    """Node name → its entry in the store (only nodes whose lease is alive), as the
+    JSON of ``villi.kvstore.schema.NodeEntry`` (parsed there, so malformed ones are
+    skipped)."""
+    from villi.errors import IPAMError
+    from villi.kvstore.schema import NODES, NodeEntry
+
+    prefix = NODES
 
     async def fn(store: Any) -> dict[str, dict[str, Any]]:
         res = await store.list(prefix)
         out = {}
         for kv in res.items:
             try:
-                out[kv.key[len(prefix):]] = json.loads(kv.value)
-            except ValueError:
+                out[kv.key[len(prefix):]] = NodeEntry.decode(kv.value, key=kv.key).to_json()
+            except IPAMError:
                 continue
         return out
 

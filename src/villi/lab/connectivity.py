@@ -329,7 +329,9 @@ class Suite:
 
 
 async def _delete_test_resources(store: Any) -> None:
-    res = await store.list("villi/resources/")
+    from villi.kvstore.schema import RESOURCES
+
+    res = await store.list(RESOURCES)
     for kv in res.items:
         parts = kv.key.split("/")
         if len(parts) == 5 and (parts[3] in (NS, NS_EXT)
