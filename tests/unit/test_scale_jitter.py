@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from villi.agent.config import AgentConfig, add_arguments, from_args
-from villi.cni._agent import CONNECT_BACKOFF_CAP, full_jitter
+from villi.agentclient import CONNECT_BACKOFF_CAP, full_jitter
 from villi.errors import VilliError
 from villi.netns import neigh
 from villi.operator.main import Operator, OperatorSettings

@@ -138,23 +138,28 @@ class Agent:
         return await loop.run_in_executor(self._kernel_pool, partial(fn, *args, **kwargs))
 
     # --- background tasks ---------------------------------------------------------------
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run ``coro`` in the agent's TaskGroup. A failure is logged and reported in
-        the health view; it does not cancel the other tasks."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, vital: bool = False
+              ) -> asyncio.Task[Any]:
+        """Run ``coro`` in the agent's TaskGroup; a failure is logged and does not
+        cancel the other tasks. A ``vital`` task (a loop the agent needs: store syncs,
+        the resource watcher) that fails also marks the agent degraded in
+        ``/v1/healthz``; a one-shot task (a clean-up, one resource's update) does not."""
         if self._group is None:
             coro.close()
             raise VilliError(f"agent task {name}: the agent is not running")
-        task = self._group.create_task(self._guarded(coro, name), name=f"villi-{name}")
+        task = self._group.create_task(self._guarded(coro, name, vital),
+                                       name=f"villi-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+    async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str, vital: bool) -> None:
         try:
             await coro
         except Exception as exc:  # noqa: BLE001 - one task's failure is reported, not fatal
-            log.error("agent task villi-%s failed: %r", name, exc)
-            self.kvstore_status = f"error: villi-{name} failed: {exc}"
+            log.error("agent task villi-%s failed: %r", name, exc, exc_info=exc)
+            if vital:
+                self.kvstore_status = f"error: villi-{name} failed: {exc}"
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -206,7 +211,7 @@ class Agent:
         self.kvstore_status = "ok"
         self.services.store = store
         self.store_health = StoreHealth(store, cap=cfg.kvstore_retry_cap)
-        self.spawn(self.store_health.run(), "kvstore-health")
+        self.spawn(self.store_health.run(), "kvstore-health", vital=True)
         self.identities = IdentityAllocator(store, self.node, lease=self.lease.lease)
         self.identity_cache = IdentityCache()
         self.metrics = AgentMetrics(self.datapath, self.ipam, self.endpoints)
@@ -284,7 +289,7 @@ class Agent:
             self.ipam.start_reporting(self.store, self._publish_node,
                                       cfg.ipam_node_update_rate, lambda: lease.lease)
             self.ipam.on_pool_change = self._publish_node
-            self.spawn(self.ipam.follow(), "eni-ipam")
+            self.spawn(self.ipam.follow(), "eni-ipam", vital=True)
         else:
             await node_setup.acquire_pod_cidr(cfg, self.store, self.ipam, self._publish_node,
                                               self.spawn)
@@ -296,10 +301,10 @@ class Agent:
         await self._publish_node()
 
         ready = asyncio.Event()
-        self.spawn(self.identity_cache.run(self.store, ready), "identity-cache")
-        self.spawn(self.node_sync.run(), "node-sync")
-        self.spawn(self.ipcache_sync.run(), "ipcache-sync")
-        self.spawn(self.watcher.run(), "resource-watcher")
+        self.spawn(self.identity_cache.run(self.store, ready), "identity-cache", vital=True)
+        self.spawn(self.node_sync.run(), "node-sync", vital=True)
+        self.spawn(self.ipcache_sync.run(), "ipcache-sync", vital=True)
+        self.spawn(self.watcher.run(), "resource-watcher", vital=True)
         await asyncio.wait_for(ready.wait(), timeout=30)
         await self.watcher.wait_synced()
         await self.ipcache_sync.sync.synced.wait()

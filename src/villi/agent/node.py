@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from villi.agent.config import AgentConfig
@@ -27,7 +27,7 @@ from villi.netns import neigh, routes
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[Coroutine[Any, Any, Any], str], Any]
+Spawn = Callable[..., Any]   # Agent.spawn(coro, name, *, vital=False)
 
 
 def node_entry(node: str, node_ip: str | None, ipam: NodeIPAM | ENINodeIPAM,
@@ -59,7 +59,7 @@ async def acquire_pod_cidr(cfg: AgentConfig, store: Store, ipam: NodeIPAM | ENIN
             if cidrs:
                 ipam.set_cidrs(cidrs)
                 spawn(follow_pod_cidrs(store, key, kv.mod_revision, ipam, publish_node),
-                      "podcidrs")
+                      "podcidrs", vital=True)
                 return
         if asyncio.get_running_loop().time() > deadline:
             raise VilliError(f"no pod CIDR for node {cfg.node} after "

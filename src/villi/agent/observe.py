@@ -74,6 +74,7 @@ class AgentFlowContext:
         self.observer: Observer | None = None   # set by build_observer
         self.gone: collections.OrderedDict[str, PodInfo] = collections.OrderedDict()
         self._ifnames: dict[int, str] = {}
+        self._learned_cache: tuple[int, dict[str, set[str]]] | None = None
 
     def forget(self, ip: str, info: PodInfo | None) -> None:
         if info is None:
@@ -140,7 +141,7 @@ class AgentFlowContext:
             mtime = path.stat().st_mtime_ns
         except OSError:
             return {}
-        cached = getattr(self, "_learned_cache", None)
+        cached = self._learned_cache
         if cached is None or cached[0] != mtime:
             cached = (mtime, learned_names(path))
             self._learned_cache = cached

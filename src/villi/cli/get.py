@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from villi._nsenter import in_netns
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 from villi.cli.context import Target, resolve
 from villi.cli.output import dump_json, table
 from villi.errors import AgentUnavailable
