@@ -54,6 +54,7 @@ bench: deps
 
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src
 	$(VENV)/bin/lint-imports
 
 # Regenerate the committed gRPC modules after editing src/villi/relay/proto/*.proto.

@@ -23,7 +23,7 @@ from _scale_sessions import pct
 from _scale_state import ClusterState, node_cidr
 
 from villi import resources
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 from villi.datapath import abi
 from villi.datapath.loader import pin_root
 from villi.datapath.maps import BpfMap, TypedMap

@@ -37,9 +37,9 @@ from typing import Any
 
 import httpx
 
-from villi.agent import keys
 from villi.errors import StoreError, StoreUnavailable
 from villi.kvstore import BackoffPolicy, EtcdStore, LeaseID
+from villi.kvstore import schema as keys
 from villi.kvstore._keys import prefix_range
 
 log = logging.getLogger("scale.sessions")

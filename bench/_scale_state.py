@@ -24,9 +24,9 @@ from typing import Any
 from policy import Workload  # bench/policy.py: the 3,000-policy mix
 
 from villi import resources
-from villi.agent import keys
 from villi.identity.allocator import id_key, value_key
 from villi.kvstore import EtcdStore, LeaseID
+from villi.kvstore import schema as keys
 from villi.kvstore.etcd import _put  # the gateway's PutRequest encoder
 from villi.policy.loader import load_text
 
@@ -92,11 +92,12 @@ class ClusterState:
         ns_index, app_index = divmod(ident_index, APPS)
         ns = self.work.namespaces[ns_index]
         app = self.work.apps[app_index]
-        entry = {"identity": self.identity_ids[ident_index], "node": node_name(node),
-                 "nodeIP": node_ip(node), "namespace": ns, "podName": f"{app}-{j}",
-                 "endpointID": slot + 1,
-                 "labels": {"app": app, "tier": ("fe", "be")[app_index % 2]},
-                 "namedPorts": {"http": [8000 + app_index, "TCP"], "metrics": [9090, "TCP"]}}
+        entry = keys.IpcacheEntry(
+            identity=self.identity_ids[ident_index], node=node_name(node),
+            node_ip=node_ip(node), namespace=ns, pod_name=f"{app}-{j}", endpoint_id=slot + 1,
+            labels={"app": app, "tier": ("fe", "be")[app_index % 2]},
+            named_ports={"http": (8000 + app_index, "TCP"), "metrics": (9090, "TCP")}
+        ).to_json()
         return node_name(node), ip, entry
 
     def pods_on(self, node: int) -> int:

@@ -38,6 +38,7 @@ from villi.cloudsim.server import CloudSimServer, SimSettings, serve
 from villi.errors import PoolExhausted
 from villi.ipam.eni import PoolParams
 from villi.kvstore.backoff import BackoffPolicy
+from villi.kvstore.schema import NodeEntry, node_key
 from villi.operator.cloud import CloudClient
 from villi.operator.eni import NODE_TAG, ENIAllocator, ENISettings
 from villi.operator.eni_cache import InterfaceCache
@@ -170,8 +171,7 @@ async def _burst_once(strategy: str, pods: int, nodes: int, rate: float, latency
             tasks = [asyncio.create_task(a.follow()) for a in agents]
             tasks.append(asyncio.create_task(alloc.run()))
             for n in range(nodes):
-                await store.put(f"villi/state/nodes/v1/node{n}", json.dumps(
-                    {"name": f"node{n}", "ipv4": None}).encode())
+                await store.put(node_key(f"node{n}"), NodeEntry(f"node{n}", None).encode())
             got: dict[int, float] = {}
             t0 = time.perf_counter()
 

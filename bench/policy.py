@@ -44,8 +44,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from villi.identity.ids import IdentityID  # noqa: E402
 from villi.identity.labels import pod_identity_labels  # noqa: E402
-from villi.policy.entry import EndpointID, IdentityID, Protocol  # noqa: E402
+from villi.policy.entry import EndpointID, Protocol  # noqa: E402
 from villi.policy.loader import load_text  # noqa: E402
 from villi.policy.models import Resource  # noqa: E402
 from villi.policy.resolver import Endpoint, EndpointPolicyDiff, PolicyResolver  # noqa: E402

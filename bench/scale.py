@@ -54,9 +54,9 @@ import httpx  # noqa: E402
 from _scale_sessions import CAP, VILLI, WINDOW, Sessions, pct  # noqa: E402
 from _scale_state import ClusterState, Size, node_name, populate  # noqa: E402
 
-from villi.agent import keys  # noqa: E402
 from villi.errors import StoreError  # noqa: E402
 from villi.kvstore import EtcdStore, retry  # noqa: E402
+from villi.kvstore import schema as keys  # noqa: E402
 from villi.testing.etcd import EtcdServer  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "scale.json"

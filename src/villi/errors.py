@@ -15,14 +15,18 @@ an errno for kernel errors, a CNI code for the plugin, a file/field path for pol
     ├── NetnsError             namespace, link, address or route work failed
     ├── StoreError             the kvstore failed or is unreachable
     │   ├── StoreUnavailable   no backend answered within the retry bound
-    │   └── TxnConflict        a compare-and-swap lost the race
+    │   ├── TxnConflict        a compare-and-swap lost the race
+    │   └── SchemaError        a stored value has not the shape villi.kvstore.schema says
     ├── ResourceError          a YAML resource is invalid (file, document, field path)
     │   └── PolicyError        … and the resource is a policy
     ├── IdentityError          identity allocation/release failed
     ├── IPAMError              an address could not be allocated or released
-    │   └── PoolExhausted      no free address left (CNI code 11: try again later)
+    │   ├── PoolExhausted      no free address left (CNI code 11: try again later)
+    │   └── AddressInUse       the address belongs to a live endpoint
     ├── CloudAPIError          the (simulated) cloud provider's API refused a call
     ├── EndpointError          endpoint lifecycle failed
+    │   ├── EndpointNotFound   no such endpoint on this node
+    │   └── BadRequest         a request to the agent is malformed (carries a CNI code)
     └── AgentUnavailable       the agent's API could not be reached in time
 """
 
@@ -84,6 +88,10 @@ class TxnConflict(StoreError):
     """A compare-and-swap transaction lost the race."""
 
 
+class SchemaError(StoreError):
+    """A value in the store does not have the shape ``villi.kvstore.schema`` says."""
+
+
 class ResourceError(VilliError):
     """A YAML resource is invalid.
 
@@ -134,6 +142,10 @@ class PoolExhausted(IPAMError):
     """No free address is left in the node's pod CIDRs."""
 
 
+class AddressInUse(IPAMError):
+    """The address belongs to a live endpoint (delete the endpoint, not the address)."""
+
+
 class CloudAPIError(VilliError):
     """A cloud API call failed; ``code`` is the provider's error code
     (``RequestLimitExceeded``, ``AttachmentLimitExceeded``…), ``action`` the call."""
@@ -146,6 +158,19 @@ class CloudAPIError(VilliError):
 
 class EndpointError(VilliError):
     """Endpoint lifecycle work failed."""
+
+
+class EndpointNotFound(EndpointError):
+    """No endpoint by that reference on this node."""
+
+
+class BadRequest(EndpointError):
+    """A request to the agent is malformed; ``cni_code`` is what the CNI plugin should
+    hand the runtime (4: invalid network config, 3: unknown container/netns)."""
+
+    def __init__(self, message: str, cni_code: int = 0) -> None:
+        super().__init__(message)
+        self.cni_code = cni_code
 
 
 class AgentUnavailable(VilliError):

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from villi.errors import ResourceError
+from villi.kvstore.schema import RESOURCES
 
-RESOURCES = "villi/resources/"
 CLUSTERWIDE_NS = "_"
 
 
@@ -43,7 +43,11 @@ def encode(resource: Any) -> bytes:
 
 
 def all_kinds() -> dict[tuple[str, str], Any]:
-    """(apiVersion, kind) → model, for every resource ``villi apply`` accepts."""
+    """(apiVersion, kind) → model, for every resource ``villi apply`` accepts.
+
+    The one registry of resource kinds: the CLI, the lab and the agent's decoder all
+    read it; nobody adds kinds to another table at run time. Each package owns its
+    models (policy, Service, Pod); this function only lists them."""
     from villi.endpoint.pod import POD_KINDS
     from villi.policy.models import KINDS
     from villi.service.models import SERVICE_KINDS

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e._lab import VILLI, Lab, running_lab
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.etcd]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from villi.agentclient import AgentError, UnixHTTP, _dechunk, quote
 from villi.cni import SUPPORTED_VERSIONS, CNIError
-from villi.cni._agent import AgentError, UnixHTTP, _dechunk, quote
 from villi.cni._env import parse_cni_args, parse_labels_value, parse_ports_value
 from villi.cni._result import for_version, merge
 from villi.errors import AgentUnavailable, VilliError
@@ -248,7 +248,7 @@ def test_plugin_imports_stay_light() -> None:
     assert heavy == []
     assert {m for m in modules if m.startswith("villi")} == {
         "villi", "villi.errors", "villi.cni", "villi.cni._config", "villi.cni._env",
-        "villi.cni._errors", "villi.cni._agent", "villi.cni._result", "villi.cni.main"}
+        "villi.cni._errors", "villi.agentclient", "villi.cni._result", "villi.cni.main"}
 
 
 def test_version_starts_fast() -> None:

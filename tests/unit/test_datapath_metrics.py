@@ -27,7 +27,8 @@ def _fake_agent() -> Any:
 
 def test_datapath_totals_are_counters() -> None:
     reg = CollectorRegistry()
-    reg.register(DatapathCollector(_fake_agent()))
+    agent = _fake_agent()
+    reg.register(DatapathCollector(agent.datapath, agent.ipam, agent.endpoints))
     text = generate_latest(reg).decode()
     assert "# TYPE villi_datapath_drop_total counter" in text
     assert "# TYPE villi_datapath_forward_total counter" in text

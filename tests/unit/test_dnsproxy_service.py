@@ -175,8 +175,8 @@ def test_dns_snapshot_recomputes_rules_only_when_policies_or_endpoints_change() 
 
     sim = PolicySimulator()
     sim.add_pod("prod/client", {"app": "client"}, "10.64.0.4")
-    agent = SimpleNamespace(policy=SimpleNamespace(resolver=sim.resolver))
-    assert fqdn.dns_snapshot(agent) == {"rules": {}, "patterns": []}  # type: ignore[arg-type]
+    policy = SimpleNamespace(resolver=sim.resolver)
+    assert fqdn.dns_snapshot(policy) == {"rules": {}, "patterns": []}
     sim.apply_yaml("""apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: d, namespace: prod}
@@ -189,9 +189,9 @@ spec:
       rules: {dns: [{matchPattern: "*.example.com"}]}
   - toFQDNs: [{matchName: api.example.com}]
 """)
-    first = fqdn.dns_snapshot(agent)  # type: ignore[arg-type]
+    first = fqdn.dns_snapshot(policy)
     assert first == {"rules": {"10.64.0.4": ["*.example.com."]},
                      "patterns": ["api.example.com."]}
-    assert fqdn.dns_snapshot(agent)["rules"] is first["rules"]  # type: ignore[arg-type]
+    assert fqdn.dns_snapshot(policy)["rules"] is first["rules"]
     sim.add_pod("prod/client2", {"app": "client"}, "10.64.0.5")
-    assert set(fqdn.dns_snapshot(agent)["rules"]) == {"10.64.0.4", "10.64.0.5"}  # type: ignore[arg-type]
+    assert set(fqdn.dns_snapshot(policy)["rules"]) == {"10.64.0.4", "10.64.0.5"}

@@ -57,7 +57,8 @@ def test_node_entry_round_trip_matches_the_contract() -> None:
                       IPAMUsage(3, 254))
     doc = json.loads(entry.encode())
     assert doc == {"name": "n1", "ipv4": "192.168.50.2", "podCIDRs": ["10.64.3.0/24"],
-                   "ipam": {"allocated": 3, "capacity": 254, "free": 251}}
+                   "ipam": {"allocated": 3, "capacity": 254, "free": 251},
+                   "villi.io/ip": 251}
     assert NodeEntry.decode(entry.encode()) == entry
     assert NodeEntry.decode(b'{"name": "n2"}') == NodeEntry("n2", None)
 

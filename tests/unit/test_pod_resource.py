@@ -6,10 +6,24 @@ import pytest
 
 from villi import resources
 from villi.errors import ResourceError
-from villi.policy.loader import load_text
+from villi.policy import loader
 from villi.policy.models import KINDS
 
-KINDS.update(resources.all_kinds())
+
+def load_text(text: str, filename: str) -> loader.Loaded:
+    return loader.load_text(text, filename, resources.all_kinds())
+
+
+def test_kinds_have_one_registry_and_it_is_not_mutated() -> None:
+    """Every kind comes from ``villi.resources.all_kinds()``; loading through it adds
+    nothing to the policy engine's own table (no run-time mutation)."""
+    before = dict(KINDS)
+    load_text(POD, "pod.yaml")
+    assert KINDS == before
+    assert ("v1", "Pod") not in KINDS and ("v1", "Service") not in KINDS
+    assert {("v1", "Pod"), ("v1", "Service")} <= set(resources.all_kinds())
+    with pytest.raises(ResourceError, match="unknown kind 'Pod'"):
+        loader.load_text(POD, "pod.yaml")  # the policy engine alone knows no Pod
 
 POD = """\
 apiVersion: v1

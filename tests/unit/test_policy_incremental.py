@@ -4,8 +4,9 @@ the diffs compose: applying every map diff to the previous rows gives the new ro
 from __future__ import annotations
 
 from villi.identity.cache import IdentityCache
+from villi.identity.ids import IdentityID
 from villi.identity.labels import pod_identity_labels
-from villi.policy.entry import Direction, EndpointID, IdentityID, Protocol
+from villi.policy.entry import Direction, EndpointID, Protocol
 from villi.policy.loader import load_text
 from villi.policy.mapstate import compute_map_state
 from villi.policy.resolver import Endpoint, EndpointPolicyDiff, PolicyResolver

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from villi.policy.entry import Direction, IdentityID, PolicyEntry, Protocol
+from villi.identity.ids import IdentityID
+from villi.policy.entry import Direction, PolicyEntry, Protocol
 from villi.policy.mapstate import (
     DROP_POLICY_DENIED,
     DROP_POLICY_DENY,

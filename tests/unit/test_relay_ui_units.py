@@ -231,8 +231,13 @@ def test_peers() -> None:
     assert parse_peer("n1=10.0.0.1:4244").address == "10.0.0.1:4244"
     with pytest.raises(Exception, match="NAME=HOST:PORT"):
         parse_peer("10.0.0.1")
-    assert [p.name for p in peers_from_entries(
-        {"b": {"ipv4": "1.1.1.2"}, "a": {"ipv4": "1.1.1.1"}, "c": {}}, 4244)] == ["a", "b"]
+    from ipaddress import IPv4Address
+
+    from villi.kvstore.schema import NodeEntry
+
+    entries = {"b": NodeEntry("b", IPv4Address("1.1.1.2")),
+               "a": NodeEntry("a", IPv4Address("1.1.1.1")), "c": NodeEntry("c", None)}
+    assert [p.name for p in peers_from_entries(entries, 4244)] == ["a", "b"]
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:

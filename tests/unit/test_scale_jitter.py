@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from villi.agent.config import AgentConfig, add_arguments, from_args
-from villi.cni._agent import CONNECT_BACKOFF_CAP, full_jitter
+from villi.agentclient import CONNECT_BACKOFF_CAP, full_jitter
 from villi.errors import VilliError
 from villi.netns import neigh
 from villi.operator.main import Operator, OperatorSettings
@@ -98,8 +98,9 @@ def test_status_sums_agents_demands_against_the_machine(monkeypatch) -> None:  #
 def test_node_sync_leaves_routes_alone_when_only_ipam_usage_changes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import json as _json
 
-    from villi.agent import keys, sync
+    from villi.agent import sync
     from villi.kvstore import EventType, WatchEvent
+    from villi.kvstore import schema as keys
 
     calls: list[tuple[str, str]] = []
     monkeypatch.setattr(sync.routes, "replace_route", lambda cidr, via: calls.append(("r", cidr)))
@@ -122,11 +123,12 @@ def test_node_sync_leaves_routes_alone_when_only_ipam_usage_changes(monkeypatch)
                                    _json.dumps(entry).encode(), rev))
 
     entry = {"name": "n2", "ipv4": "172.20.0.3", "podCIDRs": ["10.64.1.0/24"],
-             "ipam": {"allocated": 1}}
+             "ipam": {"allocated": 1, "capacity": 254}}
     put(entry, 1)
     assert ("r", "10.64.1.0/24") in calls
     calls.clear()
-    put({**entry, "ipam": {"allocated": 2}}, 2)       # an IPAM report: no kernel work
-    assert calls == [] and node_sync.nodes["n2"]["ipam"] == {"allocated": 2}
+    put({**entry, "ipam": {"allocated": 2, "capacity": 254}}, 2)  # IPAM report: no kernel work
+    ipam = node_sync.nodes["n2"].ipam
+    assert calls == [] and ipam is not None and ipam.allocated == 2
     put({**entry, "podCIDRs": ["10.64.2.0/24"]}, 3)   # a new CIDR: routes follow
     assert ("d", "10.64.1.0/24") in calls and ("r", "10.64.2.0/24") in calls

@@ -8,7 +8,6 @@ field path and reason.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,13 +22,7 @@ from villi.service.models import (
     check_service_cidr,
 )
 
-
-@pytest.fixture(autouse=True)
-def service_kinds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key, model in SERVICE_KINDS.items():
-        monkeypatch.setitem(loader.KINDS, key, model)
-    monkeypatch.setattr(loader, "_KNOWN", [])  # recompute "did you mean" field names
-    yield
+KINDS = {**loader.KINDS, **SERVICE_KINDS}
 
 
 def svc(spec: str, *, meta: str = "{name: web, namespace: shop}") -> str:
@@ -38,14 +31,14 @@ def svc(spec: str, *, meta: str = "{name: web, namespace: shop}") -> str:
 
 
 def load(text: str) -> Service:
-    (res,) = loader.load_text(text, "svc.yaml")
+    (res,) = loader.load_text(text, "svc.yaml", KINDS)
     assert isinstance(res, Service)
     return res
 
 
 def error(text: str) -> str:
     with pytest.raises(ResourceError) as exc:
-        loader.load_text(text, "svc.yaml")
+        loader.load_text(text, "svc.yaml", KINDS)
     return str(exc.value)
 
 

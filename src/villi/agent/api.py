@@ -1,8 +1,11 @@
 """The agent's REST API: HTTP over a unix socket (see openapi.yaml beside this file).
 
 Handlers only translate between HTTP and the agent's methods; every rule lives in the
-agent. Errors leave as ``{"error": message, "code": cni_code}`` so the CNI plugin can
-pass the code straight through to the runtime.
+agent. This is the only module that knows HTTP statuses: domain code raises the errors
+of ``villi.errors`` and :func:`errors_middleware` maps them (not found → 404, bad
+request → 400, address in use → 409, pool exhausted / store / identity → 503 with CNI
+code 11 "try again"). Errors leave as ``{"error": message, "code": cni_code}`` so the
+CNI plugin can pass the code straight through to the runtime.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
 
 from villi.errors import (
+    AddressInUse,
+    BadRequest,
     EndpointError,
+    EndpointNotFound,
     IdentityError,
     IPAMError,
     NetnsError,
@@ -26,15 +32,29 @@ from villi.errors import (
     VilliError,
 )
 
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
-
 CNI_TRY_AGAIN = 11
 API_BACKLOG = 1024
 
 
+class AgentAPI(Protocol):
+    """What the API serves (``villi.agent.daemon.Agent`` implements it)."""
+
+    def health(self) -> dict[str, Any]: ...
+    def list_endpoints(self) -> list[dict[str, Any]]: ...
+    def get_endpoint(self, ref: str, ifname: str = "eth0") -> dict[str, Any]: ...
+    async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]: ...
+    async def delete_endpoint(self, ref: str, ifname: str = "eth0") -> bool: ...
+    async def set_endpoint_labels(self, ref: str, ifname: str, labels: dict[str, str]
+                                  ) -> dict[str, Any]: ...
+    async def ipam_allocate(self, owner: str) -> dict[str, Any]: ...
+    async def ipam_release(self, ip: str) -> bool: ...
+    def policy_view(self) -> dict[str, Any]: ...
+    def identity_view(self) -> list[dict[str, Any]]: ...
+    def extra_routes(self) -> list[tuple[str, str, Any]]: ...
+
+
 class ApiError(VilliError):
-    """An error with its HTTP status and CNI code."""
+    """An HTTP-level error raised by a handler here, with its status and CNI code."""
 
     def __init__(self, status: int, message: str, code: int = 0) -> None:
         super().__init__(message)
@@ -54,6 +74,12 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         raise
     except ApiError as e:
         return _error_response(e.status, str(e), e.code)
+    except EndpointNotFound as e:
+        return _error_response(404, str(e), 0)
+    except BadRequest as e:
+        return _error_response(400, str(e), e.cni_code)
+    except AddressInUse as e:
+        return _error_response(409, str(e), 0)
     except (PoolExhausted, StoreError, IdentityError) as e:
         return _error_response(503, str(e), CNI_TRY_AGAIN)
     except (IPAMError, NetnsError, EndpointError) as e:
@@ -68,7 +94,7 @@ def _endpoint_ref(request: web.Request) -> tuple[str, str]:
     return request.match_info["id"], request.query.get("ifname", "eth0")
 
 
-def build_app(agent: Agent) -> web.Application:
+def build_app(agent: AgentAPI) -> web.Application:
     routes = web.RouteTableDef()
 
     @routes.get("/v1/healthz")

@@ -1,11 +1,19 @@
-"""The node agent: owns the node's endpoints and datapath, follows the cluster state.
+"""The node agent: the composition root that builds and wires its collaborators.
 
-Wiring only — each rule lives in the package that owns it:
+No rule lives here; each lives in the module that owns it, and each collaborator
+depends on a small Protocol (or plain values), never on :class:`Agent`:
 
-    store ──► NodeSync (routes, node IPs)         IdentityCache ──┐
-          ├─► IpcacheSync (remote pods)                            ├─► PolicySync ──► maps
-          ├─► resources (policies, namespaces, pods) ──────────────┘
-    CNI ──► API ──► create_endpoint: IPAM → identity → veth/maps → policy → publish
+    store ──► NodeSync (routes, node IPs)           IdentityCache ─┐
+          ├─► IpcacheSync (every pod) ──► PolicySync, ServiceSync, L7 ─┤
+          └─► ResourceWatcher ─┬─ policies ─────────► PolicySync ──► policy maps
+                               ├─ Namespace ────────► PolicySync, then EndpointLifecycle
+                               ├─ Service ──────────► ServiceSync ──► socket-LB maps
+                               └─ Pod ──────────────► PodIndex ──► EndpointLifecycle
+    CNI ──► api (HTTP; maps villi.errors to statuses) ──► EndpointLifecycle:
+              IPAM → identity → veth/maps (EndpointManager) → policy → StatePublisher
+
+Every background task runs in the agent's ``asyncio.TaskGroup`` (:meth:`spawn`); a
+task that fails is logged and shown in ``/v1/healthz`` without stopping the others.
 
 Start-up never disturbs live traffic: endpoints are re-adopted from the state
 directory and the pinned maps (programs re-attached with REPLACE, policy diffed
@@ -16,46 +24,54 @@ does the agent reconcile with the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-import json
 import logging
 import os
 import random
-import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from villi.agent import keys
-from villi.agent.api import ApiError, build_app, serve_unix
+from villi.agent import node as node_setup
+from villi.agent.api import build_app, serve_unix
 from villi.agent.config import AgentConfig
+from villi.agent.endpoints import EndpointLifecycle
 from villi.agent.eni_ipam import ENINodeIPAM
 from villi.agent.flowserver import serve_flows_tcp
+from villi.agent.fqdn import fqdn_routes, proxy_args, restore_learned
 from villi.agent.guard import guard_control_plane, kvstore_endpoints
-from villi.agent.ipam import NodeIPAM
 from villi.agent.l7 import L7Proxy
-from villi.agent.observe import AgentMetrics, build_observer, flow_routes, start_metrics_servers
+from villi.agent.observe import (
+    AgentFlowContext,
+    AgentMetrics,
+    build_observer,
+    flow_routes,
+    start_metrics_servers,
+)
+from villi.agent.pods import PodIndex
+from villi.agent.policy_debug import policy_debug_routes
 from villi.agent.policy_sync import PolicySync
 from villi.agent.policymode import PolicyModes, PolicyModesCollector
+from villi.agent.publish import StatePublisher
 from villi.agent.services import ServiceSync
 from villi.agent.sync import IpcacheSync, NodeSync, StoreHealth
+from villi.agent.watcher import POLICY_KINDS, ResourceEvent, ResourceWatcher
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
-from villi.endpoint.request import RequestError, validate_endpoint_request, validate_labels
-from villi.errors import EndpointError, StoreUnavailable, VilliError
-from villi.identity.allocator import IdentityAllocator, ref_key
+from villi.errors import VilliError
+from villi.identity.allocator import IdentityAllocator
 from villi.identity.cache import IdentityCache
-from villi.identity.labels import LabelSet, pod_identity_labels
 from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
-from villi.kvstore.backoff import Backoff, BackoffPolicy
-from villi.netns import neigh, routes, set_sysctl
-from villi.netns.veth import GATEWAY_IPV4
+from villi.kvstore.backoff import BackoffPolicy
+from villi.kvstore.schema import IpcacheEntry
+from villi.netns import routes, set_sysctl
+from villi.policy.modes import PolicySettings
 
 log = logging.getLogger("villi.agent")
-MAX_ENDPOINT_ID = 65535
-KVSTORE_ADD_DEADLINE = 3.0  # seconds of kvstore work one CNI ADD may wait for (in all)
 
 
 def in_root_netns() -> bool:
@@ -79,21 +95,42 @@ def in_root_netns() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No collection while the initial sync allocates hundreds of thousands of small
+    objects (policy entries, map keys); the collector is back on however this ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class Agent:
-    """One node's agent. ``await start()``, serve, ``await stop()``."""
+    """One node's agent. ``await start()``, serve, ``await stop()`` — from one task
+    (``run_agent`` does both), since that task owns the agent's TaskGroup."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.node = config.node
+        self.node_ip: str | None = None
         self.store: Store | None = None
         self.lease: LeaseKeeper | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
-        self._cleanups: set[asyncio.Task[Any]] = set()
-        self._runner: Any = None
-        self._lock = asyncio.Lock()
-        self._held: dict[int, LabelSet] = {}   # endpoint id -> label set it holds
         self.kvstore_status = "connecting"
         self.started = asyncio.Event()
+        self.neigh: dict[str, Any] | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # async () -> None, each run in reverse order by stop(): the front (servers, L7,
+        # observer) before the background tasks end, the back (lease, store, IPAM,
+        # datapath) after.
+        self._front: list[Callable[[], Awaitable[Any]]] = []
+        self._back: list[Callable[[], Awaitable[Any]]] = []
+        #: Called for every pod of the cluster that appears, changes or goes away.
+        self.pod_handlers: list[Callable[[str, IpcacheEntry | None], None]] = []
+        self._gc_threshold = gc.get_threshold()
         # pyroute2's synchronous API runs its own event loop, so netlink work cannot
         # run on ours: it goes to one worker thread, which also keeps it serialised.
         self._kernel_pool = ThreadPoolExecutor(1, thread_name_prefix="villi-kernel")
@@ -103,6 +140,30 @@ class Agent:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._kernel_pool, partial(fn, *args, **kwargs))
 
+    # --- background tasks ---------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, vital: bool = False
+              ) -> asyncio.Task[Any]:
+        """Run ``coro`` in the agent's TaskGroup; a failure is logged and does not
+        cancel the other tasks. A ``vital`` task (a loop the agent needs: store syncs,
+        the resource watcher) that fails also marks the agent degraded in
+        ``/v1/healthz``; a one-shot task (a clean-up, one resource's update) does not."""
+        if self._group is None:
+            coro.close()
+            raise VilliError(f"agent task {name}: the agent is not running")
+        task = self._group.create_task(self._guarded(coro, name, vital),
+                                       name=f"villi-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guarded(self, coro: Coroutine[Any, Any, Any], name: str, vital: bool) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 - one task's failure is reported, not fatal
+            log.error("agent task villi-%s failed: %r", name, exc, exc_info=exc)
+            if vital:
+                self.kvstore_status = f"error: villi-{name} failed: {exc}"
+
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
@@ -110,6 +171,8 @@ class Agent:
             raise VilliError("refusing to run in the machine's root network namespace: villi "
                              "would add pod routes there. Run the agent inside a node "
                              "namespace (villi lab does) or pass --allow-root-netns.")
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
         state = cfg.state_path
         state.mkdir(parents=True, exist_ok=True)
         # The node namespace routes pods; anything else in the cluster range dies here.
@@ -117,17 +180,26 @@ class Agent:
         await self.kernel(routes.ensure_unreachable, cfg.cluster_cidr)
         self.node_ip = cfg.node_ip or await self.kernel(routes.first_ipv4)
 
+        # --- the node's datapath and its local endpoints (no store needed) ---
         self.datapath = NodeDatapath(cfg.cluster, self.node, NodeConfig(
             node_ipv4=self.node_ip or "0.0.0.0", monitor_aggregation=cfg.aggregation_level,
             host_routing=cfg.host_routing,
             defines={"EVENTS_RINGBUF_SIZE": str(cfg.events_ringbuf_size)}))
+        self._back.append(self._close_datapath)
         guard_control_plane(self.datapath, kvstore_endpoints(cfg.kvstore))
-        self.services = ServiceSync(self)
+        self.services = ServiceSync(cfg.cluster, self.node, cfg.service_cgroup,
+                                    self.datapath.config, self.spawn)
+        self._back.append(self._close_services)
         self.endpoints = EndpointManager(self.datapath, node_netns=None, state_dir=state)
-        self.policy_modes = PolicyModes.for_agent(self)   # hook: opsa (policy modes)
+        # Enforcement/audit settings and the degradation switch live in the datapath;
+        # an active degradation is reported here and never undone (docs/policy.md).
+        self.policy_modes = PolicyModes(self.node, self.datapath.policy_cfg, self.endpoints,
+                                        PolicySettings(enable_policy=cfg.enable_policy,
+                                                       audit=cfg.policy_audit_mode))
         restored = await self.kernel(self.endpoints.restore)
         log.info("restored %d endpoints from %s", len(restored), state)
-        self.ipam = _make_ipam(cfg, state, self.node)
+        self.ipam = node_setup.make_ipam(cfg)
+        self._back.append(self.ipam.close)
         self.ipam.reconcile({ep.ipv4: _owner(ep) for ep in restored})
 
         if cfg.start_jitter > 0:
@@ -136,474 +208,202 @@ class Agent:
             delay = random.uniform(0.0, cfg.start_jitter)
             log.info("start jitter: connecting to the kvstore in %.2f s", delay)
             await asyncio.sleep(delay)
-        self.store = open_store(cfg.kvstore)
-        self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost,
+
+        # --- the store, the lease and what is published under it ---
+        self.store = store = open_store(cfg.kvstore)
+        self._back.append(store.close)
+        self.lease = LeaseKeeper(store, cfg.lease_ttl, on_lost=self._lease_lost,
                                  backoff=BackoffPolicy(0.1, cfg.kvstore_retry_cap, None))
         await self.lease.start()
+        self._back.append(self._stop_lease)
         self.kvstore_status = "ok"
-        self.store_health = StoreHealth(self.store, cap=cfg.kvstore_retry_cap)
-        self._spawn(self.store_health.run(), "kvstore-health")
-        self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
+        self.services.store = store
+        self.store_health = StoreHealth(store, cap=cfg.kvstore_retry_cap)
+        self.spawn(self.store_health.run(), "kvstore-health", vital=True)
+        self.identities = IdentityAllocator(store, self.node, lease=self.lease.lease)
         self.identity_cache = IdentityCache()
-        self.metrics = AgentMetrics(self)
-        self.policy = PolicySync(self)
-        self.metrics.registry.register(PolicyModesCollector(self.policy_modes))  # hook: opsa
-        await self.policy_modes.follow(self.store, self._spawn)   # hook: opsa
-        # The initial sync allocates hundreds of thousands of small objects (policy
-        # entries, map keys): no collector runs while it does.
-        gc.disable()
-        self.node_sync = NodeSync(self.store, self.datapath, self.node, kernel=self.kernel)
-        self.ipcache_sync = IpcacheSync(self.store, self.datapath, self.node,
-                                        on_change=self._on_pod_change)
+        self.metrics = AgentMetrics(self.datapath, self.ipam, self.endpoints)
+        self.publisher = StatePublisher(store, self.lease, self.node, self.node_ip,
+                                        self.metrics.kvstore_ops)
 
+        # --- policy, resources, endpoints: wired through small Protocols ---
+        self.policy = PolicySync(self.endpoints, self.datapath.ipcache, self.metrics,
+                                 cfg.cluster)
+        self.identity_cache.add_listener(self.policy.on_identities)
+        self.metrics.registry.register(PolicyModesCollector(self.policy_modes))
+        await self.policy_modes.follow(store, self.spawn)
+        self.pods = PodIndex()
+        self.lifecycle = EndpointLifecycle(
+            self.node, self.endpoints, self.ipam, self.identities, self.identity_cache,
+            self.policy, self.pods, self.publisher, self.kernel, self.spawn, cfg.kvstore)
+        self.lifecycle.policy_view = self.policy_modes.endpoint_policy
+        self.pods.on_change = lambda ns, name, pod: self.spawn(
+            self.lifecycle.apply_pod(ns, name, pod), f"pod {ns}/{name}")
+        self.watcher = ResourceWatcher(store)
+        self.watcher.watch(POLICY_KINDS, self.policy.on_resource)
+        self.watcher.watch("Namespace", self._on_namespace)
+        self.watcher.watch("Service", self.services.on_resource)
+        self.watcher.watch("Pod", self.pods.on_resource)
+        self.node_sync = NodeSync(store, self.datapath, self.node, kernel=self.kernel)
+        self.ipcache_sync = IpcacheSync(store, self.datapath, self.node,
+                                        on_change=self._on_pod_change)
+        self.pod_handlers += [self.policy.on_ipcache_change, self.services.on_pod]
+
+        with gc_paused():
+            await self._sync_with_store(restored)
+        # What start-up built lives as long as the agent: move it out of the collector's
+        # sight and collect rarely, which keeps policy updates' p99 low (bench/policy.py).
+        # stop() puts the collector's settings back.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        for ep in restored:
+            await self.publisher.endpoint(ep)
+
+        # --- observability, L7, the API ---
+        self.flow_context = AgentFlowContext(
+            self.node, cfg.cluster, self.endpoints, self.ipcache_sync, self.identity_cache,
+            self.policy.resolver, self.service_of, state)
+        self.lifecycle.on_removed.append(self.flow_context.forget_endpoint)
+        # The address stops being a service backend before it can be reused.
+        self.lifecycle.on_removed.append(lambda ep: self.services.on_pod(ep.ipv4, None))
+        self.observer = build_observer(cfg, self.datapath, self.flow_context)
+        self.observer.start(self.spawn)
+        self._front.append(self.observer.stop)
+        self.l7 = L7Proxy(state, self.node_ip, _L7Sources(self), self.kernel,
+                          self.datapath.attach_netdev, self.metrics.registry, self.spawn,
+                          on_records=self.observer.ingest_l7,
+                          proxy_args=proxy_args(cfg, self.datapath.pin_dir))
+        self.policy.listeners.append(self.l7.request_push)
+        l7 = self.l7
+        self.pod_handlers.append(lambda ip, entry: l7.request_push())
+        await self.l7.start()
+        self._front.append(self.l7.stop)
+        for server in await start_metrics_servers(cfg, self.metrics.registry,
+                                                  self.observer.metrics.registry):
+            self._front.append(server.close)
+        runner = await serve_unix(build_app(self), cfg.api_socket)
+        self._front.append(runner.cleanup)
+        flow_runner = await serve_flows_tcp(cfg, flow_routes(self.observer))
+        if flow_runner is not None:
+            self._front.append(flow_runner.cleanup)
+        self.started.set()
+        log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
+                 self.node_ip, self.ipam.cidrs, cfg.api_socket)
+
+    async def _sync_with_store(self, restored: list[Endpoint]) -> None:
+        """Publish the node, follow the store until every view is current, then bring
+        restored endpoints' identities and policy up to date."""
+        cfg = self.config
+        assert self.store is not None and self.lease is not None
         if isinstance(self.ipam, ENINodeIPAM):
+            lease = self.lease
             self.ipam.start_reporting(self.store, self._publish_node,
-                                      cfg.ipam_node_update_rate,
-                                      lambda: self.lease.lease if self.lease else None)
+                                      cfg.ipam_node_update_rate, lambda: lease.lease)
             self.ipam.on_pool_change = self._publish_node
-            self._spawn(self.ipam.follow(), "eni-ipam")
+            self.spawn(self.ipam.follow(), "eni-ipam", vital=True)
         else:
-            await self._acquire_pod_cidr()
-            self.neigh = await self._size_neighbour_table()
+            await node_setup.acquire_pod_cidr(cfg, self.store, self.ipam, self._publish_node,
+                                              self.spawn)
+            self.neigh = await node_setup.size_neighbour_table(
+                self.kernel, self.node_ip, self.ipam.usage().get("capacity", 0),
+                cfg.neigh_gc_thresh)
             self.ipam.start_reporting(self.store, self._publish_node,
                                       cfg.ipam_node_update_rate)
         await self._publish_node()
 
         ready = asyncio.Event()
-        self._spawn(self.identity_cache.run(self.store, ready), "identity-cache")
-        self._spawn(self.node_sync.run(), "node-sync")
-        self._spawn(self.ipcache_sync.run(), "ipcache-sync")
-        self._spawn(self.policy.run(), "policy-sync")
+        self.spawn(self.identity_cache.run(self.store, ready), "identity-cache", vital=True)
+        self.spawn(self.node_sync.run(), "node-sync", vital=True)
+        self.spawn(self.ipcache_sync.run(), "ipcache-sync", vital=True)
+        self.spawn(self.watcher.run(), "resource-watcher", vital=True)
         await asyncio.wait_for(ready.wait(), timeout=30)
-        await self.policy.wait_synced()
+        await self.watcher.wait_synced()
         await self.ipcache_sync.sync.synced.wait()
         self.services.prune()
-
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
-            await self._refresh_identity(ep.id)
-        from villi.agent.fqdn import restore_learned
-
-        restore_learned(self)   # IPs the DNS proxy learned stay allowed across restarts
+            await self.lifecycle.refresh_identity(ep.id)
+        restore_learned(self.policy, cfg.state_path)  # DNS-learned IPs stay allowed
         await self.policy.regenerate_all()
-        # What start-up built lives as long as the agent: move it out of the collector's
-        # sight and collect rarely, which keeps policy updates' p99 low (bench/policy.py).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
-        gc.enable()
-        for ep in restored:
-            await self._publish_endpoint(ep)
-
-        self.observer, self.flow_context = build_observer(self)
-        self.observer.start()
-        self.l7 = L7Proxy(self)
-        await self.l7.start()
-        self._metrics_servers = await start_metrics_servers(self)
-        self._runner = await serve_unix(build_app(self), cfg.api_socket)
-        self._flow_runner = await serve_flows_tcp(self)
-        self.started.set()
-        log.info("agent %s ready (node IP %s, pod CIDRs %s, API %s)", self.node,
-                 self.node_ip, self.ipam.cidrs, cfg.api_socket)
 
     async def stop(self) -> None:
-        """Stop serving and following the store; the datapath keeps enforcing."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        for server in getattr(self, "_metrics_servers", ()):
-            await server.close()
-        if hasattr(self, "l7"):
-            await self.l7.stop()
-        if getattr(self, "_flow_runner", None) is not None:
-            await self._flow_runner.cleanup()
-            self._flow_runner = None
-        if hasattr(self, "observer"):
-            await self.observer.stop()
-        for t in self.tasks:
-            t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks.clear()
+        """Stop serving and following the store; the datapath keeps enforcing. Safe
+        after a start() that failed part-way: only what was built is closed."""
+        front, self._front = self._front, []
+        back, self._back = self._back, []
+        for close in reversed(front):
+            await _quietly(close)
+        for task in list(self._tasks):
+            task.cancel()
+        group, self._group = self._group, None
+        if group is not None:
+            await group.__aexit__(None, None, None)
+        for close in reversed(back):
+            await _quietly(close)
+        self._kernel_pool.shutdown(wait=True)
+        gc.unfreeze()
+        gc.set_threshold(*self._gc_threshold)
+
+    async def _stop_lease(self) -> None:
         if self.lease is not None:
             # Do not revoke: a restarting agent's pods keep their entries until the TTL.
             await self.lease.stop(revoke=False)
-        if self.store is not None:
-            await self.store.close()
-        if hasattr(self, "ipam"):
-            await self.ipam.close()
-        if hasattr(self, "services"):
-            self.services.close()
-        if hasattr(self, "datapath"):
-            self.datapath.close()
-        self._kernel_pool.shutdown(wait=True)
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"villi-{name}")
-        task.add_done_callback(self._task_done)
-        self.tasks.append(task)
+    async def _close_services(self) -> None:
+        self.services.close()
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("agent task %s failed: %r", task.get_name(), task.exception())
-            self.kvstore_status = f"error: {task.get_name()} failed: {task.exception()}"
+    async def _close_datapath(self) -> None:
+        self.datapath.close()
 
+    # --- store events and publishing ----------------------------------------------------
     async def _lease_lost(self, lease: LeaseID) -> None:
         """The old lease expired: every key that lived under it must be written again."""
-        assert self.store is not None
         self.identities.lease = lease
         await self._publish_node()
-        for ep in self.endpoints.endpoints.values():
-            await self._publish_endpoint(ep)
-        for labels in set(self._held.values()):
-            await self.store.put(ref_key(labels, self.node), b"", lease=lease)
-
-    # --- node and IPAM ------------------------------------------------------------------
-    async def _acquire_pod_cidr(self) -> None:
-        """Use the static --pod-cidr, else wait for the operator to hand one out."""
-        assert self.store is not None
-        if self.config.pod_cidr:
-            self.ipam.set_cidrs([self.config.pod_cidr])
-            return
-        key = keys.podcidrs_key(self.node)
-        await self._publish_node()  # the operator allocates for nodes it sees
-        deadline = asyncio.get_running_loop().time() + self.config.cidr_wait_timeout
-        backoff = Backoff(BackoffPolicy(base=0.05, cap=self.config.pod_cidr_backoff_cap,
-                                        max_attempts=None))
-        while True:
-            kv = await self.store.get(key)
-            if kv is not None:
-                cidrs = json.loads(kv.value).get("cidrs", [])
-                if cidrs:
-                    self.ipam.set_cidrs(cidrs)
-                    self._spawn(self._follow_pod_cidrs(key, kv.mod_revision), "podcidrs")
-                    return
-            if asyncio.get_running_loop().time() > deadline:
-                raise VilliError(f"no pod CIDR for node {self.node} after "
-                                 f"{self.config.cidr_wait_timeout:.0f}s: is `villi operator` "
-                                 "running against the same kvstore?")
-            await backoff.failed()  # full jitter: a fleet waiting together polls spread
-
-    async def _size_neighbour_table(self) -> dict[str, Any]:
-        """What this node needs of the neighbour table, and (``--neigh-gc-thresh auto``,
-        where the sysctls exist in this namespace) raise the thresholds to it."""
-        underlay = None
-        if self.node_ip:
-            try:
-                underlay = await self.kernel(routes.ipv4_interface_of, self.node_ip)
-            except Exception as e:  # report without the subnet rather than fail start-up
-                log.warning("cannot read the underlay prefix of %s: %s", self.node_ip, e)
-        demand = neigh.neighbour_demand(self.ipam.usage().get("capacity", 0), underlay)
-        want = neigh.recommended(demand)
-        info: dict[str, Any] = {"demand": demand, "underlay": underlay,
-                                "recommended": want.as_dict(),
-                                "mode": self.config.neigh_gc_thresh}
-        current = neigh.read_thresholds()
-        if self.config.neigh_gc_thresh == "auto":
-            try:
-                current = neigh.write_thresholds(want)
-                info["set"] = True
-            except OSError as e:
-                info["set"] = False
-                log.warning("--neigh-gc-thresh auto: %s; set %s", e,
-                            " ".join(want.sysctl_lines()))
-        info["current"] = current.as_dict() if current else None
-        warning = neigh.check(demand, current)
-        if warning:
-            log.warning("%s", warning)
-        return info
-
-    async def _follow_pod_cidrs(self, key: str, revision: int) -> None:
-        assert self.store is not None
-        async for event in self.store.watch(key, start_revision=revision + 1):
-            if event.value:
-                self.ipam.set_cidrs(json.loads(event.value).get("cidrs", []))
-                await self._publish_node()
-
-    def node_entry(self) -> dict[str, Any]:
-        usage = self.ipam.usage()
-        entry = {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
-                 "ipam": usage, "apiSocket": str(self.config.api_socket),
-                 "villi.io/ip": usage["free"]}  # allocatable pod IPs (placement)
-        if isinstance(self.ipam, ENINodeIPAM):
-            entry["eni"] = self.ipam.interfaces()
-        return entry
-
-    async def _timed(self, action: str, coro: Any) -> Any:
-        """Run a kvstore operation, recording its duration and outcome."""
-        t0 = time.perf_counter()
-        outcome = "success"
-        try:
-            return await coro
-        except BaseException:
-            outcome = "fail"
-            raise
-        finally:
-            if hasattr(self, "metrics"):
-                self.metrics.kvstore_ops.labels(action, outcome).observe(
-                    time.perf_counter() - t0)
+        await self.lifecycle.republish()
 
     async def _publish_node(self) -> None:
-        assert self.store is not None and self.lease is not None
-        await self._timed("update", self.store.put(
-            keys.node_key(self.node), json.dumps(self.node_entry()).encode(),
-            lease=self.lease.lease))
+        await self.publisher.node_entry(node_setup.node_entry(
+            self.node, self.node_ip, self.ipam, str(self.config.api_socket)))
 
-    # --- endpoints ----------------------------------------------------------------------
-    def _find(self, ref: str, ifname: str = "eth0") -> Endpoint | None:
-        if ref.startswith("container-id:"):
-            cid = ref[len("container-id:"):]
-            for ep in self.endpoints.endpoints.values():
-                if ep.container_id == cid and ep.ifname == ifname:
-                    return ep
-            return None
-        if ref.startswith("pod:"):
-            ns, _, name = ref[len("pod:"):].partition("/")
-            for ep in self.endpoints.endpoints.values():
-                if ep.namespace == ns and ep.pod_name == name:
-                    return ep
-            return None
-        try:
-            return self.endpoints.endpoints.get(int(ref))
-        except ValueError:
-            raise ApiError(400, f"bad endpoint id {ref!r}: a number, container-id:<id> or "
-                           "pod:<ns>/<name>") from None
+    def _on_namespace(self, event: ResourceEvent) -> None:
+        """Namespace labels feed policy selectors and the identities of its pods."""
+        self.policy.on_resource(event)
+        self.spawn(self.lifecycle.refresh_namespace(event.name), f"namespace {event.name}")
+
+    def _on_pod_change(self, ip: str, entry: IpcacheEntry | None) -> None:
+        """A pod anywhere in the cluster appeared, changed or went away."""
+        for handler in self.pod_handlers:
+            handler(ip, entry)
+
+    # --- the API (villi.agent.api.AgentAPI) ---------------------------------------------
+    def list_endpoints(self) -> list[dict[str, Any]]:
+        return self.lifecycle.list()
 
     def get_endpoint(self, ref: str, ifname: str = "eth0") -> dict[str, Any]:
-        ep = self._find(ref, ifname)
-        if ep is None:
-            raise ApiError(404, f"no endpoint {ref} (ifname {ifname}) on node {self.node}")
-        return self.endpoint_view(ep)
-
-    def list_endpoints(self) -> list[dict[str, Any]]:
-        return [self.endpoint_view(ep) for ep in sorted(self.endpoints.endpoints.values(),
-                                                        key=lambda e: e.id)]
-
-    def endpoint_view(self, ep: Endpoint) -> dict[str, Any]:
-        return {
-            "id": ep.id, "containerID": ep.container_id, "ifname": ep.ifname,
-            "netns": ep.netns, "namespace": ep.namespace, "podName": ep.pod_name,
-            "labels": ep.labels, "identity": ep.identity, "ipv4": ep.ipv4,
-            "ipv4Pool": self.ipam.cidr_of(ep.ipv4), "gateway": GATEWAY_IPV4,
-            "mac": ep.pod_mac, "hostIfname": ep.host_ifname, "hostMac": ep.host_mac,
-            "namedPorts": ep.named_ports, "node": self.node,
-            "policy": self.policy_modes.endpoint_policy(ep),   # hook: opsa
-            "state": ep.state,
-        }
-
-    def _next_endpoint_id(self) -> int:
-        used = set(self.endpoints.endpoints)
-        for i in range(1, MAX_ENDPOINT_ID + 1):
-            if i not in used:
-                return i
-        raise EndpointError("no free endpoint id on this node")
-
-    def identity_labels(self, namespace: str, labels: dict[str, str]) -> LabelSet:
-        return pod_identity_labels(namespace, labels, self.policy.namespace_labels(namespace),
-                                   cluster=self.config.cluster)
+        return self.lifecycle.get(ref, ifname)
 
     async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """CNI ADD: IP, identity, veth, maps, policy, publish — or nothing at all."""
-        # Every field is checked before anything is allocated (no IP leaks on 400).
-        try:
-            checked = validate_endpoint_request(req)
-        except RequestError as exc:
-            raise ApiError(400, f"bad endpoint request: {exc}", 4) from None
-        cid, netns, ifname = checked.container_id, checked.netns, checked.ifname
-        if not os.path.exists(netns):
-            raise ApiError(400, f"network namespace {netns} does not exist", 3)
-        async with self._lock:
-            existing = self._find(f"container-id:{cid}", ifname)
-            if existing is not None:
-                return False, self.endpoint_view(existing)
-            namespace = checked.namespace
-            pod_name = checked.pod_name or cid[:12]
-            labels = dict(await self.policy.pod_labels(namespace, pod_name))
-            labels.update(checked.labels)
-            named_ports = dict(checked.named_ports)
-            named_ports.update(await self.policy.pod_named_ports(namespace, pod_name))
-            owner = f"container-id:{cid}/{ifname}"
-            ip = self.ipam.allocate(owner)
-            id_labels = self.identity_labels(namespace, labels)
-            identity: int | None = None
-            held = False
-            ep: Endpoint | None = None
-            deadline = asyncio.get_running_loop().time() + KVSTORE_ADD_DEADLINE
-            try:
-                identity = int(await self._kvstore_bounded(
-                    self.identities.allocate(id_labels), "allocating the pod's identity",
-                    deadline))
-                held = True
-                ep = await self.kernel(
-                    self.endpoints.create,
-                    endpoint_id=self._next_endpoint_id(), ipv4=ip, netns=netns, ifname=ifname,
-                    identity=identity, attach_key=owner, namespace=namespace,
-                    pod_name=pod_name, container_id=cid, labels=labels,
-                    named_ports=named_ports)
-                self.identity_cache.upsert(identity, id_labels)
-                await self.policy.endpoint_added(ep)
-                await self._kvstore_bounded(self._publish_endpoint(ep),
-                                            "publishing the pod's address", deadline)
-            except BaseException:
-                if ep is not None:
-                    self.policy.endpoint_removed(ep)
-                    await self.kernel(self.endpoints.delete, ep.id)
-                    self._cleanup_later(self._unpublish_endpoint(ep.ipv4), ep.ipv4)
-                if held:
-                    self._cleanup_later(self._release(id_labels), str(id_labels))
-                self.ipam.release(ip)
-                raise
-            self._held[ep.id] = id_labels
-            self.ipam.notify()
-            return True, self.endpoint_view(self.endpoints.endpoints[ep.id])
-
-    def _cleanup_later(self, coro: Any, what: str) -> None:
-        """Undo a failed ADD's kvstore writes in the background: the kvstore may be the
-        reason the ADD failed, and the ADD's answer must not wait for it."""
-        async def run() -> None:
-            try:
-                await coro
-            except VilliError as exc:
-                log.warning("cleaning up %s after a failed ADD: %s", what, exc)
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"villi-cleanup {what}")
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def _kvstore_bounded(self, coro: Any, doing: str, deadline: float) -> Any:
-        """A kvstore step of a CNI ADD; all steps together end by ``deadline``
-        (``KVSTORE_ADD_DEADLINE`` after the first): a frozen kvstore must fail the ADD
-        within seconds (the runtime retries; code 11), not hold it for the client's
-        whole retry budget."""
-        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
-        try:
-            return await asyncio.wait_for(coro, remaining)
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"kvstore {self.config.kvstore} did not answer within "
-                f"{KVSTORE_ADD_DEADLINE:g} s while {doing}; the pod was not created"
-            ) from None
+        return await self.lifecycle.create(req)
 
     async def delete_endpoint(self, ref: str, ifname: str = "eth0") -> bool:
-        """CNI DEL: idempotent; False when there was nothing to delete."""
-        async with self._lock:
-            ep = self._find(ref, ifname)
-            if ep is None:
-                if ref.startswith("container-id:"):
-                    self.ipam.release_owner(f"{ref}/{ifname}")
-                return False
-            self.flow_context.forget(ep.ipv4, self.flow_context.pod_of(ep.ipv4))
-            self.policy.endpoint_removed(ep)
-            await self.kernel(self.endpoints.delete, ep.id)
-            # The address stops being a service backend before it can be reused.
-            self.services.on_pod(ep.ipv4, None)
-            await self._unpublish_endpoint(ep.ipv4)
-            held = self._held.pop(ep.id, None)
-            if held is not None:
-                await self._release(held)
-            self.ipam.release(ep.ipv4)
-            self.ipam.notify()
-            return True
+        return await self.lifecycle.delete(ref, ifname)
 
     async def set_endpoint_labels(self, ref: str, ifname: str, labels: dict[str, str]
                                   ) -> dict[str, Any]:
-        """Change a running pod's labels: its identity and every policy follow."""
-        async with self._lock:
-            ep = self._find(ref, ifname)
-            if ep is None:
-                raise ApiError(404, f"no endpoint {ref} on node {self.node}")
-            try:
-                labels = validate_labels(labels)
-            except RequestError as exc:
-                raise ApiError(400, f"bad labels: {exc}") from None
-            ep.labels = dict(labels)
-            self.endpoints.save(ep)
-            await self._refresh_identity(ep.id)
-            return self.endpoint_view(self.endpoints.endpoints[ep.id])
+        return await self.lifecycle.set_labels(ref, ifname, labels)
 
-    async def apply_pod_resource(self, namespace: str, name: str, pod: Any) -> None:
-        """A Pod resource changed: the running endpoint takes its labels and ports."""
-        async with self._lock:
-            ep = self._find(f"pod:{namespace}/{name}")
-            if ep is None:
-                return
-            ports = pod.named_ports()
-            if ep.labels == pod.labels and ep.named_ports == ports:
-                return
-            ports_changed = ep.named_ports != ports
-            ep.labels, ep.named_ports = pod.labels, ports
-            self.endpoints.save(ep)
-            await self._refresh_identity(ep.id)
-            if ports_changed:
-                await self.policy.identity_changed(ep, ep.identity)
-                await self._publish_endpoint(ep)
-
-    async def _refresh_identity(self, ep_id: int) -> None:
-        """Give an endpoint the identity of its current labels and namespace labels.
-
-        Each endpoint holds exactly one reference, on the label set it was last given
-        (kept in ``_held``): the new set is acquired before the old one is released,
-        so an identity shared with other pods never drops to zero in between.
-        """
-        ep = self.endpoints.endpoints[ep_id]
-        new_labels = self.identity_labels(ep.namespace, ep.labels)
-        old_labels = self._held.get(ep_id)
-        if new_labels == old_labels and ep.identity == self.identities.lookup(new_labels):
-            return
-        new_id = int(await self.identities.allocate(new_labels))
-        self._held[ep_id] = new_labels
-        self.identity_cache.upsert(new_id, new_labels)
-        old_id = ep.identity
-        self.endpoints.set_identity(ep_id, new_id, ep.labels)
-        if new_id != old_id:
-            await self._publish_endpoint(self.endpoints.endpoints[ep_id])
-            await self.policy.identity_changed(self.endpoints.endpoints[ep_id], old_id)
-        if old_labels is not None:
-            await self._release(old_labels)
-
-    async def _release(self, labels: LabelSet) -> None:
-        try:
-            await self.identities.release(labels)
-        except VilliError as e:
-            log.warning("releasing identity %s: %s", labels, e)
-
-    async def refresh_namespace(self, namespace: str) -> None:
-        """A namespace's labels changed: identities of its pods follow."""
-        async with self._lock:
-            for ep in list(self.endpoints.endpoints.values()):
-                if ep.namespace == namespace:
-                    await self._refresh_identity(ep.id)
-
-    async def _publish_endpoint(self, ep: Endpoint) -> None:
-        assert self.store is not None and self.lease is not None
-        entry = {"identity": ep.identity, "node": self.node, "nodeIP": self.node_ip,
-                 "namespace": ep.namespace, "podName": ep.pod_name, "endpointID": ep.id,
-                 "labels": ep.labels, "namedPorts": ep.named_ports}
-        await self._timed("update", self.store.put(
-            keys.ipcache_key(ep.ipv4), json.dumps(entry).encode(), lease=self.lease.lease))
-
-    async def _unpublish_endpoint(self, ip: str) -> None:
-        assert self.store is not None
-        await self._timed("delete", self.store.delete(keys.ipcache_key(ip)))
-
-    # --- IPAM API -----------------------------------------------------------------------
     async def ipam_allocate(self, owner: str) -> dict[str, Any]:
-        ip = self.ipam.allocate(owner)
-        self.ipam.notify()
-        return {"ipv4": {"ip": ip, "cidr": self.ipam.cidr_of(ip), "gateway": GATEWAY_IPV4}}
+        return await self.lifecycle.ipam_allocate(owner)
 
     async def ipam_release(self, ip: str) -> bool:
-        if any(ep.ipv4 == ip for ep in self.endpoints.endpoints.values()):
-            raise ApiError(409, f"{ip} belongs to a live endpoint; delete the endpoint")
-        released = self.ipam.release(ip)
-        self.ipam.notify()
-        return released
+        return await self.lifecycle.ipam_release(ip)
 
-    # --- views --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         usage = self.ipam.usage()
         kvstore = self.kvstore_status
-        if kvstore == "ok" and hasattr(self, "store_health"):
+        if kvstore == "ok":
             kvstore = self.store_health.status
         status = "ok" if kvstore == "ok" else "degraded"
         return {
@@ -611,11 +411,11 @@ class Agent:
             "kvstore": {"status": kvstore, "url": self.config.kvstore},
             "datapath": {"status": "ok", "pinned": str(self.datapath.pin_dir)},
             "ipam": {"status": f"IPv4: {usage['allocated']}/{usage['capacity']} allocated"
-                               f" from {_pool_summary(self.ipam)}",
+                               f" from {node_setup.pool_summary(self.ipam)}",
                      **usage, "cidrs": self.ipam.cidrs, "villi.io/ip": usage["free"]},
             "endpoints": len(self.endpoints.endpoints),
-            "neigh": getattr(self, "neigh", None),
-            "policy": self.policy_modes.status(),   # hook: opsa
+            "neigh": self.neigh,
+            "policy": self.policy_modes.status(),
         }
 
     def policy_view(self) -> dict[str, Any]:
@@ -625,55 +425,51 @@ class Agent:
         return [{"id": int(i), "labels": [str(lbl) for lbl in labels]}
                 for i, labels in sorted(self.identity_cache.items())]
 
-    def extra_routes(self) -> list[tuple[str, str, Any]]:
-        """Routes contributed by optional parts (observer, services)."""
-        async def services(request: Any) -> Any:
-            from aiohttp import web
-
-            return web.json_response(self.service_view())
-
-        from villi.agent.fqdn import fqdn_routes
-        from villi.agent.policy_debug import policy_debug_routes
-
-        return [*flow_routes(self), ("GET", "/v1/service", services), *fqdn_routes(self),
-                *policy_debug_routes(self),
-                *self.policy_modes.routes(self._find, self.endpoint_view)]   # hook: opsa
+    def service_view(self) -> list[dict[str, Any]]:
+        return self.services.table.view()
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
         """(namespace, name) of the service a backend address serves, when known."""
         return self.services.table.service_of(ip, port)
 
-    def _on_pod_change(self, ip: str, data: dict | None) -> None:
-        """A pod anywhere in the cluster appeared, changed or went away."""
-        self.policy.on_ipcache_change(ip, data)
-        self.services.on_pod(ip, data)
-        if hasattr(self, "l7"):
-            self.l7.request_push()
+    def extra_routes(self) -> list[tuple[str, str, Any]]:
+        """Routes of the optional parts (flows, services, FQDN, policy modes and
+        debugging)."""
+        async def services(request: Any) -> Any:
+            from aiohttp import web
 
-    def service_view(self) -> list[dict[str, Any]]:
-        return self.services.table.view()
+            return web.json_response(self.service_view())
 
-
-def _make_ipam(cfg: Any, state: Any, node: str) -> NodeIPAM | ENINodeIPAM:
-    """The IPAM of ``--ipam``: cluster-pool CIDRs, or the operator's ENI pool."""
-    if cfg.ipam == "eni":
-        if cfg.pod_cidr:
-            raise VilliError("--pod-cidr cannot be used with --ipam eni")
-        from villi.agent.eni_links import ENILinks
-
-        # routing per interface only in a node namespace (never the machine's own)
-        return ENINodeIPAM(state, node, None if cfg.allow_root_netns else ENILinks())
-    if cfg.ipam != "cluster-pool":
-        raise VilliError(f"--ipam must be cluster-pool or eni, not {cfg.ipam!r}")
-    return NodeIPAM(state, node)
+        return [*flow_routes(self.observer), ("GET", "/v1/service", services),
+                *fqdn_routes(self.policy, self.config.state_path, self.l7),
+                *policy_debug_routes(self),
+                *self.policy_modes.routes(self.lifecycle.find, self.lifecycle.view)]
 
 
-def _pool_summary(ipam: NodeIPAM | ENINodeIPAM) -> str:
-    if isinstance(ipam, ENINodeIPAM):
-        ifaces = ipam.interfaces()
-        return (f"{len(ifaces)} ENI(s) {', '.join(e['id'] for e in ifaces)}" if ifaces
-                else "no ENI yet")
-    return ", ".join(ipam.cidrs) or "no CIDR"
+class _L7Sources:
+    """The L7 proxy's view of the agent's state (``villi.agent.l7.L7Sources``)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    @property
+    def endpoints(self) -> dict[int, Endpoint]:
+        return self._agent.endpoints.endpoints
+
+    @property
+    def policy(self) -> PolicySync:
+        return self._agent.policy
+
+    @property
+    def remote(self) -> Any:
+        return self._agent.ipcache_sync.entries
+
+
+async def _quietly(close: Any) -> None:
+    try:
+        await close()
+    except Exception as exc:  # noqa: BLE001 - shutting down: close everything else too
+        log.warning("stopping %s: %r", getattr(close, "__qualname__", close), exc)
 
 
 def _owner(ep: Endpoint) -> str:
@@ -691,4 +487,4 @@ async def run_agent(config: AgentConfig) -> None:
         await agent.stop()
 
 
-__all__ = ["Agent", "Path", "run_agent"]
+__all__ = ["Agent", "Path", "gc_paused", "run_agent"]

@@ -15,14 +15,12 @@ import hmac
 import logging
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from villi.agent.config import AgentConfig
 from villi.errors import VilliError
-
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +74,10 @@ def build_flow_app(routes: list[tuple[str, str, Any]], token: str | None,
     return app
 
 
-async def serve_flows_tcp(agent: Agent) -> web.AppRunner | None:
-    """Start the TCP flow endpoint when ``--flows-listen`` is set (else None)."""
-    from villi.agent.observe import flow_routes
-
-    cfg = agent.config
+async def serve_flows_tcp(cfg: AgentConfig, routes: list[tuple[str, str, Any]]
+                          ) -> web.AppRunner | None:
+    """Start the TCP flow endpoint for ``routes`` (the observer's) when
+    ``--flows-listen`` is set (else None)."""
     if not cfg.flows_listen:
         return None
     if cfg.flows_token_file is None and cfg.flows_tls_client_ca is None:
@@ -89,7 +86,7 @@ async def serve_flows_tcp(agent: Agent) -> web.AppRunner | None:
     host, port = parse_listen(cfg.flows_listen)
     token = read_token(Path(cfg.flows_token_file)) if cfg.flows_token_file else None
     ssl_ctx = server_tls(cfg.flows_tls_cert, cfg.flows_tls_key, cfg.flows_tls_client_ca)
-    app = build_flow_app(flow_routes(agent), token, cfg.flows_max_connections)
+    app = build_flow_app(routes, token, cfg.flows_max_connections)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()

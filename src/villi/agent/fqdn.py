@@ -17,15 +17,13 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from villi.identity.labels import SOURCE_FQDN, LabelSet, parse_label
-
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +34,48 @@ PUSH_TIMEOUT = 0.05
 CACHE_FILE = "fqdn-cache.json"
 
 
-def cache_path(agent: Agent) -> Path:
-    return Path(agent.config.state_path) / CACHE_FILE
+class PolicyResolver(Protocol):
+    """Whatever holds the node's policy resolver (``PolicySync``)."""
+
+    @property
+    def resolver(self) -> Any: ...
+
+
+class FQDNPolicy(Protocol):
+    """The policy engine the learned IPs go to (``villi.agent.policy_sync.PolicySync``)."""
+
+    @property
+    def resolver(self) -> Any: ...
+    def apply(self, update: Any, started: float | None = None) -> None: ...
+
+
+class ProxyPush(Protocol):
+    """The L7 proxy's feed (``villi.agent.l7.L7Proxy``): learned identities reach the
+    HTTP side before the DNS answer is released."""
+
+    def push_now(self) -> Awaitable[bool]: ...
+    def request_push(self) -> None: ...
+
+
+class ProxyOptions(Protocol):
+    """The agent settings villi-proxy's DNS side is started with (``AgentConfig``)."""
+
+    @property
+    def api_socket(self) -> Path: ...
+    @property
+    def state_path(self) -> Path: ...
+    @property
+    def tofqdns_dns_reject_response_code(self) -> str: ...
+    @property
+    def tofqdns_min_ttl(self) -> int: ...
+    @property
+    def tofqdns_endpoint_max_ip_per_hostname(self) -> int: ...
+    @property
+    def tofqdns_proxy_response_max_delay(self) -> float: ...
+
+
+def cache_path(state_path: Path) -> Path:
+    return Path(state_path) / CACHE_FILE
 
 
 def parse_learned(body: Any) -> tuple[dict[str, LabelSet], list[str]]:
@@ -74,13 +112,14 @@ def cache_listing(path: Path, now: float | None = None) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable DNS cache file: {exc}") from exc
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable DNS cache file: {e}") from e
     rows = []
     for ep, cache in sorted((data.get("endpoints") or {}).items()):
-        for e in sorted(cache.get("entries", []), key=lambda e: (e["name"], e["ip"])):
-            rows.append({"endpoint": ep, "name": e["name"], "ip": e["ip"], "ttl": e["ttl"],
-                         "ttl_left": max(0, round(e["expires"] - now)), "source": "lookup"})
+        for ent in sorted(cache.get("entries", []), key=lambda x: (x["name"], x["ip"])):
+            rows.append({"endpoint": ep, "name": ent["name"], "ip": ent["ip"],
+                         "ttl": ent["ttl"], "ttl_left": max(0, round(ent["expires"] - now)),
+                         "source": "lookup"})
         for z in sorted(cache.get("zombies", []), key=lambda z: z["ip"]):
             rows.extend({"endpoint": ep, "name": n, "ip": z["ip"], "ttl": 0, "ttl_left": 0,
                          "source": "zombie"} for n in z["names"])
@@ -93,33 +132,33 @@ def learned_names(path: Path) -> dict[str, set[str]]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable DNS cache %s: %s", path, exc)
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable DNS cache %s: %s", path, e)
         return {}
     out: dict[str, set[str]] = {}
     for cache in (data.get("endpoints") or {}).values():
-        for e in cache.get("entries", []):
-            out.setdefault(e["ip"], set()).add(e["name"])
+        for ent in cache.get("entries", []):
+            out.setdefault(ent["ip"], set()).add(ent["name"])
         for z in cache.get("zombies", []):
             out.setdefault(z["ip"], set()).update(z["names"])
     return out
 
 
-def restore_learned(agent: Agent) -> int:
+def restore_learned(policy: FQDNPolicy, state_path: Path) -> int:
     """At start, before policy regeneration: give the IPs in the proxy's persisted caches
     their fqdn identities again, so regeneration keeps (instead of deleting) the policy
     map rows that allow them. Returns how many IPs."""
     from villi.policy.fqdn import fqdn_identity_labels, matches
 
-    resolver = agent.policy.resolver
+    resolver = policy.resolver
     patterns = resolver.fqdn_patterns()
     changed = {}
-    for ip, names in learned_names(cache_path(agent)).items():
+    for ip, names in learned_names(cache_path(state_path)).items():
         hit = {p for p in patterns if any(matches(p, n) for n in names)}
         if hit:
             changed[ip] = fqdn_identity_labels(ip, hit)
     if changed:
-        agent.policy.apply(resolver.learn_fqdn(changed))
+        policy.apply(resolver.learn_fqdn(changed))
         log.info("restored %d IPs learned by the DNS proxy", len(changed))
     return len(changed)
 
@@ -131,12 +170,12 @@ _RULES: weakref.WeakKeyDictionary[Any, tuple[list[Any], list[Any], dict[str, lis
     weakref.WeakKeyDictionary()
 
 
-def dns_snapshot(agent: Agent) -> dict[str, Any]:
+def dns_snapshot(policy: PolicyResolver) -> dict[str, Any]:
     """The DNS part of the policy snapshot pushed to villi-proxy: each local endpoint's
     ``rules.dns`` patterns and the toFQDNs patterns in force."""
     from villi.policy.dnsrules import dns_patterns
 
-    r = agent.policy.resolver
+    r = policy.resolver
     resources, endpoints = r.resources(), r.endpoints()
     last = _RULES.get(r)
     if last is None or not (_same(last[0], resources) and _same(last[1], endpoints)):
@@ -149,13 +188,12 @@ def _same(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def proxy_args(agent: Agent) -> list[str]:
+def proxy_args(cfg: ProxyOptions, pin_dir: Path) -> list[str]:
     """villi-proxy's DNS options (``villi.dnsproxy.host``): where to post learned IPs,
     where the caches persist, the CT for zombies."""
-    cfg = agent.config
     return ["--agent-socket", str(cfg.api_socket),
-            "--dns-cache-file", str(cache_path(agent)),
-            "--pin-dir", str(agent.datapath.pin_dir),
+            "--dns-cache-file", str(cache_path(cfg.state_path)),
+            "--pin-dir", str(pin_dir),
             "--tofqdns-dns-reject-response-code", cfg.tofqdns_dns_reject_response_code,
             "--tofqdns-min-ttl", str(cfg.tofqdns_min_ttl),
             "--tofqdns-endpoint-max-ip-per-hostname",
@@ -163,9 +201,10 @@ def proxy_args(agent: Agent) -> list[str]:
             "--tofqdns-proxy-response-max-delay", str(cfg.tofqdns_proxy_response_max_delay)]
 
 
-def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
+def fqdn_routes(policy: FQDNPolicy, state_path: Path,
+                l7: ProxyPush | None = None) -> list[tuple[str, str, Any]]:
     async def patterns(request: web.Request) -> web.Response:
-        return web.json_response({"patterns": agent.policy.resolver.fqdn_patterns()})
+        return web.json_response({"patterns": policy.resolver.fqdn_patterns()})
 
     async def learned(request: web.Request) -> web.Response:
         t0 = time.perf_counter()
@@ -173,9 +212,8 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
             changed, removed = parse_learned(await request.json())
         except (ValueError, json.JSONDecodeError) as e:
             return web.json_response({"error": str(e), "code": 0}, status=400)
-        update = agent.policy.resolver.learn_fqdn(changed, removed)
-        agent.policy.apply(update, t0)
-        l7 = getattr(agent, "l7", None)
+        update = policy.resolver.learn_fqdn(changed, removed)
+        policy.apply(update, t0)
         if l7 is not None and (update.cidr_upserts or update.cidr_deletes):
             # toFQDNs + HTTP rules: villi-proxy's HTTP side must know the new identity
             # and its L7 rows before the DNS answer is released
@@ -193,14 +231,14 @@ def fqdn_routes(agent: Agent) -> list[tuple[str, str, Any]]:
 
     async def cache(request: web.Request) -> web.Response:
         try:
-            return web.json_response(cache_listing(cache_path(agent)))
+            return web.json_response(cache_listing(cache_path(state_path)))
         except ValueError as e:
             return web.json_response({"error": str(e), "code": 0}, status=500)
 
     async def dns_rules(request: web.Request) -> web.Response:
         from villi.policy.dnsrules import dns_patterns
 
-        r = agent.policy.resolver
+        r = policy.resolver
         return web.json_response(dns_patterns(r.resources(), r.endpoints()))
 
     return [("GET", "/v1/fqdn/patterns", patterns), ("GET", "/v1/fqdn/dns-rules", dns_rules),

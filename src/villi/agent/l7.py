@@ -14,37 +14,70 @@ proxy's sockets locally (fwmark 0x200/0xf00 → table 2004 → local 0.0.0.0/0 d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from villi.agent.fqdn import dns_snapshot, proxy_args
+from villi.agent.fqdn import dns_snapshot
 from villi.datapath import abi
+from villi.kvstore.schema import IpcacheEntry
 from villi.netns import routes
 from villi.proxy.control import ProxyClient
 from villi.proxy.records import L7Record
-
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.02
 WATCHDOG = 2.0
 
 
-class L7Proxy:
-    """Starts/attaches to the node's proxy and pushes policy snapshots to it."""
+class L7Policy(Protocol):
+    """What the snapshot reads of the policy engine (``PolicySync``)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        state = agent.config.state_path
+    @property
+    def resolver(self) -> Any: ...
+    def cidr_identities(self) -> dict[str, int]: ...
+
+
+class L7Sources(Protocol):
+    """Everything the proxy's snapshot is made of, from the agent's collaborators."""
+
+    @property
+    def endpoints(self) -> Mapping[int, Any]: ...     # local endpoints by id
+    @property
+    def policy(self) -> L7Policy: ...
+    @property
+    def remote(self) -> Mapping[str, IpcacheEntry]: ...   # every pod, by IP
+
+
+class L7Proxy:
+    """Starts/attaches to the node's proxy and pushes policy snapshots to it.
+
+    ``kernel`` runs netlink work on the agent's kernel thread; ``attach_netdev``
+    attaches the datapath to the underlay device; ``spawn`` runs the push loop as an
+    agent-owned task; ``on_records`` takes the L7 records the proxy sends back (the
+    agent's observer)."""
+
+    def __init__(self, state: Path, node_ip: str | None, sources: L7Sources,
+                 kernel: Callable[..., Awaitable[Any]], attach_netdev: Callable[[int], None],
+                 registry: CollectorRegistry,
+                 spawn: Callable[[Coroutine[Any, Any, Any], str], Any],
+                 on_records: Callable[[list[L7Record | dict[str, Any]]], None] | None = None,
+                 proxy_args: list[str] | None = None) -> None:
+        self.node_ip = node_ip
+        self.sources = sources
+        self.kernel = kernel
+        self.attach_netdev = attach_netdev
+        self.spawn = spawn
+        self.on_records = on_records
+        self.proxy_args = list(proxy_args or [])   # the DNS proxy's options
         self.control = state / "proxy.sock"
         self.state_file = state / "proxy-state.json"
         self.log_file = state / "proxy.log"
@@ -54,23 +87,20 @@ class L7Proxy:
         self.records_received = 0
         self._wanted = asyncio.Event()
         self._push_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
         self.last_stats: dict[str, int] = {}
-        agent.metrics.registry.register(_ProxyCollector(self))
+        registry.register(_ProxyCollector(self))
 
     async def start(self) -> None:
         """Attach to a proxy that outlived the previous agent; start feeding."""
         if self.control.exists():
-            await self.agent.kernel(self._attach_netdev)
+            await self.kernel(self._attach_netdev)
             await self._attach()
-        self._task = asyncio.create_task(self._push_loop(), name="villi-l7-push")
+        self.spawn(self._push_loop(), "l7-push")
         self.request_push()
 
     async def stop(self) -> None:
-        """Detach (the proxy keeps running with the last snapshot)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Detach (the proxy keeps running with the last snapshot); the push loop is
+        cancelled with the agent's other tasks."""
         if self.client is not None:
             await self.client.close()
 
@@ -112,14 +142,14 @@ class L7Proxy:
             _r, w = await asyncio.open_unix_connection(str(self.control))
             w.close()
         except OSError:
-            await self.agent.kernel(routes.ensure_local_mark_routing, abi.MARK_MAGIC_TO_PROXY,
-                                    abi.MARK_MAGIC_MASK, abi.PROXY_ROUTE_TABLE)
-            await self.agent.kernel(self._attach_netdev)
+            await self.kernel(routes.ensure_local_mark_routing, abi.MARK_MAGIC_TO_PROXY,
+                              abi.MARK_MAGIC_MASK, abi.PROXY_ROUTE_TABLE)
+            await self.kernel(self._attach_netdev)
             cmd = [sys.executable, "-m", "villi.dnsproxy.host", "--control", str(self.control),
                    "--state-file", str(self.state_file),
                    "--ingress-port", str(abi.PROXY_INGRESS_PORT),
                    "--egress-port", str(abi.PROXY_EGRESS_PORT),
-                   "--dns-port", str(abi.PROXY_DNS_PORT), *proxy_args(self.agent)]
+                   "--dns-port", str(abi.PROXY_DNS_PORT), *self.proxy_args]
             with open(self.log_file, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=out, start_new_session=True,
@@ -135,32 +165,31 @@ class L7Proxy:
 
     def _attach_netdev(self) -> None:
         """L7 redirects of traffic from other nodes happen on the underlay device."""
-        node_ip = getattr(self.agent, "node_ip", None)
+        node_ip = self.node_ip
         ifindex = routes.ifindex_of(node_ip) if node_ip else None
         if ifindex is None:
             log.warning("no device holds the node IP %s: ingress L7 rules will drop "
                         "traffic from other nodes (reason 178)", node_ip)
             return
-        self.agent.datapath.attach_netdev(ifindex)
+        self.attach_netdev(ifindex)
 
     def snapshot(self) -> dict[str, Any]:
-        agent = self.agent
+        src = self.sources
         endpoints = []
         any_l7 = False
-        for ep in agent.endpoints.endpoints.values():
+        for ep in src.endpoints.values():
             try:
-                table = agent.policy.resolver.l7_table(ep.id)
-                pol = agent.policy.resolver.policy(ep.id)
+                table = src.policy.resolver.l7_table(ep.id)
+                pol = src.policy.resolver.policy(ep.id)
                 enforced = [pol.ingress_enforced, pol.egress_enforced]
             except KeyError:
                 table, enforced = [], [True, True]
             any_l7 = any_l7 or bool(table)
             endpoints.append({"id": ep.id, "ip": ep.ipv4, "identity": ep.identity,
                               "l7": [e.to_wire() for e in table], "enforced": enforced})
-        ipcache = {ip: int(data.get("identity", 2))
-                   for ip, data in agent.ipcache_sync.entries.items()}
-        ipcache.update(agent.policy.cidr_identities())
-        dns = dns_snapshot(agent)
+        ipcache = {ip: entry.identity for ip, entry in src.remote.items()}
+        ipcache.update(src.policy.cidr_identities())
+        dns = dns_snapshot(src.policy)
         return {"endpoints": endpoints, "ipcache": ipcache, "dns": dns,
                 "l7": any_l7 or bool(dns["rules"])}
 
@@ -199,10 +228,8 @@ class L7Proxy:
 
     def _on_records(self, records: list[L7Record | dict[str, Any]]) -> None:
         self.records_received += len(records)
-        observer = getattr(self.agent, "observer", None)
-        if observer is not None:
-            with contextlib.suppress(AttributeError):
-                observer.ingest_l7(records)
+        if self.on_records is not None:
+            self.on_records(records)
 
     async def stats(self) -> dict[str, int] | None:
         return await self.client.stats() if self.client is not None else None

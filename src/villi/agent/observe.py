@@ -1,4 +1,9 @@
-"""The agent's observability: flow context, flow API routes, Prometheus endpoints."""
+"""The agent's observability: flow context, flow API routes, Prometheus endpoints.
+
+Each piece takes the collaborators it reads (endpoint manager, ipcache, identity cache,
+policy, services) rather than the agent: :class:`AgentFlowContext` implements the
+observer's ``FlowContext`` Protocol from them.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,18 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from villi.agent.config import AgentConfig
 from villi.agent.metrics_http import MetricsServer
+from villi.endpoint.manager import Endpoint
+from villi.kvstore.schema import IpcacheEntry
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
 from villi.observer.metrics import HubbleMetrics
@@ -21,52 +31,86 @@ from villi.observer.metricsconfig import parse as parse_metrics
 from villi.observer.observer import Observer
 from villi.observer.vocab import DIRECTIONS, drop_reason_name
 
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
-
 log = logging.getLogger(__name__)
+
+
+class LocalEndpoints(Protocol):
+    """This node's endpoints (``villi.endpoint.manager.EndpointManager``)."""
+
+    @property
+    def endpoints(self) -> Mapping[int, Endpoint]: ...
+    def by_ip(self, ipv4: str) -> Endpoint | None: ...
+
+
+class RemotePods(Protocol):
+    """Every pod of the cluster (``villi.agent.sync.IpcacheSync``)."""
+
+    @property
+    def entries(self) -> Mapping[str, IpcacheEntry]: ...
+    @property
+    def departed(self) -> Mapping[str, IpcacheEntry]: ...
+
+
+class Identities(Protocol):
+    def get(self, identity: int) -> Any: ...
+    def items(self) -> Any: ...
 
 
 class AgentFlowContext:
     """Names for flows, from the agent's live state (plus recently departed pods)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, node: str, cluster: str, endpoints: LocalEndpoints,
+                 remote: RemotePods, identities: Identities, resolver: Any,
+                 service_of: Callable[[str, int], tuple[str, str] | None],
+                 state_path: Path) -> None:
+        self.node = node
+        self.cluster = cluster
+        self.endpoints = endpoints
+        self.remote = remote
+        self.identities = identities
+        self.resolver = resolver
+        self._service_of = service_of
+        self.state_path = state_path
+        self.observer: Observer | None = None   # set by build_observer
         self.gone: collections.OrderedDict[str, PodInfo] = collections.OrderedDict()
         self._ifnames: dict[int, str] = {}
+        self._learned_cache: tuple[int, dict[str, set[str]]] | None = None
 
     def forget(self, ip: str, info: PodInfo | None) -> None:
         if info is None:
             return
         self.gone[ip] = info
-        observer = getattr(self.agent, "observer", None)
-        if observer is not None:
-            observer.metrics.forget_pod(info.namespace, info.name, ip)
+        if self.observer is not None:
+            self.observer.metrics.forget_pod(info.namespace, info.name, ip)
         while len(self.gone) > 1024:
             self.gone.popitem(last=False)
 
+    def forget_endpoint(self, ep: Endpoint) -> None:
+        """A local endpoint is going away: its flows keep its name for a while."""
+        self.forget(ep.ipv4, self.pod_of(ep.ipv4))
+
     def node_name(self) -> str:
-        return self.agent.node
+        return self.node
 
     def identity_labels(self, identity: int) -> list[str]:
-        labels = self.agent.identity_cache.get(identity)
+        labels = self.identities.get(identity)
         return [str(lbl) for lbl in labels] if labels is not None else []
 
     def _local(self) -> dict[str, PodInfo]:
-        return {ep.ipv4: PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
+        return {ep.ipv4: PodInfo(ep.namespace, ep.pod_name, ep.id, self.node,
                                  ep.pod_mac, ep.host_mac)
-                for ep in self.agent.endpoints.endpoints.values()}
+                for ep in self.endpoints.endpoints.values()}
 
     def _remote(self) -> dict[str, PodInfo]:
-        sync = self.agent.ipcache_sync
+        sync = self.remote
         return {ip: _pod_info(d) for ip, d in {**sync.departed, **sync.entries}.items()}
 
     def pod_of(self, ip: str) -> PodInfo | None:
-        ep = self.agent.endpoints.by_ip(ip)
+        ep = self.endpoints.by_ip(ip)
         if ep is not None:
-            return PodInfo(ep.namespace, ep.pod_name, ep.id, self.agent.node,
+            return PodInfo(ep.namespace, ep.pod_name, ep.id, self.node,
                            ep.pod_mac, ep.host_mac)
-        sync = self.agent.ipcache_sync
+        sync = self.remote
         d = sync.entries.get(ip) or sync.departed.get(ip)
         if d is not None:
             return _pod_info(d)
@@ -77,27 +121,27 @@ class AgentFlowContext:
 
     def all_identities(self) -> dict[int, list[str]]:
         return {int(i): [str(lbl) for lbl in labels]
-                for i, labels in self.agent.identity_cache.items()}
+                for i, labels in self.identities.items()}
 
     def policy_of(self, cookie: int) -> PolicyRef | None:
-        info = self.agent.policy.resolver.cookie_info(cookie)
+        info = self.resolver.cookie_info(cookie)
         if info is None:
             return None
         return PolicyRef(info.kind, info.namespace, info.name, info.direction, info.rule_index)
 
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
-        return self.agent.service_of(ip, port)
+        return self._service_of(ip, port)
 
     def _learned(self) -> dict[str, set[str]]:
         """ip → names from the DNS proxy's cache file, re-read only when it changed."""
         from villi.agent.fqdn import cache_path, learned_names
 
-        path = cache_path(self.agent)
+        path = cache_path(self.state_path)
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
             return {}
-        cached = getattr(self, "_learned_cache", None)
+        cached = self._learned_cache
         if cached is None or cached[0] != mtime:
             cached = (mtime, learned_names(path))
             self._learned_cache = cached
@@ -129,23 +173,24 @@ class AgentFlowContext:
         return name
 
     def cluster_name(self) -> str:
-        return self.agent.config.cluster
+        return self.cluster
 
     def node_labels(self) -> list[str]:
-        return [f"kubernetes.io/hostname={self.agent.node}",
-                f"io.cilium.cluster={self.agent.config.cluster}"]
+        return [f"kubernetes.io/hostname={self.node}",
+                f"io.cilium.cluster={self.cluster}"]
 
 
-def _pod_info(d: dict) -> PodInfo:
-    return PodInfo(d.get("namespace", ""), d.get("podName", ""), int(d.get("endpointID", 0)),
-                   d.get("node", ""))
+def _pod_info(d: IpcacheEntry) -> PodInfo:
+    return PodInfo(d.namespace, d.pod_name, d.endpoint_id, d.node)
 
 
 class DatapathCollector:
     """Reads the datapath's counters at scrape time (no polling in between)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, datapath: Any, ipam: Any, endpoints: LocalEndpoints) -> None:
+        self.datapath = datapath
+        self.ipam = ipam
+        self.endpoints = endpoints
 
     def collect(self) -> Any:
         # Counters: the datapath's per-CPU totals only grow (rate() must work on them).
@@ -155,7 +200,7 @@ class DatapathCollector:
         fwd = CounterMetricFamily("villi_datapath_forward",
                                   "Packets forwarded by the datapath", labels=["direction"])
         try:
-            totals = self.agent.datapath.metrics_totals()
+            totals = self.datapath.metrics_totals()
         except Exception:  # noqa: BLE001 - a scrape must not crash on a closing agent
             totals = {}
         for (reason, direction), (pkts, _bytes) in sorted(totals.items()):
@@ -167,7 +212,7 @@ class DatapathCollector:
         yield drops
         yield fwd
         yield from _cilium_datapath(totals)
-        usage = self.agent.ipam.usage()
+        usage = self.ipam.usage()
         ips = GaugeMetricFamily("villi_ipam_ips", "Pod IPs by state", labels=["type"])
         ips.add_metric(["allocated"], usage["allocated"])
         ips.add_metric(["available"], usage["free"])
@@ -176,13 +221,13 @@ class DatapathCollector:
         cap.add_metric([], usage["capacity"])
         yield cap
         eps = GaugeMetricFamily("villi_endpoint_count", "Local endpoints")
-        eps.add_metric([], len(self.agent.endpoints.endpoints))
+        eps.add_metric([], len(self.endpoints.endpoints))
         yield eps
         pressure = GaugeMetricFamily("villi_bpf_map_pressure",
                                      "Fill level of BPF maps (entries / max entries)",
                                      labels=["map_name"])
-        for name, tm in (("villi_endpoints", self.agent.datapath.endpoints),
-                         ("villi_ipcache", self.agent.datapath.ipcache)):
+        for name, tm in (("villi_endpoints", self.datapath.endpoints),
+                         ("villi_ipcache", self.datapath.ipcache)):
             try:
                 n = sum(1 for _ in tm.map.keys_raw())
                 pressure.add_metric([name], n / max(1, tm.map.max_entries))
@@ -196,7 +241,7 @@ class DatapathCollector:
         yield cilium_pressure
         lost = CounterMetricFamily("villi_events_lost",
                                    "Flow events the datapath could not queue (ringbuf full)")
-        lost.add_metric([], self.agent.datapath.events_lost())
+        lost.add_metric([], self.datapath.events_lost())
         yield lost
 
 
@@ -248,7 +293,7 @@ class CiliumAliases:
 
 
 class AgentMetrics:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, datapath: Any, ipam: Any, endpoints: LocalEndpoints) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.regenerations = Counter("villi_endpoint_regenerations_total",
@@ -261,8 +306,7 @@ class AgentMetrics:
             "villi_kvstore_operations_duration_seconds", "Duration of kvstore operations",
             ["action", "outcome"], registry=r,
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        datapath = DatapathCollector(agent)
-        r.register(datapath)
+        r.register(DatapathCollector(datapath, ipam, endpoints))
         # Incremented by the L7 proxy for each request its rules decide (Cilium's name).
         self.policy_l7 = Counter("cilium_policy_l7", "L7 requests decided by policy",
                                  ["rule", "proxy_type"], registry=r)
@@ -272,24 +316,23 @@ class AgentMetrics:
              {"kind": "", "scope": ""})]))
 
 
-def build_observer(agent: Agent) -> tuple[Observer, AgentFlowContext]:
-    cfg = agent.config
-    ctx = AgentFlowContext(agent)
+def build_observer(cfg: AgentConfig, datapath: Any, ctx: AgentFlowContext) -> Observer:
     export_filter = FilterSpec.from_json(cfg.extra.get("flow_export_filter"))
-    obs = Observer(ctx, events=agent.datapath.events, capacity=cfg.flows_capacity,
+    obs = Observer(ctx, events=datapath.events, capacity=cfg.flows_capacity,
                    metrics=HubbleMetrics(config=parse_metrics(cfg.hubble_metrics), ctx=ctx),
-                   kernel_lost=agent.datapath.events_lost,
+                   kernel_lost=datapath.events_lost,
                    export_path=cfg.flow_export, export_filter=export_filter)
-    return obs, ctx
+    ctx.observer = obs
+    return obs
 
 
-async def start_metrics_servers(agent: Agent) -> list[MetricsServer]:
+async def start_metrics_servers(cfg: AgentConfig, agent_registry: CollectorRegistry,
+                                flow_registry: CollectorRegistry) -> list[MetricsServer]:
     """Prometheus on TCP (in the agent's network namespace): 9962 agent, 9965 flows.
     Bounded connections and timeouts: see ``villi.agent.metrics_http``."""
-    cfg = agent.config
     servers = []
-    for port, registry in ((cfg.metrics_port, agent.metrics.registry),
-                           (cfg.hubble_metrics_port, agent.observer.metrics.registry)):
+    for port, registry in ((cfg.metrics_port, agent_registry),
+                           (cfg.hubble_metrics_port, flow_registry)):
         if port:
             server = MetricsServer(registry, port)
             try:
@@ -313,7 +356,7 @@ def _int(q: Any, name: str) -> int | None:
                                  content_type="application/json") from None
 
 
-def flow_routes(agent: Agent) -> list[tuple[str, str, Any]]:
+def flow_routes(observer: Observer) -> list[tuple[str, str, Any]]:
     async def flows(request: web.Request) -> web.StreamResponse:
         q = request.query
         try:
@@ -327,10 +370,10 @@ def flow_routes(agent: Agent) -> list[tuple[str, str, Any]]:
         await resp.prepare(request)
         try:
             if follow:
-                async for flow in agent.observer.follow(spec, last=last or 0):
+                async for flow in observer.follow(spec, last=last or 0):
                     await resp.write((json.dumps(flow) + "\n").encode())
             else:
-                out = agent.observer.query(spec, last=20 if last is None else last,
+                out = observer.query(spec, last=20 if last is None else last,
                                            first=first, since_ns=since, until_ns=until)
                 await resp.write("".join(json.dumps(f) + "\n" for f in out).encode())
         except (ConnectionResetError, FilterError) as e:
@@ -339,7 +382,7 @@ def flow_routes(agent: Agent) -> list[tuple[str, str, Any]]:
         return resp
 
     async def flow_status(request: web.Request) -> web.Response:
-        return web.json_response(agent.observer.status())
+        return web.json_response(observer.status())
 
     return [("GET", "/v1/flows", flows), ("GET", "/v1/flows/status", flow_status)]
 

@@ -1,108 +1,112 @@
-"""Applied resources and identities → the policy resolver → this node's policy maps.
+"""Applied policies and identities → the policy resolver → this node's policy maps.
 
 The resolver (``villi.policy.resolver``) is incremental and synchronous: each change
 returns, per affected local endpoint, the kernel map diff. This module feeds it from
-the store (resources), the identity cache and the ipcache (pods elsewhere, for ipBlock
-and egress named ports), and writes each diff with the endpoint manager. A Namespace
-whose labels change also changes the identity of its pods (namespace labels are part
-of a pod's identity labels), which the agent handles.
+the resource watcher (policies and Namespaces, ``villi.agent.watcher``), the identity
+cache and the ipcache (pods elsewhere, for ipBlock and egress named ports), and writes
+each diff with the endpoint manager. It depends on small Protocols, not on the agent:
+the endpoints it writes (:class:`PolicyTargets`), the ipcache map (CIDR identities) and
+two metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
-from villi import resources
 from villi.datapath import abi
 from villi.endpoint.manager import Endpoint, ip_be
-from villi.errors import VilliError
-from villi.kvstore import EventType, WatchEvent
-from villi.kvstore.sync import PrefixSync
-from villi.policy.entry import EndpointID, IdentityID, Protocol
+from villi.identity.ids import IdentityID
+from villi.identity.labels import LabelSet, pod_identity_labels
+from villi.kvstore.schema import IpcacheEntry
+from villi.policy.entry import EndpointID
+from villi.policy.entry import Protocol as L4Protocol
 from villi.policy.resolver import Endpoint as PolicyEndpoint
 from villi.policy.resolver import PolicyResolver, PolicyUpdate
 
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
-
 log = logging.getLogger(__name__)
-PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
+PROTOCOLS = {"TCP": L4Protocol.TCP, "UDP": L4Protocol.UDP, "SCTP": L4Protocol.SCTP}
+
+
+class PolicyTargets(Protocol):
+    """The local endpoints whose policy maps the resolver's diffs go to
+    (``villi.endpoint.manager.EndpointManager``)."""
+
+    @property
+    def endpoints(self) -> Mapping[int, Endpoint]: ...
+    def apply_policy_diff(self, endpoint_id: int, *, ingress_enforced: bool,
+                          egress_enforced: bool, upserts: Mapping, deletes: Iterable
+                          ) -> tuple[int, int]: ...
+    def set_policy(self, endpoint_id: int, *, ingress_enforced: bool, egress_enforced: bool,
+                   map_state: Mapping) -> tuple[int, int]: ...
+
+
+class CidrMap(Protocol):
+    """The node's ipcache map, where policy CIDRs get their local identities."""
+
+    def update(self, key: Any, value: Any) -> None: ...
+    def delete(self, key: Any) -> bool: ...
+
+
+class PolicyMetrics(Protocol):
+    @property
+    def regenerations(self) -> Any: ...
+    @property
+    def regeneration_seconds(self) -> Any: ...
+
+
+def named_ports(ports: Mapping[str, Any]) -> dict[str, tuple[int, L4Protocol]]:
+    """Named ports as the resolver wants them (protocol numbers, TCP by default)."""
+    return {n: (int(p), PROTOCOLS.get(str(pr).upper(), L4Protocol.TCP))
+            for n, (p, pr) in ports.items()}
 
 
 class PolicySync:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, targets: PolicyTargets, ipcache: CidrMap, metrics: PolicyMetrics,
+                 cluster: str) -> None:
+        self.targets = targets
+        self.ipcache = ipcache
+        self.metrics = metrics
+        self.cluster = cluster
         self.resolver = PolicyResolver()
-        self.sync = PrefixSync(agent.store, resources.RESOURCES)  # type: ignore[arg-type]
         self.regenerations = 0
         self._cidrs: dict[str, int] = {}
-        self._pods: dict[tuple[str, str], Any] = {}   # (ns, name) -> Pod resource
-        agent.identity_cache.add_listener(self._on_identities)
+        #: Called after every map write (the L7 proxy re-pushes its snapshot).
+        self.listeners: list[Callable[[], None]] = []
 
     # --- inputs ---------------------------------------------------------------------------
-    async def run(self) -> None:
-        async for event in self.sync:
-            try:
-                self._on_resource(event)
-            except VilliError as e:
-                log.error("ignoring resource %s: %s", event.key, e)
-
-    async def wait_synced(self) -> None:
-        await self.sync.synced.wait()
-
-    def _on_resource(self, event: WatchEvent) -> None:
-        t0 = time.perf_counter()
-        parsed = resources.parse_resource_key(event.key)
-        if parsed is None:
-            return
-        kind, ns, name = parsed
-        if kind == "Service":
-            model = None if event.type is EventType.DELETE else \
-                resources.decode(event.value, event.key)
-            self.agent.services.on_resource(ns or "default", name, model)
-            return
-        if kind == "Pod":
-            pod = None if event.type is EventType.DELETE else \
-                resources.decode(event.value, event.key)
-            if pod is None:
-                self._pods.pop((ns or "default", name), None)
-            else:
-                self._pods[(ns or "default", name)] = pod
-                asyncio.get_running_loop().create_task(
-                    self.agent.apply_pod_resource(ns or "default", name, pod))
-            return
-        if event.type is EventType.DELETE:
-            update = self.resolver.delete_resource(kind, ns, name)
+    def on_resource(self, event: Any) -> None:
+        """A policy or Namespace changed (a ``villi.agent.watcher.ResourceEvent``)."""
+        if event.model is None:
+            update = self.resolver.delete_resource(event.kind, event.namespace, event.name)
         else:
-            update = self.resolver.upsert_resource(resources.decode(event.value, event.key))
-        self.apply(update, t0)
-        if kind == "Namespace":
-            asyncio.get_running_loop().create_task(self.agent.refresh_namespace(name))
+            update = self.resolver.upsert_resource(event.model)
+        self.apply(update, event.started)
 
-    def _on_identities(self, added: Any, removed: Any) -> None:
+    def on_identities(self, added: Any, removed: Any) -> None:
         self.apply(self.resolver.update_identities(added, removed.keys()))
 
-    def on_ipcache_change(self, ip: str, data: dict | None) -> None:
+    def on_ipcache_change(self, ip: str, entry: IpcacheEntry | None) -> None:
         """A pod anywhere in the cluster appeared, changed or went away."""
         key = f"ip:{ip}"
-        if data is None:
+        if entry is None:
             self.apply(self.resolver.delete_pod(key))
             return
-        ports = {n: (int(p), int(PROTOCOLS.get(str(pr).upper(), Protocol.TCP)))
-                 for n, (p, pr) in (data.get("namedPorts") or {}).items()}
-        self.apply(self.resolver.upsert_pod(key, int(data.get("identity", 2)), [ip], ports))
+        self.apply(self.resolver.upsert_pod(key, entry.identity, [ip],
+                                            named_ports(entry.named_ports)))
+
+    def identity_labels(self, namespace: str, labels: Mapping[str, str]) -> LabelSet:
+        """The identity labels of a pod: its labels, its namespace's, the cluster's."""
+        return pod_identity_labels(namespace, dict(labels), self.namespace_labels(namespace),
+                                   cluster=self.cluster)
 
     # --- local endpoints ------------------------------------------------------------------
     def _policy_endpoint(self, ep: Endpoint) -> PolicyEndpoint:
-        labels = self.agent.identity_labels(ep.namespace, ep.labels)
-        ports = {n: (int(p), PROTOCOLS.get(str(pr).upper(), Protocol.TCP))
-                 for n, (p, pr) in ep.named_ports.items()}
+        labels = self.identity_labels(ep.namespace, ep.labels)
         return PolicyEndpoint(EndpointID(ep.id), IdentityID(ep.identity), labels, ep.namespace,
-                              ports, ep.ipv4)
+                              named_ports(ep.named_ports), ep.ipv4)
 
     async def endpoint_added(self, ep: Endpoint) -> None:
         self.apply(self.resolver.upsert_endpoint(self._policy_endpoint(ep)))
@@ -116,7 +120,7 @@ class PolicySync:
     async def regenerate_all(self) -> None:
         """Register every local endpoint and write its full policy as a diff against
         what the kernel already holds (start-up after a restart)."""
-        mgr = self.agent.endpoints
+        mgr = self.targets
         with self.resolver.batch() as batch:
             for ep in mgr.endpoints.values():
                 self.resolver.upsert_endpoint(self._policy_endpoint(ep))
@@ -136,7 +140,7 @@ class PolicySync:
             return
         t0 = started if started is not None else time.perf_counter()
         self._apply_cidrs(update)
-        mgr = self.agent.endpoints
+        mgr = self.targets
         for eid, diff in update.endpoints.items():
             if diff.deleted or eid not in mgr.endpoints:
                 continue
@@ -144,14 +148,13 @@ class PolicySync:
                                   egress_enforced=diff.egress_enforced,
                                   upserts=diff.map_upserts, deletes=diff.map_deletes)
             self.regenerations += 1
-            self.agent.metrics.regenerations.labels("success").inc()
-        self.agent.metrics.regeneration_seconds.observe(time.perf_counter() - t0)
-        l7 = getattr(self.agent, "l7", None)
-        if l7 is not None:
-            l7.request_push()
+            self.metrics.regenerations.labels("success").inc()
+        self.metrics.regeneration_seconds.observe(time.perf_counter() - t0)
+        for listener in self.listeners:
+            listener()
 
     def _apply_cidrs(self, update: PolicyUpdate) -> None:
-        ipcache = self.agent.datapath.ipcache
+        ipcache = self.ipcache
         for prefix in update.cidr_deletes:
             if self._cidrs.pop(prefix, None) is not None:
                 ipcache.delete(_lpm_key(prefix))
@@ -167,21 +170,13 @@ class PolicySync:
     def namespace_labels(self, namespace: str) -> dict[str, str]:
         return self.resolver.namespace_labels(namespace)
 
-    async def pod_labels(self, namespace: str, name: str) -> dict[str, str]:
-        pod = self._pods.get((namespace, name))
-        return pod.labels if pod is not None else {}
-
-    async def pod_named_ports(self, namespace: str, name: str) -> dict[str, list]:
-        pod = self._pods.get((namespace, name))
-        return pod.named_ports() if pod is not None else {}
-
     def view(self) -> dict[str, Any]:
         out = []
         for res in self.resolver.resources():
             out.append({"kind": res.kind, "namespace": res.namespace,
                         "name": res.metadata.name})
         eps = {}
-        for ep in self.agent.endpoints.endpoints.values():
+        for ep in self.targets.endpoints.values():
             try:
                 pol = self.resolver.policy(ep.id)
             except KeyError:
@@ -201,4 +196,4 @@ def _lpm_key(prefix: str) -> abi.IpcacheKey:
     return abi.IpcacheKey(prefixlen=int(plen or 32), addr=ip_be(addr))
 
 
-__all__ = ["PolicySync", "socket"]
+__all__ = ["CidrMap", "PolicyMetrics", "PolicySync", "PolicyTargets", "named_ports"]

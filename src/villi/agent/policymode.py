@@ -10,10 +10,11 @@ The last-resort switch (``villi datapath policy degrade``) has its own slot, whi
 the switch writes: an agent that starts on a degraded node leaves it degraded, says so
 loudly (log, ``villi status``, a metric) and never undoes it; ``restore`` does.
 
-Wiring (hooks in the agent): ``PolicyModes.for_agent(agent)`` right after the datapath
-is loaded, ``await modes.follow(store, spawn)`` once the kvstore is up (before policy is
-regenerated), ``modes.status()`` in the health view, ``modes.endpoint_policy(ep)`` in
-the endpoint view, ``modes.routes()`` among the API routes.
+Wiring (in the agent's composition root): ``PolicyModes(node, datapath.policy_cfg,
+endpoints, flags)`` right after the datapath is loaded, ``await modes.follow(store,
+spawn)`` once the kvstore is up (before policy is regenerated), ``modes.status()`` in
+the health view, ``modes.endpoint_policy(ep)`` in the endpoint view, ``modes.routes()``
+among the API routes.
 """
 
 from __future__ import annotations
@@ -74,13 +75,6 @@ class PolicyModes:
                       "AUDIT. The agent keeps it so; `villi datapath policy restore --node "
                       "%s` ends it.", node, _when(since), node)
 
-    @classmethod
-    def for_agent(cls, agent: Any) -> PolicyModes:
-        cfg = agent.config
-        return cls(agent.node, agent.datapath.policy_cfg, agent.endpoints,
-                   PolicySettings(enable_policy=getattr(cfg, "enable_policy", "default"),
-                                  audit=bool(getattr(cfg, "policy_audit_mode", False))))
-
     # --- settings in force ----------------------------------------------------------------
     @property
     def effective(self) -> Effective:
@@ -98,7 +92,7 @@ class PolicyModes:
             self.cfg.set(abi.POLICY_CFG_CLUSTER_DEGRADED, int(time.time()))
 
     async def follow(self, store: Store, spawn: Callable[[Coroutine[Any, Any, None], str],
-                                                         None]) -> None:
+                                                         object]) -> None:
         """Apply the kvstore's settings, then follow them; until this runs the datapath
         keeps the settings it had (a restart changes nothing in between)."""
         listing = await store.list(CONFIG_PREFIX)

@@ -1,7 +1,7 @@
 """Services on this node: Service resources and every pod → the socket-LB maps.
 
 The table (``villi.service.table``) does the work; this module feeds it from the
-store (Service resources, via the agent's resource watch) and from the ipcache entries
+store (Service resources, via the agent's resource watcher) and from the ipcache entries
 every agent publishes (pods cluster-wide, with namespace, labels and named ports), and
 attaches the socket programs to the node's cgroup.
 
@@ -12,19 +12,23 @@ address and get it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from villi.datapath.cgroup import cgroup2_root, create_cgroup
+from villi.datapath.compiler import NodeConfig
 from villi.datapath.lb import ServiceDatapath
 from villi.errors import VilliError
+from villi.kvstore import Store
+from villi.kvstore.schema import IpcacheEntry
 from villi.service.allocator import allocate_cluster_ip
+from villi.service.models import Service
 from villi.service.table import ServiceTable
 
-if TYPE_CHECKING:
-    from villi.agent.daemon import Agent
+#: Runs a coroutine as an agent-owned background task (``Agent.spawn``).
+Spawn = Callable[[Coroutine[Any, Any, Any], str], Any]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +39,18 @@ def node_cgroup(cluster: str, node: str) -> Path:
 
 
 class ServiceSync:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        cfg = agent.config
+    """``service_cgroup``: a path, "" for the node's default, "none" for no socket LB
+    (tests without cgroups)."""
+
+    def __init__(self, cluster: str, node: str, service_cgroup: str | None,
+                 node_config: NodeConfig, spawn: Spawn) -> None:
+        self.store: Store | None = None   # set once the agent has connected
+        self.spawn = spawn
         self.datapath: ServiceDatapath | None = None
-        if cfg.service_cgroup != "none":
-            path = Path(cfg.service_cgroup) if cfg.service_cgroup else \
-                node_cgroup(cfg.cluster, agent.node)
+        if service_cgroup != "none":
+            path = Path(service_cgroup) if service_cgroup else node_cgroup(cluster, node)
             create_cgroup(path)
-            self.datapath = ServiceDatapath(cfg.cluster, agent.node, path,
-                                            agent.datapath.config)
+            self.datapath = ServiceDatapath(cluster, node, path, node_config)
             self.datapath.attach()
         self.table = ServiceTable(self.datapath)
         self._models: dict[tuple[str, str], Any] = {}
@@ -53,19 +59,20 @@ class ServiceSync:
     def cgroup(self) -> str | None:
         return str(self.datapath.cgroup_path) if self.datapath else None
 
-    def on_resource(self, namespace: str, name: str, model: Any | None) -> None:
-        """A Service was applied (model) or deleted (None)."""
+    def on_resource(self, event: Any) -> None:
+        """A Service was applied or deleted (a ``villi.agent.watcher.ResourceEvent``)."""
+        namespace, name, model = event.namespace or "default", event.name, event.model
         if model is None:
             self._models.pop((namespace, name), None)
             self.table.delete_service(namespace, name)
             return
         self._models[(namespace, name)] = model
-        asyncio.get_running_loop().create_task(self._upsert(model))
+        self.spawn(self._upsert(model), f"service {namespace}/{name}")
 
-    async def _upsert(self, model: Any) -> None:
-        assert self.agent.store is not None
+    async def _upsert(self, model: Service) -> None:
+        assert self.store is not None
         try:
-            ip = await allocate_cluster_ip(self.agent.store, model.namespace, model.name,
+            ip = await allocate_cluster_ip(self.store, model.namespace, model.name,
                                            model.spec.cluster_ip or None)
         except VilliError as e:
             log.error("service %s/%s: %s", model.namespace, model.name, e)
@@ -73,13 +80,12 @@ class ServiceSync:
         if self._models.get((model.namespace, model.name)) is model:
             self.table.upsert_service(model, ip)
 
-    def on_pod(self, ip: str, data: dict | None) -> None:
-        if data is None:
+    def on_pod(self, ip: str, entry: IpcacheEntry | None) -> None:
+        if entry is None:
             self.table.delete_pod(ip)
             return
-        ports = {n: (int(p), str(pr)) for n, (p, pr) in (data.get("namedPorts") or {}).items()}
-        self.table.upsert_pod(ip, data.get("namespace", "default"), data.get("labels") or {},
-                              ports)
+        self.table.upsert_pod(ip, entry.namespace or "default", dict(entry.labels),
+                              dict(entry.named_ports))
 
     def prune(self) -> None:
         """After the first full sync: drop frontends the maps hold but nobody wants."""

@@ -17,56 +17,75 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol
 
-from villi.agent import keys
 from villi.datapath import abi
-from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import ip_be
-from villi.errors import NetnsError
-from villi.kvstore import EventType, Store, WatchEvent
+from villi.errors import IPAMError, NetnsError, SchemaError
+from villi.kvstore import EventType, Store, WatchEvent, schema
 from villi.kvstore.backoff import Backoff, BackoffPolicy, SleepFn, UniformSource
+from villi.kvstore.schema import IpcacheEntry, NodeEntry
 from villi.kvstore.sync import PrefixSync
 from villi.netns import routes
 
 log = logging.getLogger(__name__)
 
 
-def _json(event: WatchEvent) -> dict | None:
+class IpcacheMap(Protocol):
+    """The node's ipcache map (``NodeDatapath.ipcache``; a ``DictMap`` in tests)."""
+
+    def update(self, key: Any, value: Any) -> None: ...
+    def delete(self, key: Any) -> bool: ...
+
+
+class HasIpcache(Protocol):
+    @property
+    def ipcache(self) -> IpcacheMap: ...
+
+
+def _node_entry(event: WatchEvent) -> NodeEntry | None:
     if event.type is EventType.DELETE:
         return None
     try:
-        data = json.loads(event.value)
-    except ValueError:
-        log.warning("ignoring malformed JSON at %s", event.key)
+        return NodeEntry.decode(event.value, key=event.key)
+    except IPAMError as e:
+        log.warning("ignoring malformed node entry: %s", e)
         return None
-    return data if isinstance(data, dict) else None
 
 
-def _routing(entry: dict) -> tuple[Any, ...]:
+def _ipcache_entry(event: WatchEvent) -> IpcacheEntry | None:
+    if event.type is EventType.DELETE:
+        return None
+    try:
+        return IpcacheEntry.decode(event.value, event.key)
+    except SchemaError as e:
+        log.warning("ignoring malformed ipcache entry: %s", e)
+        return None
+
+
+def _routing(entry: NodeEntry) -> tuple[Any, ...]:
     """What of a node entry the kernel cares about: its IP and pod CIDRs."""
-    return entry.get("ipv4"), tuple(entry.get("podCIDRs") or ())
+    return entry.ipv4, entry.pod_cidrs
 
 
 class NodeSync:
     """Routes to other nodes' pod CIDRs and ipcache entries for node IPs."""
 
-    def __init__(self, store: Store, datapath: NodeDatapath, self_name: str,
+    def __init__(self, store: Store, datapath: HasIpcache, self_name: str,
                  on_change: Callable[[], None] | None = None,
                  kernel: Callable[..., Awaitable[Any]] | None = None) -> None:
         self.kernel = kernel
         self.store = store
         self.datapath = datapath
         self.self_name = self_name
-        self.nodes: dict[str, dict] = {}
+        self.nodes: dict[str, NodeEntry] = {}
         self._routes: dict[str, list[str]] = {}   # node -> pod CIDRs routed via it
         self.on_change = on_change
-        self.sync = PrefixSync(store, keys.NODES)
+        self.sync = PrefixSync(store, schema.NODES)
 
     async def run(self) -> None:
         async for event in self.sync:
@@ -77,8 +96,8 @@ class NodeSync:
 
     def apply(self, event: WatchEvent) -> None:
         """Runs on the agent's kernel thread (routes go through netlink)."""
-        name = event.key[len(keys.NODES):]
-        data = _json(event)
+        name = schema.name_in(schema.NODES, event.key)
+        data = _node_entry(event)
         old = self.nodes.get(name)
         if data is not None and old is not None and name in self._routes \
                 and _routing(data) == _routing(old):
@@ -88,19 +107,20 @@ class NodeSync:
             self.nodes[name] = data
             return
         old = self.nodes.pop(name, None)
-        if old and old.get("ipv4"):
-            self._set_node_ip(old["ipv4"], None)
+        if old is not None and old.ipv4 is not None:
+            self._set_node_ip(str(old.ipv4), None)
         for cidr in self._routes.pop(name, []):
             routes.delete_route(cidr)
         if data is not None:
             self.nodes[name] = data
-            ip = data.get("ipv4")
+            ip = str(data.ipv4) if data.ipv4 is not None else None
             if ip:
                 ident = abi.ReservedIdentity.HOST if name == self.self_name \
                     else abi.ReservedIdentity.REMOTE_NODE
                 self._set_node_ip(ip, int(ident))
             if name != self.self_name and ip:
-                for cidr in data.get("podCIDRs", []):
+                for net in data.pod_cidrs:
+                    cidr = str(net)
                     try:
                         routes.replace_route(cidr, ip)
                         self._routes.setdefault(name, []).append(cidr)
@@ -115,7 +135,7 @@ class NodeSync:
             self.datapath.ipcache.update(key, abi.IpcacheValue(identity=identity))
 
 
-class RawJSONEntries(MutableMapping[str, dict]):
+class RawEntries(Mapping[str, IpcacheEntry]):
     """IP → ipcache entry, kept as the stored JSON bytes and decoded on access.
 
     An agent holds one entry per pod of the cluster; as dicts (labels, named ports)
@@ -128,14 +148,11 @@ class RawJSONEntries(MutableMapping[str, dict]):
     def set_raw(self, ip: str, raw: bytes) -> None:
         self._raw[ip] = bytes(raw)
 
-    def __getitem__(self, ip: str) -> dict:
-        return json.loads(self._raw[ip])
+    def __getitem__(self, ip: str) -> IpcacheEntry:
+        return IpcacheEntry.decode(self._raw[ip], ip)
 
-    def __setitem__(self, ip: str, value: dict) -> None:
-        self._raw[ip] = json.dumps(value).encode()
-
-    def __delitem__(self, ip: str) -> None:
-        del self._raw[ip]
+    def pop_raw(self, ip: str) -> bytes | None:
+        return self._raw.pop(ip, None)
 
     def __contains__(self, ip: object) -> bool:
         return ip in self._raw
@@ -154,39 +171,41 @@ class IpcacheSync:
     the store); entries of other nodes come from here.
     """
 
-    def __init__(self, store: Store, datapath: NodeDatapath, self_name: str,
-                 on_change: Callable[[str, dict | None], None] | None = None) -> None:
+    def __init__(self, store: Store, datapath: HasIpcache, self_name: str,
+                 on_change: Callable[[str, IpcacheEntry | None], None] | None = None
+                 ) -> None:
         self.store = store
         self.datapath = datapath
         self.self_name = self_name
-        self.entries = RawJSONEntries()
+        self.entries = RawEntries()
         # Recently removed entries, so flows of departed pods still carry names.
-        self.departed: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.departed: collections.OrderedDict[str, IpcacheEntry] = collections.OrderedDict()
         self.on_change = on_change
-        self.sync = PrefixSync(store, keys.IPCACHE)
+        self.sync = PrefixSync(store, schema.IPCACHE)
 
     async def run(self) -> None:
         async for event in self.sync:
             self.apply(event)
 
     def apply(self, event: WatchEvent) -> None:
-        ip = event.key[len(keys.IPCACHE):]
-        data = _json(event)
-        old = self.entries.pop(ip, None)
+        ip = schema.name_in(schema.IPCACHE, event.key)
+        data = _ipcache_entry(event)
+        raw = self.entries.pop_raw(ip)
+        old = IpcacheEntry.decode(raw, ip) if raw is not None else None
         if old is not None and data is None:
             self.departed[ip] = old
             while len(self.departed) > 1024:
                 self.departed.popitem(last=False)
         if data is None:
-            if old is not None and old.get("node") != self.self_name:
+            if old is not None and old.node != self.self_name:
                 self.datapath.ipcache.delete(abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)))
         else:
             self.entries.set_raw(ip, event.value)
-            if data.get("node") != self.self_name:
-                node_ip = data.get("nodeIP")
+            if data.node != self.self_name:
+                node_ip = data.node_ip
                 self.datapath.ipcache.update(
                     abi.IpcacheKey(prefixlen=32, addr=ip_be(ip)),
-                    abi.IpcacheValue(identity=int(data.get("identity", 2)),
+                    abi.IpcacheValue(identity=data.identity,
                                      node_ip=ip_be(node_ip) if node_ip else 0))
         if self.on_change:
             self.on_change(ip, data)

@@ -305,7 +305,7 @@ def endpoint_list_command(args: argparse.Namespace) -> int:
 # --- villi endpoint get / villi identity get -------------------------------------------
 
 def endpoint_get_command(args: argparse.Namespace) -> int:
-    from villi.cli.client import AgentClient
+    from villi.agentclient import AgentClient
     from villi.cli.output import dump_json
     from villi.datapath import pinned
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from villi._nsenter import in_netns
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 from villi.cli.context import Target, load_lab_state
 from villi.errors import VilliError
 

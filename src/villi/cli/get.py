@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 from villi._nsenter import in_netns
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 from villi.cli.context import Target, resolve
 from villi.cli.output import dump_json, table
 from villi.errors import AgentUnavailable
+from villi.kvstore import schema
 
 
 def _from_agents(target: Target, path: str) -> tuple[list[tuple[str, Any]], list[str]]:
@@ -64,7 +65,7 @@ def get_command(args: argparse.Namespace) -> int:
         _warn_missing(missing)
         return 0
     if what == "identities":
-        items = _store_list(target, "villi/state/identities/v1/id/")
+        items = _store_list(target, schema.IDENTITY_IDS)
         rows = [(int(k.rsplit("/", 1)[1]), v.decode()) for k, v in items]
         if args.output == "json":
             dump_json([{"id": i, "labels": lbl.split(";") if lbl else []} for i, lbl in rows])
@@ -73,8 +74,8 @@ def get_command(args: argparse.Namespace) -> int:
                                      for i, lbl in sorted(rows)], no_headers=args.no_headers)
         return 0
     if what == "nodes":
-        items = _store_list(target, "villi/state/nodes/v1/")
-        nodes = [json.loads(v) for _, v in items]
+        items = _store_list(target, schema.NODES)
+        nodes = [schema.NodeEntry.decode(v, key=k).to_json() for k, v in items]
         if args.output == "json":
             dump_json(nodes)
         elif any("eni" in n for n in nodes):
@@ -94,10 +95,10 @@ def get_command(args: argparse.Namespace) -> int:
     kinds = {"policies": ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy",
                           "NetworkPolicy"),
              "services": ("Service",)}[what]
-    items = _store_list(target, "villi/resources/")
+    items = _store_list(target, schema.RESOURCES)
     res = []
     for key, value in items:
-        kind, ns, name = key[len("villi/resources/"):].split("/")
+        kind, ns, name = schema.name_in(schema.RESOURCES, key).split("/")
         if kind in kinds:
             res.append({"kind": kind, "namespace": None if ns == "_" else ns, "name": name,
                         "resource": json.loads(value)})

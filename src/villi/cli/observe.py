@@ -205,14 +205,11 @@ def _print(flow: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 async def _fetch(node: str, sock: str, params: dict[str, str]) -> list[dict[str, Any]]:
-    import httpx
+    from villi.agentclient import stream_lines
 
-    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock),
-                                 base_url="http://villi", timeout=10) as c:
-        resp = await c.get("/v1/flows", params=params)
-        if resp.status_code != 200:
-            raise RuntimeError(resp.json().get("error", resp.text))
-        return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    async with asyncio.timeout(10):
+        return [json.loads(line) async for line in stream_lines(sock, "/v1/flows", params)
+                if line.strip()]
 
 
 async def _query(args: argparse.Namespace) -> int:
@@ -241,14 +238,11 @@ async def _query(args: argparse.Namespace) -> int:
 
 async def _follow_one(node: str, sock: str, params: dict[str, str],
                       out: asyncio.Queue[dict[str, Any]]) -> None:
-    import httpx
+    from villi.agentclient import stream_lines
 
-    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock),
-                                 base_url="http://villi", timeout=None) as c:
-        async with c.stream("GET", "/v1/flows", params=params) as resp:
-            async for line in resp.aiter_lines():
-                if line.strip():
-                    await out.put(json.loads(line))
+    async for line in stream_lines(sock, "/v1/flows", params):
+        if line.strip():
+            await out.put(json.loads(line))
 
 
 async def _follow(args: argparse.Namespace) -> int:
@@ -272,7 +266,7 @@ async def _follow(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from villi.cli.client import AgentClient
+    from villi.agentclient import AgentClient
     from villi.cli.output import dump_json, table
     from villi.errors import VilliError
 

@@ -164,7 +164,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _config_get(target: Target, args: argparse.Namespace) -> int:
-    from villi.cli.client import AgentClient
+    from villi.agentclient import AgentClient
     from villi.errors import AgentUnavailable
     from villi.policy.modes import CONFIG_PREFIX
 
@@ -202,7 +202,7 @@ def _degraded_text(r: dict[str, Any]) -> str:
 # --- per endpoint ----------------------------------------------------------------------
 
 def _endpoint_config(args: argparse.Namespace) -> int:
-    from villi.cli.client import AgentClient
+    from villi.agentclient import AgentClient
     from villi.errors import AgentUnavailable
 
     changes = parse_assignments(args.settings, ENDPOINT_SETTINGS)

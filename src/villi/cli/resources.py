@@ -68,10 +68,9 @@ def sources(names: Sequence[str], stdin: Any = None) -> list[tuple[str, str]]:
 def load(names: Sequence[str], stdin: Any = None) -> list:
     """Validate every document of every source (policies, namespaces, services, pods)."""
     from villi.policy.loader import load_sources
-    from villi.policy.models import KINDS
 
-    KINDS.update(resources.all_kinds())  # one loader, one error format for every kind
-    return load_sources(sources(names, stdin))
+    # one loader, one error format for every kind of the one registry
+    return load_sources(sources(names, stdin), resources.all_kinds())
 
 
 def _store_options(url: str) -> dict[str, Any]:

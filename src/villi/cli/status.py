@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from villi.cli.client import AgentClient
+from villi.agentclient import AgentClient
 from villi.cli.context import resolve
 from villi.cli.output import dump_json
 from villi.errors import AgentUnavailable, VilliError

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from villi.cni._agent import AgentClient, AgentError
+from villi.agentclient import AgentClient, AgentError
 from villi.cni._config import LATEST, SUPPORTED_VERSIONS, NetConf, at_least, decode
 from villi.cni._env import Invocation, parse_cni_args
 from villi.cni._errors import (

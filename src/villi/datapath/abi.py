@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+from typing import Any
 
 import numpy as np
 
@@ -221,8 +222,11 @@ class MetricsValue(ctypes.Structure):
 
 def _dtype_of(struct: type[ctypes.Structure]) -> np.dtype:
     """A numpy dtype with the same names, offsets and size as a ctypes struct."""
-    names, formats, offsets = [], [], []
-    for name, ctype in struct._fields_:  # type: ignore[misc]
+    names: list[str] = []
+    formats: list[Any] = []
+    offsets: list[int] = []
+    fields: list[tuple[str, Any]] = list(struct._fields_)  # type: ignore[arg-type]
+    for name, ctype in fields:
         field = getattr(struct, name)
         names.append(name)
         offsets.append(field.offset)

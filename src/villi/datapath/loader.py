@@ -67,8 +67,9 @@ class BpfObject:
         opts.kernel_log_size = VERIFIER_LOG_SIZE
         opts.kernel_log_level = 0  # no log on success; libbpf retries with level 1 on failure
         lb.take_log()
-        self._obj = lb.check_ptr(lb.bpf_object__open_file(str(self.path).encode(), opts),
-                                 f"opening {self.path}", LoadError)
+        self._obj: int | None = lb.check_ptr(
+            lb.bpf_object__open_file(str(self.path).encode(), opts), f"opening {self.path}",
+            LoadError)
         ret = lb.bpf_object__load(self._obj)
         if ret < 0:
             err = -ret

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ class RingBuffer:
 
     def _read_slow(self, cons: int, max_records: int) -> np.ndarray:
         prod = self.producer_pos
-        out = []
+        out: list[Any] = []
         while cons < prod and len(out) < max_records:
             off = cons & self.mask
             hdr = int(self._data[off:off + 4].view(np.uint32)[0])

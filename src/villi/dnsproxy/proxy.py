@@ -33,6 +33,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnslib import DNSError
 from dnslib import DNSRecord as WireRecord
@@ -355,7 +356,7 @@ class DNSProxy:
             log.warning("dns proxy: record hook failed: %s", e)
 
 
-def _log_failure(fut: asyncio.Future[list[object]]) -> None:
+def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("dns proxy: late datapath update failed: %s", fut.exception())
 

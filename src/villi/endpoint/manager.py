@@ -20,14 +20,53 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 from villi.datapath import abi
-from villi.datapath.node import NodeDatapath
 from villi.endpoint import policymap
 from villi.errors import EndpointError, VilliError
 from villi.netns import create_pod_link, delete_link, link_info
+from villi.netns.veth import PodLink
 
 log = logging.getLogger(__name__)
+
+
+class EndpointDatapath(Protocol):
+    """What the manager needs of a node's datapath (``villi.datapath.node.NodeDatapath``;
+    ``villi.testing.datapath.FakeNodeDatapath`` without root): the endpoint, ipcache and
+    policy maps and the tc attachment of a host-side veth."""
+
+    @property
+    def endpoints(self) -> Any: ...
+    @property
+    def ipcache(self) -> Any: ...
+    @property
+    def policy(self) -> Any: ...
+    def attach(self, ifindex: int, netns: str | None = None) -> None: ...
+
+
+class PodLinks(Protocol):
+    """The veth work of an endpoint (``VethLinks``: netlink; a fake in villi.testing)."""
+
+    def create(self, *, host_ifname: str, host_netns: str | None, pod_netns: str,
+               pod_ifname: str, ipv4: str) -> PodLink: ...
+    def delete(self, ifname: str, netns: str | None = None) -> bool: ...
+    def info(self, ifname: str, netns: str | None = None) -> tuple[int, str] | None: ...
+
+
+class VethLinks:
+    """Real veth pairs through ``villi.netns`` (needs CAP_NET_ADMIN)."""
+
+    def create(self, *, host_ifname: str, host_netns: str | None, pod_netns: str,
+               pod_ifname: str, ipv4: str) -> PodLink:
+        return create_pod_link(host_ifname=host_ifname, host_netns=host_netns,
+                               pod_netns=pod_netns, pod_ifname=pod_ifname, ipv4=ipv4)
+
+    def delete(self, ifname: str, netns: str | None = None) -> bool:
+        return delete_link(ifname, netns)
+
+    def info(self, ifname: str, netns: str | None = None) -> tuple[int, str] | None:
+        return link_info(ifname, netns)
 
 
 def ip_be(ipv4: str) -> int:
@@ -81,9 +120,10 @@ class Endpoint:
 class EndpointManager:
     """Owns the endpoints of one node and their kernel state."""
 
-    def __init__(self, datapath: NodeDatapath, *, node_netns: str | None,
-                 state_dir: Path) -> None:
+    def __init__(self, datapath: EndpointDatapath, *, node_netns: str | None,
+                 state_dir: Path, links: PodLinks | None = None) -> None:
         self.datapath = datapath
+        self.links: PodLinks = links or VethLinks()
         self.node_netns = node_netns
         self.state_dir = state_dir / "endpoints"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +142,8 @@ class EndpointManager:
         if endpoint_id in self.endpoints:
             raise EndpointError(f"endpoint {endpoint_id} already exists")
         host_ifname = host_ifname_for(attach_key or f"{netns}/{ifname}")
-        link = create_pod_link(host_ifname=host_ifname, host_netns=self.node_netns,
-                               pod_netns=netns, pod_ifname=ifname, ipv4=ipv4)
+        link = self.links.create(host_ifname=host_ifname, host_netns=self.node_netns,
+                                 pod_netns=netns, pod_ifname=ifname, ipv4=ipv4)
         ep = Endpoint(id=endpoint_id, ipv4=ipv4, netns=netns, ifname=ifname,
                       host_ifname=host_ifname, host_ifindex=link.host_ifindex,
                       host_mac=link.host_mac, pod_mac=link.pod_mac, identity=identity,
@@ -115,7 +155,7 @@ class EndpointManager:
             self.save(ep)
         except BaseException:
             self._remove_kernel_state(ep)
-            delete_link(host_ifname, self.node_netns)
+            self.links.delete(host_ifname, self.node_netns)
             raise
         self.endpoints[ep.id] = ep
         self._id_by_ip[ep.ipv4] = ep.id
@@ -129,7 +169,7 @@ class EndpointManager:
             return False
         self._id_by_ip.pop(ep.ipv4, None)
         self._remove_kernel_state(ep)
-        delete_link(ep.host_ifname, self.node_netns)
+        self.links.delete(ep.host_ifname, self.node_netns)
         self._map_state.pop(endpoint_id, None)
         (self.state_dir / f"{endpoint_id}.json").unlink(missing_ok=True)
         return True
@@ -222,7 +262,7 @@ class EndpointManager:
             ep = self._read_record(path)
             if ep is None:
                 continue
-            info = link_info(ep.host_ifname, self.node_netns)
+            info = self.links.info(ep.host_ifname, self.node_netns)
             if info is None or info[0] != ep.host_ifindex:
                 self._remove_kernel_state(ep)
                 path.unlink(missing_ok=True)
@@ -329,4 +369,5 @@ def _lookup_dirs(map_state: Mapping) -> frozenset[int]:
     return frozenset(dirs)
 
 
-__all__ = ["Endpoint", "EndpointManager", "VilliError", "host_ifname_for", "ip_be"]
+__all__ = ["Endpoint", "EndpointDatapath", "EndpointManager", "PodLinks", "VethLinks",
+           "VilliError", "host_ifname_for", "ip_be"]

@@ -2,6 +2,7 @@
 
 The public surface::
 
+    IdentityID  (the numeric security identity, a NewType of int)       (ids)
     Label, LabelSet, parse_label, pod_identity_labels, cidr_labels     (labels)
     ReservedIdentity, reserved_identities(), reserved_identity_for()   (reserved)
     IdentityAllocator(store, node, lease=None)                          (allocator)
@@ -27,6 +28,7 @@ _EXPORTS = {
     "IdentityAllocator": "allocator", "IdentityGC": "allocator",
     "collect_garbage": "allocator",
     "LocalIdentityAllocator": "local",
+    "IdentityID": "ids",
     "IdentityCache": "cache",
 }
 

@@ -29,6 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from villi.errors import IdentityError
+from villi.identity.ids import IdentityID
 from villi.identity.labels import SOURCE_CIDR, SOURCE_RESERVED, LabelSet
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import (
@@ -36,10 +37,10 @@ from villi.identity.reserved import (
     MIN_CLUSTER_IDENTITY,
     reserved_identity_for,
 )
+from villi.kvstore.schema import IDENTITIES
 from villi.kvstore.store import LeaseID, Store
-from villi.policy.entry import IdentityID
 
-PREFIX = "villi/state/identities/v1/"
+PREFIX = IDENTITIES
 ID_PREFIX = PREFIX + "id/"
 VALUE_PREFIX = PREFIX + "value/"
 

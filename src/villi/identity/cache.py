@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 
 from villi.identity.allocator import ID_PREFIX
+from villi.identity.ids import IdentityID
 from villi.identity.labels import LabelSet
 from villi.identity.reserved import reserved_identities
 from villi.kvstore.store import Compacted, EventType, Store, WatchEvent
-from villi.policy.entry import IdentityID
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 
 from villi.errors import IdentityError
+from villi.identity.ids import IdentityID
 from villi.identity.labels import LabelSet, cidr_labels
 from villi.identity.reserved import LOCAL_IDENTITY_SCOPE, MAX_LOCAL_IDENTITY
-from villi.policy.entry import IdentityID
 
 
 class LocalIdentityAllocator:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import SOURCE_RESERVED, Label, LabelSet
-from villi.policy.entry import IdentityID
 
 #: First identity the cluster-wide allocator hands out (Cilium's MinimalNumericIdentity).
 MIN_CLUSTER_IDENTITY = 256

@@ -12,53 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from villi.errors import IPAMError, PoolExhausted
-
-
-@dataclass(frozen=True, slots=True)
-class IPAMUsage:
-    """How many pod IPv4s a node has allocated out of how many it can allocate.
-
-    ``capacity`` counts usable addresses (network and broadcast excluded) of the pod
-    CIDRs the node allocates from, plus addresses still held in CIDRs it no longer
-    allocates from, so ``free`` is exactly what the next allocations can get.
-    """
-
-    allocated: int
-    capacity: int
-
-    def __post_init__(self) -> None:
-        if self.allocated < 0 or self.capacity < 0 or self.allocated > self.capacity:
-            raise ValueError(f"invalid IPAM usage {self.allocated}/{self.capacity}")
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.allocated
-
-    def summary(self) -> str:
-        """The ``GET /v1/healthz`` line: ``IPv4: 3/254 allocated``."""
-        return f"IPv4: {self.allocated}/{self.capacity} allocated"
-
-    def to_json(self) -> dict[str, int]:
-        return {"allocated": self.allocated, "capacity": self.capacity, "free": self.free}
-
-    @classmethod
-    def from_json(cls, raw: Any) -> IPAMUsage:
-        """Parse the ``ipam`` object of a node entry (``free`` is derived, not trusted)."""
-        if not isinstance(raw, Mapping):
-            raise IPAMError(f"ipam usage must be an object, got {raw!r}")
-        try:
-            allocated, capacity = raw["allocated"], raw["capacity"]
-        except KeyError as exc:
-            raise IPAMError(f"ipam usage lacks {exc.args[0]!r}: {dict(raw)!r}") from None
-        if not (isinstance(allocated, int) and isinstance(capacity, int)):
-            raise IPAMError(f"ipam usage counts must be integers: {dict(raw)!r}")
-        try:
-            return cls(allocated, capacity)
-        except ValueError as exc:
-            raise IPAMError(str(exc)) from None
+from villi.kvstore.schema import IPAMUsage  # the node entry's report (the store schema)
 
 
 @dataclass(frozen=True, slots=True)

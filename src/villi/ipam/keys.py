@@ -19,35 +19,20 @@ Everything here is pure (no store access), shared by ``villi.ipam`` (agent side)
 
 from __future__ import annotations
 
-import ipaddress
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from collections.abc import Iterable
+from ipaddress import IPv4Network
 
 from villi.errors import IPAMError
-from villi.ipam.capacity import IPAMUsage
+from villi.kvstore import schema
+from villi.kvstore.schema import NodeEntry, check_node_name, node_key, parse_cidr, podcidrs_key
 
-NODES_PREFIX = "villi/state/nodes/v1/"
-IPAM_PREFIX = "villi/state/ipam/v1/"
-PODCIDRS_PREFIX = IPAM_PREFIX + "podcidrs/"
-CLAIMS_PREFIX = IPAM_PREFIX + "cidrs/"
-
-
-def check_node_name(node: str) -> str:
-    """``node`` if it can be the last segment of a key; IPAMError otherwise."""
-    if not node or "/" in node or node.strip() != node:
-        raise IPAMError(f"invalid node name {node!r} (non-empty, no '/', no spaces at the ends)")
-    return node
-
-
-def node_key(node: str) -> str:
-    return NODES_PREFIX + check_node_name(node)
-
-
-def podcidrs_key(node: str) -> str:
-    return PODCIDRS_PREFIX + check_node_name(node)
+# The prefixes and the node entry are the store schema's (villi.kvstore.schema); the
+# names stay importable here for the IPAM code that uses them.
+NODES_PREFIX = schema.NODES
+IPAM_PREFIX = schema.IPAM
+PODCIDRS_PREFIX = schema.PODCIDRS
+CLAIMS_PREFIX = schema.CLAIMS
 
 
 def claim_key(cidr: IPv4Network) -> str:
@@ -76,14 +61,6 @@ def cidr_of_claim_key(key: str) -> IPv4Network | None:
         return None
 
 
-def parse_cidr(text: str) -> IPv4Network:
-    """An IPv4 network from ``a.b.c.d/len``; IPAMError naming the text otherwise."""
-    try:
-        return IPv4Network(text, strict=True)
-    except (ValueError, TypeError) as exc:
-        raise IPAMError(f"invalid IPv4 CIDR {text!r}: {exc}") from None
-
-
 def encode_podcidrs(cidrs: Iterable[IPv4Network]) -> bytes:
     return json.dumps({"cidrs": [str(c) for c in cidrs]}).encode()
 
@@ -100,53 +77,8 @@ def decode_podcidrs(raw: bytes) -> tuple[IPv4Network, ...]:
     return tuple(parse_cidr(c) for c in cidrs)
 
 
-@dataclass(frozen=True, slots=True)
-class NodeEntry:
-    """The node entry an agent keeps under its lease.
-
-    ``pod_cidrs`` are the CIDRs the agent currently allocates from (restored from its
-    state file after a restart), which lets the operator hand a node that was gone for
-    longer than the grace period its old CIDR back when it is still free.
-    """
-
-    name: str
-    ipv4: IPv4Address | None
-    pod_cidrs: tuple[IPv4Network, ...] = ()
-    ipam: IPAMUsage | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "name": self.name,
-            "ipv4": str(self.ipv4) if self.ipv4 is not None else None,
-            "podCIDRs": [str(c) for c in self.pod_cidrs],
-        }
-        if self.ipam is not None:
-            doc["ipam"] = self.ipam.to_json()
-        return doc
-
-    def encode(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes, *, key: str = "") -> NodeEntry:
-        """Parse a node entry; IPAMError saying what is wrong and where."""
-        where = f"{key}: " if key else ""
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IPAMError(f"{where}node entry is not JSON: {exc}") from None
-        if not isinstance(doc, Mapping) or not isinstance(doc.get("name"), str):
-            raise IPAMError(f"{where}node entry needs a string 'name': {doc!r}")
-        try:
-            ipv4 = ipaddress.IPv4Address(doc["ipv4"]) if doc.get("ipv4") else None
-        except ValueError as exc:
-            raise IPAMError(f"{where}ipv4: {exc}") from None
-        raw_cidrs = doc.get("podCIDRs") or []
-        if not isinstance(raw_cidrs, list):
-            raise IPAMError(f"{where}podCIDRs must be a list: {raw_cidrs!r}")
-        try:
-            cidrs = tuple(parse_cidr(str(c)) for c in raw_cidrs)
-            usage = IPAMUsage.from_json(doc["ipam"]) if doc.get("ipam") is not None else None
-        except IPAMError as exc:
-            raise IPAMError(f"{where}{exc}") from None
-        return cls(doc["name"], ipv4, cidrs, usage)
+__all__ = [
+    "CLAIMS_PREFIX", "IPAM_PREFIX", "NODES_PREFIX", "PODCIDRS_PREFIX", "NodeEntry",
+    "check_node_name", "cidr_of_claim_key", "claim_key", "decode_podcidrs",
+    "encode_podcidrs", "node_key", "node_of_key", "parse_cidr", "podcidrs_key",
+]

@@ -267,17 +267,17 @@ class Database:
             rev: int | None = None
             seq = 0
             for op in ops:
-                key = op.key.encode()
+                bkey = op.key.encode()
                 if op.value is None:
-                    if c.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is None:
+                    if c.execute("SELECT 1 FROM kv WHERE key = ?", (bkey,)).fetchone() is None:
                         continue
                     rev = rev or self._new_revision()
-                    c.execute("DELETE FROM kv WHERE key = ?", (key,))
+                    c.execute("DELETE FROM kv WHERE key = ?", (bkey,))
                     c.execute("INSERT INTO log VALUES (?, ?, ?, ?, x'')",
-                              (rev, seq, _DELETE, key))
+                              (rev, seq, _DELETE, bkey))
                 else:
                     rev = rev or self._new_revision()
-                    self._put_locked(key, bytes(op.value), None, rev, seq)
+                    self._put_locked(bkey, bytes(op.value), None, rev, seq)
                 seq += 1
             return rev if rev is not None else self._meta("revision")
 

@@ -3,58 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
-import socket as _socket
 from typing import Any
 
 from villi._nsenter import in_netns
+from villi.agentclient import AgentClient, AgentError
+from villi.errors import AgentUnavailable
 from villi.lab._state import LabError
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket (an httpx client costs ~50 ms to build: its TLS
-    context; the lab makes many short calls)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("villi", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def agent_call(socket: str, method: str, path: str, timeout: float = 5.0,
                json_body: Any = None, **kw: Any) -> Any:
-    """One request to an agent; LabError with the agent's message on failure."""
+    """One request to an agent (``villi.agentclient``); LabError with the agent's
+    message on failure."""
     body_in = kw.pop("json", json_body)
-    conn = _UnixHTTPConnection(socket, timeout)
     try:
-        payload = json.dumps(body_in).encode() if body_in is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        resp = conn.getresponse()
-        text = resp.read().decode(errors="replace")
-        status = resp.status
-    except (OSError, http.client.HTTPException) as e:
+        return AgentClient(socket, timeout).request(method, path, body_in,
+                                                    params=kw.pop("params", None))
+    except AgentError as e:
+        raise LabError(str(e)) from e
+    except AgentUnavailable as e:
         raise LabError(f"the agent at {socket} does not answer: {e}") from e
-    finally:
-        conn.close()
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = {"error": text}
-    if status >= 400:
-        raise LabError(f"agent {socket}: "
-                       f"{body.get('error', text) if isinstance(body, dict) else text}")
-    return body
 
 
 def healthz(socket: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -88,16 +56,21 @@ def store_run(state: dict[str, Any], fn: Any, quick: bool = False) -> Any:
 
 
 def node_entries(state: dict[str, Any], quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Node name → its entry in the store (only nodes whose lease is alive)."""
-    prefix = "villi/state/nodes/v1/"
+    """Node name → its entry in the store (only nodes whose lease is alive), as the
+    JSON of ``villi.kvstore.schema.NodeEntry`` (parsed there, so malformed ones are
+    skipped)."""
+    from villi.errors import IPAMError
+    from villi.kvstore.schema import NODES, NodeEntry
+
+    prefix = NODES
 
     async def fn(store: Any) -> dict[str, dict[str, Any]]:
         res = await store.list(prefix)
         out = {}
         for kv in res.items:
             try:
-                out[kv.key[len(prefix):]] = json.loads(kv.value)
-            except ValueError:
+                out[kv.key[len(prefix):]] = NodeEntry.decode(kv.value, key=kv.key).to_json()
+            except IPAMError:
                 continue
         return out
 
@@ -110,7 +83,7 @@ def apply_text(state: dict[str, Any], text: str, *, delete: bool = False,
     from villi import resources
     from villi.policy.loader import load_text
 
-    items = load_text(text, filename)
+    items = load_text(text, filename, resources.all_kinds())
 
     async def fn(store: Any) -> list[str]:
         done = []

@@ -281,9 +281,11 @@ class Suite:
 
     def wait_policies(self, text: str, present: bool) -> None:
         """Wait until every live agent has (or no longer has) the resources of ``text``."""
+        from villi import resources
         from villi.policy.loader import load_text
 
-        wanted = {(r.kind, r.namespace, r.metadata.name) for r in load_text(text)
+        wanted = {(r.kind, r.namespace, r.metadata.name)
+                  for r in load_text(text, kinds=resources.all_kinds())
                   if r.kind != "Namespace"}
         deadline = time.monotonic() + self.settle
         for node in self.state["nodes"]:
@@ -327,7 +329,9 @@ class Suite:
 
 
 async def _delete_test_resources(store: Any) -> None:
-    res = await store.list("villi/resources/")
+    from villi.kvstore.schema import RESOURCES
+
+    res = await store.list(RESOURCES)
     for kv in res.items:
         parts = kv.key.split("/")
         if len(parts) == 5 and (parts[3] in (NS, NS_EXT)

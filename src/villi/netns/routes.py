@@ -89,6 +89,7 @@ def ipv4_interface_of(address: str, netns: str | None = None) -> str | None:
         for a in ipr.get_addr(family=2):
             if a.get("IFA_ADDRESS") == address:
                 return f"{address}/{a['prefixlen']}"
+    return None
 
 
 def ensure_local_mark_routing(mark: int, mask: int, table: int,

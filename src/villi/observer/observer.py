@@ -11,7 +11,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,15 @@ class Observer:
             self._rate.append((time.monotonic(), self.processed))
             await asyncio.sleep(POLL_INTERVAL)
 
-    def start(self) -> None:
+    def start(self, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+              | None = None) -> None:
+        """Start reading events; ``spawn`` runs the poll loop as the owner's task
+        (the agent's TaskGroup), else it is a plain task of this loop."""
         self._loop = asyncio.get_running_loop()
         if self.events is not None:
             self._loop.add_reader(self.events.fileno(), self._on_readable)
-        self._task = self._loop.create_task(self._poll(), name="villi-observer")
+        self._task = spawn(self._poll(), "observer") if spawn is not None else \
+            self._loop.create_task(self._poll(), name="villi-observer")
 
     async def stop(self) -> None:
         if self._loop is not None and self.events is not None:

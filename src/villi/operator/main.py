@@ -157,10 +157,11 @@ class Operator:
     async def _cluster_ip_gc(self) -> list[str]:
         """Claims whose Service resource is gone (deleted behind villi's back, or a
         crash between the claim and the resource write) give their address back."""
+        from villi.kvstore.schema import resource_prefix
         from villi.resources import parse_resource_key
         from villi.service.allocator import collect_garbage
 
-        listing = await self.store.list("villi/resources/Service/")
+        listing = await self.store.list(resource_prefix("Service"))
         live = []
         for kv in listing.items:
             parsed = parse_resource_key(kv.key)

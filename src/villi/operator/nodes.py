@@ -21,20 +21,22 @@ the operator's next pass.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
+from villi.errors import SchemaError
 from villi.identity.allocator import VALUE_PREFIX
 from villi.ipam.keys import IPAM_PREFIX, check_node_name, node_key
+from villi.kvstore import schema
+from villi.kvstore.schema import IpcacheEntry
 from villi.kvstore.store import Store
 
 log = logging.getLogger(__name__)
 
 #: A node removed on purpose: ``<prefix><node>`` (value: why, free text).
 DELETED_PREFIX = IPAM_PREFIX + "deleted/"
-#: Ipcache entries of pods (JSON with ``"node"``), as the agent writes them.
-IPCACHE_PREFIX = "villi/state/ip/v1/"
+#: Ipcache entries of pods (``villi.kvstore.schema.IpcacheEntry``).
+IPCACHE_PREFIX = schema.IPCACHE
 
 
 def deleted_key(node: str) -> str:
@@ -58,8 +60,8 @@ async def withdraw_node(store: Store, node: str) -> Withdrawn:
     ipcache = 0
     for kv in (await store.list(IPCACHE_PREFIX)).items:
         try:
-            owner = json.loads(kv.value).get("node")
-        except (ValueError, AttributeError):
+            owner = IpcacheEntry.decode(kv.value, kv.key).node
+        except SchemaError:
             continue
         if owner == node and await store.compare_and_delete(kv.key, kv.mod_revision):
             ipcache += 1

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import LabelSet
-from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry, Protocol
+from villi.policy.entry import Direction, EndpointID, PolicyEntry, Protocol
 from villi.policy.mapstate import EndpointMapState, MapKey, MapValue
 from villi.policy.rules import RuleKey, Section
 

@@ -10,6 +10,7 @@ from the same compiled subjects the resolver uses.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from villi.policy._subject import Endpoint
 from villi.policy.models import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, Resource
@@ -20,7 +21,7 @@ def dns_patterns(resources: Iterable[Resource], endpoints: Iterable[Endpoint]
                  ) -> dict[str, list[str]]:
     """endpoint IPv4 → sorted DNS patterns it may query (endpoints without DNS rules are
     absent: the proxy refuses all their queries, should any reach it)."""
-    per_rule: list[tuple[object, list[str]]] = []
+    per_rule: list[tuple[Any, list[str]]] = []
     cookies = CookieTable()
     for res in resources:
         if not isinstance(res, CiliumNetworkPolicy | CiliumClusterwideNetworkPolicy):

@@ -20,9 +20,9 @@ import enum
 from dataclasses import dataclass
 from typing import NewType
 
+from villi.identity.ids import IdentityID
 from villi.policy.http import HTTPRule
 
-IdentityID = NewType("IdentityID", int)
 EndpointID = NewType("EndpointID", int)
 
 ANY_IDENTITY = IdentityID(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,11 @@ _POLICY_KINDS = {"CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "Netwo
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 Loc = tuple[str | int, ...]
+#: (apiVersion, kind) → model: which kinds a load accepts. The default is the policy
+#: engine's own (policies, Namespace); ``villi.resources.all_kinds()`` is the one
+#: registry of every kind ``villi apply`` takes, passed in by its callers (the loader
+#: sits below the packages that define Service and Pod, so it cannot import them).
+Kinds = Mapping[tuple[str, str], type[StrictModel]]
 
 MAX_DOCUMENT_BYTES = 1024 * 1024  # under etcd's default 1.5 MiB request limit
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -60,17 +65,17 @@ class Loaded(list[Resource]):
         self.warnings = list(warnings)
 
 
-def load_files(paths: Iterable[str | Path]) -> Loaded:
+def load_files(paths: Iterable[str | Path], kinds: Kinds | None = None) -> Loaded:
     """Every resource of every file, in order; raises on the first bad document."""
-    return load_sources((str(path), read_file(path)) for path in paths)
+    return load_sources(((str(path), read_file(path)) for path in paths), kinds)
 
 
-def load_sources(sources: Iterable[tuple[str, str]]) -> Loaded:
+def load_sources(sources: Iterable[tuple[str, str]], kinds: Kinds | None = None) -> Loaded:
     """Like :func:`load_files` for (name, text) pairs already read (stdin, tests)."""
     resources = Loaded()
     seen: dict[tuple[str, str | None, str], str] = {}
     for name, text in sources:
-        for doc, resource in _load(text, name, resources.warnings):
+        for doc, resource in _load(text, name, resources.warnings, kinds):
             key = resource_key(resource)
             where = f"{name} document {doc}"
             if key in seen:
@@ -84,15 +89,15 @@ def load_sources(sources: Iterable[tuple[str, str]]) -> Loaded:
     return resources
 
 
-def load_file(path: str | Path) -> Loaded:
-    return load_files([path])
+def load_file(path: str | Path, kinds: Kinds | None = None) -> Loaded:
+    return load_files([path], kinds)
 
 
-def load_text(text: str, filename: str = "<string>") -> Loaded:
+def load_text(text: str, filename: str = "<string>", kinds: Kinds | None = None) -> Loaded:
     """Like :func:`load_files` for YAML already in memory (tests, the API)."""
     resources = Loaded()
     seen: set[tuple[str, str | None, str]] = set()
-    for doc, resource in _load(text, filename, resources.warnings):
+    for doc, resource in _load(text, filename, resources.warnings, kinds):
         key = resource_key(resource)
         if key in seen:
             cls = PolicyError if key[0] in _POLICY_KINDS else ResourceError
@@ -103,13 +108,14 @@ def load_text(text: str, filename: str = "<string>") -> Loaded:
     return resources
 
 
-def _load(text: str, filename: str, warnings: list[PolicyWarning] | None = None
-          ) -> list[tuple[int, Resource]]:
+def _load(text: str, filename: str, warnings: list[PolicyWarning] | None = None,
+          kinds: Kinds | None = None) -> list[tuple[int, Resource]]:
+    kinds = KINDS if kinds is None else kinds
     loaded: list[tuple[int, Resource]] = []
     for doc, node, data in _documents(text, filename):
         if data is None:
             continue
-        loaded.append((doc, _validate(data, node, filename, doc)))
+        loaded.append((doc, _validate(data, node, filename, doc, kinds)))
         if warnings is not None:
             warnings.extend(PolicyWarning(filename, doc, format_loc(loc), message,
                                           _line_of(node, loc)) for loc, message in find(data))
@@ -209,7 +215,7 @@ def _check_duplicate_keys(node: yaml.Node, loc: Loc, filename: str, doc: int,
             _check_duplicate_keys(item, loc + (i,), filename, doc, done)
 
 
-def _validate(data: Any, node: yaml.Node, filename: str, doc: int) -> Resource:
+def _validate(data: Any, node: yaml.Node, filename: str, doc: int, kinds: Kinds) -> Resource:
     def fail(reason: str, loc: Loc, cls: type[ResourceError] = ResourceError) -> ResourceError:
         return cls(reason, file=filename, document=doc, field=format_loc(loc) or None,
                    line=_line_of(node, loc))
@@ -221,10 +227,10 @@ def _validate(data: Any, node: yaml.Node, filename: str, doc: int) -> Resource:
         raise fail("required field is missing", ("apiVersion",))
     if kind is None:
         raise fail("required field is missing", ("kind",))
-    model = KINDS.get((api_version, kind)) if isinstance(api_version, str) and isinstance(
+    model = kinds.get((api_version, kind)) if isinstance(api_version, str) and isinstance(
         kind, str) else None
     if model is None:
-        known = ", ".join(f"{k} ({v})" for v, k in KINDS)
+        known = ", ".join(f"{k} ({v})" for v, k in kinds)
         raise fail(f"unknown kind {kind!r} for apiVersion {api_version!r} (supported: "
                    f"{known})", ("kind",))
     cls = PolicyError if kind in _POLICY_KINDS else ResourceError
@@ -232,13 +238,13 @@ def _validate(data: Any, node: yaml.Node, filename: str, doc: int) -> Resource:
         return model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as exc:
         errors = exc.errors()
-        loc, reason = _explain(errors[0])
+        loc, reason = _explain(errors[0], kinds)
         if len(errors) > 1:
             reason += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
         raise fail(reason, loc, cls) from None
 
 
-def _explain(error: Any) -> tuple[Loc, str]:
+def _explain(error: Any, kinds: Kinds) -> tuple[Loc, str]:
     """Turn one pydantic error into (field path, human reason)."""
     loc: Loc = tuple(error["loc"])
     kind = error["type"]
@@ -253,7 +259,7 @@ def _explain(error: Any) -> tuple[Loc, str]:
         return loc, "required field is missing"
     if kind == "extra_forbidden":
         name = str(loc[-1]) if loc else "?"
-        hint = difflib.get_close_matches(name, _known_fields(), n=1)
+        hint = difflib.get_close_matches(name, _known_fields(kinds), n=1)
         return loc, f"unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
     simple = {
         "string_type": "expected a string", "int_type": "expected an integer",
@@ -272,18 +278,16 @@ def _explain(error: Any) -> tuple[Loc, str]:
     return loc, str(error["msg"])
 
 
-_KNOWN: list[str] = []
-_KNOWN_KINDS: list[tuple[tuple[str, str], ...]] = [()]
+_KNOWN: dict[tuple[tuple[str, str], ...], list[str]] = {}
 
 
-def _known_fields() -> list[str]:
-    """Every YAML field name the models accept (for "did you mean"); recomputed when
-    another package adds kinds to the dispatch table (the CLI adds Service)."""
-    kinds = tuple(sorted(KINDS))
-    if _KNOWN and _KNOWN_KINDS[0] == kinds:
-        return _KNOWN
+def _known_fields(kinds: Kinds) -> list[str]:
+    """Every YAML field name the models of ``kinds`` accept (for "did you mean")."""
+    key = tuple(sorted(kinds))
+    if key in _KNOWN:
+        return _KNOWN[key]
     names: set[str] = set()
-    todo: list[type[StrictModel]] = list(KINDS.values())
+    todo: list[type[StrictModel]] = list(kinds.values())
     done: set[type] = set()
     while todo:
         model = todo.pop()
@@ -294,9 +298,8 @@ def _known_fields() -> list[str]:
             names.add(field.alias or name)
             for arg in _model_args(field.annotation):
                 todo.append(arg)
-    _KNOWN[:] = sorted(names)
-    _KNOWN_KINDS[0] = kinds
-    return _KNOWN
+    _KNOWN[key] = sorted(names)
+    return _KNOWN[key]
 
 
 def _model_args(annotation: Any) -> Iterator[type[StrictModel]]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import SOURCE_FQDN, LabelSet, cidr_labels, namespace_labels
 from villi.identity.local import LocalIdentityAllocator
 from villi.identity.reserved import ReservedIdentity, reserved_identities
@@ -36,7 +38,7 @@ from villi.policy._subject import (
     ports_signature,
 )
 from villi.policy.cidr import ip_to_int
-from villi.policy.entry import Direction, EndpointID, IdentityID, PolicyEntry
+from villi.policy.entry import Direction, EndpointID, PolicyEntry
 from villi.policy.l7table import L7Entry, l7_entries
 from villi.policy.mapstate import diff_map_state
 from villi.policy.models import Namespace, Resource, resource_key
@@ -233,7 +235,7 @@ class PolicyResolver(Repository):
         """The toFQDNs patterns in force (what the DNS proxy's name manager labels by)."""
         out = set()
         for sel in self.selectors.in_use():
-            reqs = getattr(sel, "requirements", ())
+            reqs: tuple[Any, ...] = getattr(sel, "requirements", ())
             if len(reqs) == 1 and reqs[0].source == SOURCE_FQDN:
                 out.add(reqs[0].key)
         return sorted(out)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import POD_NAMESPACE_LABEL, SOURCE_ANY, SOURCE_CIDR, LabelSet
 from villi.identity.reserved import ReservedIdentity
 from villi.policy.cidr import Net, net_contains_ip, net_contains_net, parse_net
-from villi.policy.entry import IdentityID
 from villi.policy.rules import CIDRSelector, PeerSelector
 from villi.policy.selectors import IN, LabelIndex, Requirement, Selector
 

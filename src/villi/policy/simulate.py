@@ -18,9 +18,10 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import LabelSet, pod_identity_labels
 from villi.identity.reserved import MIN_CLUSTER_IDENTITY, ReservedIdentity
-from villi.policy.entry import Direction, EndpointID, IdentityID, Protocol
+from villi.policy.entry import Direction, EndpointID, Protocol
 from villi.policy.loader import load_text
 from villi.policy.mapstate import Verdict, datapath_verdict
 from villi.policy.models import Namespace, Resource

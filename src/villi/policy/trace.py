@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from villi.identity.ids import IdentityID
 from villi.identity.labels import (
     POD_NAMESPACE_LABEL,
     SOURCE_K8S,
@@ -37,7 +38,7 @@ from villi.identity.labels import (
     parse_label,
 )
 from villi.identity.reserved import MIN_CLUSTER_IDENTITY, RESERVED_LABELS, ReservedIdentity
-from villi.policy.entry import Direction, EndpointID, IdentityID, Protocol
+from villi.policy.entry import Direction, EndpointID, Protocol
 from villi.policy.mapstate import DROP_POLICY_DENIED, DROP_POLICY_DENY, datapath_verdict
 from villi.policy.models import Resource
 from villi.policy.resolver import Endpoint, PolicyResolver

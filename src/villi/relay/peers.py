@@ -7,13 +7,13 @@ adds the agents' flow port. Static peers serve tests and hosts without a shared 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from villi.errors import VilliError
+from villi.errors import IPAMError, VilliError
+from villi.kvstore.schema import NODES, NodeEntry, name_in
 
-NODES_PREFIX = "villi/state/nodes/v1/"
+NODES_PREFIX = NODES
 DEFAULT_AGENT_PORT = 4244
 
 
@@ -35,10 +35,10 @@ def parse_peer(text: str) -> Peer:
     return Peer(name, addr)
 
 
-def peers_from_entries(entries: dict[str, dict[str, Any]], port: int) -> list[Peer]:
+def peers_from_entries(entries: dict[str, NodeEntry], port: int) -> list[Peer]:
     """Peers from the kvstore's node entries (nodes without an IPv4 are skipped)."""
-    return [Peer(name, f"{e['ipv4']}:{port}") for name, e in sorted(entries.items())
-            if e.get("ipv4")]
+    return [Peer(name, f"{e.ipv4}:{port}") for name, e in sorted(entries.items())
+            if e.ipv4 is not None]
 
 
 async def discover(store: Any, port: int) -> list[Peer]:
@@ -47,7 +47,7 @@ async def discover(store: Any, port: int) -> list[Peer]:
     entries = {}
     for kv in res.items:
         try:
-            entries[kv.key[len(NODES_PREFIX):]] = json.loads(kv.value)
-        except ValueError:
+            entries[name_in(NODES, kv.key)] = NodeEntry.decode(kv.value, key=kv.key)
+        except IPAMError:
             continue
     return peers_from_entries(entries, port)

@@ -121,5 +121,6 @@ async def start_site(runner: web.AppRunner, addr: str) -> None:
         finally:
             os.umask(old)
     else:
-        host, port = where  # type: ignore[misc]
+        assert isinstance(where, tuple)
+        host, port = where
         await web.TCPSite(runner, host, port).start()

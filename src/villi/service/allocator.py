@@ -24,11 +24,12 @@ import random
 from collections.abc import Iterable
 
 from villi.errors import ResourceError
+from villi.kvstore.schema import CLUSTERIP_CLAIMS, CLUSTERIP_OWNERS
 from villi.kvstore.store import Store
 from villi.service.models import DEFAULT_SERVICE_CIDR, check_cluster_ip, check_service_cidr
 
-CLAIMS = "villi/state/services/v1/clusterip/"
-OWNERS = "villi/state/services/v1/clusterip-owner/"
+CLAIMS = CLUSTERIP_CLAIMS
+OWNERS = CLUSTERIP_OWNERS
 RANDOM_TRIES = 16
 
 

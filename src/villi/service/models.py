@@ -24,7 +24,7 @@ from villi.policy._modelbase import (
     check_label_key,
     check_label_value,
     check_port_name,
-    unsupported,
+    rejecting,
 )
 
 __all__ = [
@@ -93,15 +93,24 @@ def _target_port(value: Any) -> Any:
 
 
 _NOT_SUPPORTED = "{} is not supported (villi implements ClusterIP services only)"
-_NodePort = unsupported("nodePort is not supported (only ClusterIP services are)")
-_ExternalIPs = unsupported(_NOT_SUPPORTED.format("externalIPs"))
-_ExternalName = unsupported(_NOT_SUPPORTED.format("externalName"))
-_LBIP = unsupported(_NOT_SUPPORTED.format("loadBalancerIP"))
-_LBSourceRanges = unsupported(_NOT_SUPPORTED.format("loadBalancerSourceRanges"))
-_LBClass = unsupported(_NOT_SUPPORTED.format("loadBalancerClass"))
-_LBNodePorts = unsupported(_NOT_SUPPORTED.format("allocateLoadBalancerNodePorts"))
-_HealthCheckNodePort = unsupported(_NOT_SUPPORTED.format("healthCheckNodePort"))
-_TrafficDistribution = unsupported("trafficDistribution is not supported")
+_NodePort = Annotated[Any, AfterValidator(rejecting(
+    "nodePort is not supported (only ClusterIP services are)"))]
+_ExternalIPs = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("externalIPs")))]
+_ExternalName = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("externalName")))]
+_LBIP = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("loadBalancerIP")))]
+_LBSourceRanges = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("loadBalancerSourceRanges")))]
+_LBClass = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("loadBalancerClass")))]
+_LBNodePorts = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("allocateLoadBalancerNodePorts")))]
+_HealthCheckNodePort = Annotated[Any, AfterValidator(rejecting(
+    _NOT_SUPPORTED.format("healthCheckNodePort")))]
+_TrafficDistribution = Annotated[Any, AfterValidator(rejecting(
+    "trafficDistribution is not supported"))]
 
 
 class ServicePort(StrictModel):

@@ -90,7 +90,7 @@ class AgentProcess:
         raise RuntimeError(f"agent did not become healthy in {timeout}s:\n{self.log()}")
 
     def _healthy(self) -> bool:
-        from villi.cli.client import AgentClient
+        from villi.agentclient import AgentClient
         from villi.errors import VilliError
 
         try:
@@ -100,7 +100,7 @@ class AgentProcess:
             return False
 
     def client(self):  # type: ignore[no-untyped-def]
-        from villi.cli.client import AgentClient
+        from villi.agentclient import AgentClient
 
         return AgentClient(str(self.socket))
 

@@ -29,7 +29,8 @@ class RelayClient:
         resp = await self._client.get("/v1/flows", params=params)
         if resp.status_code != 200:
             raise RelayError(resp.status_code, resp.text)
-        flows, statuses = [], []
+        flows: list[Any] = []
+        statuses: list[Any] = []
         for line in resp.text.splitlines():
             if not line.strip():
                 continue

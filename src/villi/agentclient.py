@@ -1,11 +1,13 @@
-"""A minimal, time-bounded HTTP/1.1 client for the agent's unix-socket API.
+"""The one client of the agent's unix-socket API: CNI plugin, CLI, lab and tests.
 
-The plugin is exec'd once per pod, so this module avoids ``http.client``: importing it
-pulls in ``email.parser`` and ``ssl`` and costs ~15 ms, more than the rest of the plugin
-together (see docs/cni.md). Each request opens one connection, sends
-``Connection: close``, and reads the response until its ``Content-Length`` (or chunked
-body, or EOF) is complete. Every blocking step uses what is left of one deadline, so a
-request never takes longer than the timeout it was given.
+A minimal, time-bounded HTTP/1.1 client, standard library only. The CNI plugin is
+exec'd once per pod, so this module avoids ``http.client`` (importing it pulls in
+``email.parser`` and ``ssl`` and costs ~15 ms, more than the rest of the plugin
+together, see docs/cni.md) and httpx (~50 ms to build a client). Each request opens one
+connection, sends ``Connection: close``, and reads the response until its
+``Content-Length`` (or chunked body, or EOF) is complete. Every blocking step uses
+what is left of one deadline, so a request never takes longer than the timeout it was
+given. :func:`stream_lines` follows a streamed answer (``villi observe -f``) on asyncio.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from villi.errors import AgentUnavailable, VilliError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from typing import Any
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:")
@@ -44,10 +47,11 @@ def quote(text: str) -> str:
 
 
 class AgentError(VilliError):
-    """The agent answered with an HTTP error; ``code`` is the CNI code it gave (or 0)."""
+    """The agent answered with an HTTP error; ``code`` is the CNI code it gave (or 0),
+    ``message`` the agent's own words; ``where`` (the socket) prefixes the text."""
 
-    def __init__(self, status: int, message: str, code: int = 0) -> None:
-        super().__init__(message)
+    def __init__(self, status: int, message: str, code: int = 0, where: str = "") -> None:
+        super().__init__(f"agent {where}: {message}" if where else message)
         self.status = status
         self.message = message
         self.code = code
@@ -201,7 +205,7 @@ class UnixHTTP:
         return int(parts[1]), headers
 
 
-def _error_of(resp: Response) -> AgentError:
+def _error_of(resp: Response, where: str = "") -> AgentError:
     """The agent's ``{"error", "code"}`` body as an :class:`AgentError`."""
     try:
         doc = resp.json()
@@ -209,9 +213,19 @@ def _error_of(resp: Response) -> AgentError:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
         code = doc.get("code")
-        return AgentError(resp.status, doc["error"], code if isinstance(code, int) else 0)
+        return AgentError(resp.status, doc["error"], code if isinstance(code, int) else 0,
+                          where)
     text = resp.body.decode("utf-8", "replace").strip()[:200] or "(empty body)"
-    return AgentError(resp.status, f"HTTP {resp.status}: {text}")
+    return AgentError(resp.status, f"HTTP {resp.status}: {text}", 0, where)
+
+
+def target_of(path: str, params: dict[str, Any] | None = None) -> str:
+    """``path?k=v&…`` with the values percent-encoded."""
+    if not params:
+        return path
+    query = "&".join(f"{quote(str(k))}={quote(str(v))}" for k, v in params.items()
+                     if v is not None)
+    return f"{path}?{query}" if query else path
 
 
 def _json_of(resp: Response, what: str) -> Any:
@@ -222,10 +236,34 @@ def _json_of(resp: Response, what: str) -> Any:
 
 
 class AgentClient:
-    """The few agent calls the plugin makes (paths from src/villi/agent/openapi.yaml)."""
+    """Calls to one agent (paths from src/villi/agent/openapi.yaml): the plugin's typed
+    ones, and :meth:`request`/:meth:`get` for everything else (JSON in, JSON out;
+    :class:`AgentError` naming the socket for an HTTP error, ``AgentUnavailable`` when
+    the agent does not answer). Holds no connection: ``with`` is only a convenience."""
 
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        self.http = UnixHTTP(socket_path, timeout)
+    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
+        self.socket = str(socket_path)
+        self.http = UnixHTTP(self.socket, timeout)
+
+    def request(self, method: str, path: str, json: Any = None, *,
+                params: dict[str, Any] | None = None, retry_connect: bool = False) -> Any:
+        resp = self.http.request(method, target_of(path, params), json,
+                                 retry_connect=retry_connect)
+        if resp.status >= 400:
+            raise _error_of(resp, self.socket)
+        return _json_of(resp, f"answer to {method} {path}") if resp.body else None
+
+    def get(self, path: str, *, params: dict[str, Any] | None = None) -> Any:
+        return self.request("GET", path, params=params)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     @staticmethod
     def _ref(container_id: str, ifname: str) -> str:
@@ -281,3 +319,51 @@ class AgentClient:
         if resp.status != 200:
             raise _error_of(resp)
         raise AgentError(resp.status, "the agent's health is not a JSON object with a status")
+
+
+async def stream_lines(socket_path: str, path: str, params: dict[str, Any] | None = None,
+                       connect_timeout: float = 5.0) -> AsyncIterator[bytes]:
+    """The lines of a streamed answer (NDJSON flows), as they arrive; AgentError for an
+    HTTP error, AgentUnavailable when the agent cannot be reached."""
+    import asyncio
+
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket_path),
+                                                connect_timeout)
+    except (OSError, TimeoutError) as e:
+        reason = _reason(e) if isinstance(e, OSError) and not isinstance(
+            e, TimeoutError) else "timed out"
+        raise AgentUnavailable(f"villi agent is not reachable at {socket_path}: {reason} "
+                               "(is `villi agent` running?)") from e
+    try:
+        writer.write(f"GET {target_of(path, params)} HTTP/1.1\r\nHost: villi-agent\r\n"
+                     "User-Agent: villi\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, headers = UnixHTTP(socket_path, connect_timeout)._parse_head(head[:-4])
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        if status >= 400:
+            body = await reader.read()
+            raise _error_of(Response(status, headers, (_dechunk(body) if chunked else body)
+                                     or b""), socket_path)
+        buf = b""
+        while True:
+            if chunked:
+                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    break
+                data = (await reader.readexactly(size + 2))[:-2]
+            else:
+                data = await reader.read(65536)
+                if not data:
+                    break
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                yield line
+        if buf:
+            yield buf
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise AgentUnavailable(f"villi agent at {socket_path}: stream ended: {e}") from e
+    finally:
+        writer.close()
