@@ -58,6 +58,16 @@ class AgentConfig:
     flows_tls_key: Path | None = None
     flows_tls_client_ca: Path | None = None
     hubble_metrics: str | None = None
+    #: ClusterMesh (docs/clustermesh.md): this cluster's name in the mesh (the
+    #: io.cilium.k8s.policy.cluster label; default: --cluster), its id (0 = no mesh),
+    #: the mesh size (255: cluster id in identity bits 16-23; 511: bits 15-23), where
+    #: remote state comes from, and the remote clusters (NAME, or NAME=URL for direct).
+    cluster_name: str | None = None
+    cluster_id: int = 0
+    max_connected_clusters: int = 255
+    clustermesh_mode: str = "kvstoremesh"
+    remote_cluster: list[str] = field(default_factory=list)
+    clustermesh_sync_timeout: float = 15.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,9 +76,17 @@ class AgentConfig:
         if self.pod_cidr_backoff_cap <= 0:
             raise VilliError("--pod-cidr-backoff-cap must be > 0 seconds, not "
                              f"{self.pod_cidr_backoff_cap}")
+        if self.clustermesh_mode not in ("kvstoremesh", "direct"):
+            raise VilliError(f"--clustermesh-mode must be kvstoremesh or direct, not "
+                             f"{self.clustermesh_mode!r}")
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
+
+    @property
+    def mesh_name(self) -> str:
+        """The cluster's name in a mesh and in its pods' cluster label."""
+        return self.cluster_name or self.cluster
 
     @property
     def state_path(self) -> Path:
@@ -151,6 +169,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "policy:sourceContext=app;destinationContext=pod' or comma-separated "
                     "names (default: dns,drop,tcp,flow,port-distribution,icmp,httpV2,policy,"
                     "flows-to-world)")
+    ap.add_argument("--cluster-name", help="this cluster's name in a ClusterMesh (the "
+                    "io.cilium.k8s.policy.cluster label of its pods; default: --cluster)")
+    ap.add_argument("--cluster-id", type=int, help="this cluster's id in a ClusterMesh, "
+                    "1..255 (1..511); 0 = not in a mesh (default)")
+    ap.add_argument("--max-connected-clusters", type=int, choices=[255, 511],
+                    help="mesh size: 255 (cluster id in identity bits 16-23, default) or "
+                    "511 (bits 15-23, half the identities per cluster)")
+    ap.add_argument("--clustermesh-mode", choices=["kvstoremesh", "direct"],
+                    help="kvstoremesh: read remote clusters from the local kvstore's cache "
+                    "(default); direct: connect to every remote kvstore (comparison only)")
+    ap.add_argument("--remote-cluster", action="append", metavar="NAME[=URL]",
+                    help="a remote cluster to wait for at start (and, in direct mode, its "
+                    "kvstore URL); repeat for each")
+    ap.add_argument("--clustermesh-sync-timeout", type=float, metavar="SECONDS",
+                    help="at start, wait at most this long for the remote clusters' sync "
+                    "canaries before regenerating endpoints (15)")
     ap.add_argument("--events-ringbuf-size", type=int,
                     help="bytes of the datapath's event ring (power of two, default 8 MiB)")
 

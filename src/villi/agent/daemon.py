@@ -141,7 +141,11 @@ class Agent:
         self.kvstore_status = "ok"
         self.store_health = StoreHealth(self.store, cap=cfg.kvstore_retry_cap)
         self._spawn(self.store_health.run(), "kvstore-health")
-        self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
+        from villi.agent import clustermesh
+
+        low, high = clustermesh.identity_bounds(cfg)   # hook: clustermesh identity range
+        self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease,
+                                            min_id=low, max_id=high)
         self.identity_cache = IdentityCache()
         self.metrics = AgentMetrics(self)
         self.policy = PolicySync(self)
@@ -166,6 +170,7 @@ class Agent:
         await self._publish_node()
 
         ready = asyncio.Event()
+        self.mesh = clustermesh.start(self)   # hook: remote clusters (None outside a mesh)
         self._spawn(self.identity_cache.run(self.store, ready), "identity-cache")
         self._spawn(self.node_sync.run(), "node-sync")
         self._spawn(self.ipcache_sync.run(), "ipcache-sync")
@@ -175,6 +180,7 @@ class Agent:
         await self.ipcache_sync.sync.synced.wait()
         self.services.prune()
 
+        await clustermesh.wait_synced(self)   # hook: remote state in before regeneration
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
             await self._refresh_identity(ep.id)
@@ -397,7 +403,7 @@ class Agent:
 
     def identity_labels(self, namespace: str, labels: dict[str, str]) -> LabelSet:
         return pod_identity_labels(namespace, labels, self.policy.namespace_labels(namespace),
-                                   cluster=self.config.cluster)
+                                   cluster=self.config.mesh_name)
 
     async def create_endpoint(self, req: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """CNI ADD: IP, identity, veth, maps, policy, publish — or nothing at all."""
@@ -612,6 +618,7 @@ class Agent:
                      **usage, "cidrs": self.ipam.cidrs, "villi.io/ip": usage["free"]},
             "endpoints": len(self.endpoints.endpoints),
             "neigh": getattr(self, "neigh", None),
+            "clustermesh": _clustermesh_view(self),   # hook: remote clusters' state
         }
 
     def policy_view(self) -> dict[str, Any]:
@@ -645,6 +652,12 @@ class Agent:
 
     def service_view(self) -> list[dict[str, Any]]:
         return self.services.table.view()
+
+
+def _clustermesh_view(agent: Agent) -> Any:
+    from villi.agent.clustermesh import view
+
+    return view(agent)
 
 
 def _make_ipam(cfg: Any, state: Any, node: str) -> NodeIPAM | ENINodeIPAM:

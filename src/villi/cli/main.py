@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--brief", action="store_true", help="one line: OK or the first error")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
+    from villi.clustermesh.main import add_arguments as kvstoremesh_arguments
+    p = sub.add_parser("kvstoremesh", help="cache remote clusters' state in this cluster's "
+                       "kvstore (ClusterMesh)")
+    kvstoremesh_arguments(p)
+    _tls_arguments(p, argparse.SUPPRESS)
+
     sub.add_parser("demo", help="the main demonstration: the Star Wars scenario in a lab")
 
     from villi.cloudsim.main import add_arguments as add_cloudsim_arguments
@@ -133,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from villi.cli.status import status_command
             return status_command(args)
+        if args.command == "kvstoremesh":
+            from villi.cli.context import resolve
+            from villi.clustermesh.main import run as run_kvstoremesh
+            return run_kvstoremesh(args, resolve(args.kvstore).kvstore)
         if args.command == "demo":
             from villi.cli.demo import demo_command
             return demo_command(args)
