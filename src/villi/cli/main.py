@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                     "else /var/run/villi/villi.sock)")
     ap.add_argument("--netns", help="run inside this network namespace (name or path); "
                     "unlike `ip netns exec` it keeps the machine's /sys/fs/bpf")
+    ap.add_argument("--cluster", dest="target_cluster", metavar="NAME",
+                    help="in a multi-cluster lab: talk to this cluster (default: the first)")
     ap.add_argument("-v", "--verbose", action="store_true")
     _tls_arguments(ap, None)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             # Through the environment: every store this process opens, and every
             # process it starts (a lab's agents), uses the same certificates.
             export_flags(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
+        if args.target_cluster:
+            import os
+
+            os.environ["VILLI_LAB_CLUSTER"] = args.target_cluster
         if args.netns:
             from villi._nsenter import enter_netns_for_good
 
