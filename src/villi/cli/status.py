@@ -31,6 +31,25 @@ def neighbour_warning(results: dict[str, dict]) -> str | None:
     return neigh.check(demand, current)
 
 
+def clustermesh_lines(mesh: dict | None) -> list[str]:
+    """``ClusterMesh: 1/2 remote clusters ready`` and one line per remote (as Cilium)."""
+    if not mesh:
+        return []
+    remotes = mesh.get("remotes") or []
+    ready = sum(1 for r in remotes if r.get("ready"))
+    out = [f"  ClusterMesh: {ready}/{len(remotes)} remote clusters ready   "
+           f"(cluster {mesh.get('cluster')} id {mesh.get('id')}, {mesh.get('mode')} mode)"]
+    for r in remotes:
+        state = "ready" if r.get("ready") else "not-ready"
+        detail = f"{r.get('identities', 0)} identities, {r.get('pods', 0)} pods, " \
+                 f"{r.get('nodes', 0)} nodes, {r.get('services', 0)} services"
+        if r.get("rejected"):
+            detail += f", {r['rejected']} rejected"
+        why = f": {r['error']}" if r.get("error") and not r.get("ready") else ""
+        out.append(f"    {r['name']}: {state} ({detail}){why}")
+    return out
+
+
 def status_command(args: argparse.Namespace) -> int:
     target = resolve(args.kvstore, args.agent_socket)
     results = {}
@@ -67,6 +86,8 @@ def status_command(args: argparse.Namespace) -> int:
               f"{r['datapath'].get('pinned')}")
         print(f"  IPAM:        {r['ipam']['status']}")
         print(f"  Endpoints:   {r['endpoints']}")
+        for line in clustermesh_lines(r.get("clustermesh")):
+            print(line)
         print(f"  Status:      {r['status'].upper()}")
     if warning:
         print(f"Warning: {warning}")
