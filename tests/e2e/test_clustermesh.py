@@ -272,3 +272,103 @@ def test_agent_restart_without_drops(lab: Lab) -> None:
     with open(lab.state["nodes"][0]["log"]) as f:
         assert "clustermesh: remote clusters c2 synced" in f.read()
     _probe_all(lab, [("c2:mesh/y2", "mesh/server", False)])
+
+
+# --- global services ----------------------------------------------------------------------
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: mesh
+  annotations: {ANNOTATIONS}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80, protocol: TCP}]
+"""
+
+
+def _apply_service(lab: Lab, cluster_name: str, **annotations: str) -> None:
+    text = SERVICE.replace("{ANNOTATIONS}", json.dumps(annotations))
+    path = lab.state_path.parent / f"svc-{cluster_name}.yaml"
+    path.write_text(text)
+    lab.ok("--cluster", cluster_name, "apply", "-f", str(path))
+
+
+def _vip(lab: Lab, cluster_name: str) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        svcs = json.loads(lab.ok("--cluster", cluster_name, "get", "services", "-o", "json"))
+        svc = next((s for s in svcs if s["name"] == "web"), None)
+        if svc and svc.get("clusterIP"):
+            return str(svc["clusterIP"])
+        assert time.monotonic() < deadline, svcs
+        time.sleep(0.2)
+
+
+def _replies(lab: Lab, pod: str, vip: str, n: int = 16) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _ in range(n):
+        res = lab.run("lab", "exec", pod, "--", "curl", "-s", "-m", "2", f"http://{vip}/")
+        text = res.stdout.strip() if res.returncode == 0 else "(failed)"
+        out[text] = out.get(text, 0) + 1
+    return out
+
+
+def _eventually_replies(lab: Lab, pod: str, vip: str, want: set[str],
+                        within: float = 20.0) -> dict[str, int]:
+    deadline = time.monotonic() + within
+    while True:
+        got = _replies(lab, pod, vip)
+        if set(got) == want:
+            return got
+        assert time.monotonic() < deadline, f"{pod} → {vip}: {got}, want only {want}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def web(lab: Lab) -> Iterator[None]:
+    lab.ok("lab", "pod", "add", "mesh/web1", "--node", "node1", "--labels", "app=web",
+           "--serve", "80/tcp", "--http-reply", "from-c1")
+    lab.ok("lab", "pod", "add", "c2:mesh/web2", "--node", "node3", "--labels", "app=web",
+           "--serve", "80/tcp", "--http-reply", "from-c2")
+    yield None
+
+
+def test_global_service_spreads_over_both_clusters(lab: Lab, web: None) -> None:
+    _apply_service(lab, "c1", **{"service.cilium.io/global": "true"})
+    _apply_service(lab, "c2", **{"service.cilium.io/global": "true"})
+    _eventually_replies(lab, "mesh/x1", _vip(lab, "c1"), {"from-c1", "from-c2"})
+    _eventually_replies(lab, "c2:mesh/x2", _vip(lab, "c2"), {"from-c1", "from-c2"})
+
+
+def test_global_service_affinity_local(lab: Lab, web: None) -> None:
+    _apply_service(lab, "c1", **{"service.cilium.io/global": "true",
+                                 "service.cilium.io/affinity": "local"})
+    _eventually_replies(lab, "mesh/x1", _vip(lab, "c1"), {"from-c1"})
+    # no local backend left: the remote ones serve
+    lab.ok("lab", "pod", "label", "mesh/web1", "app=old")
+    _eventually_replies(lab, "mesh/x1", _vip(lab, "c1"), {"from-c2"})
+    lab.ok("lab", "pod", "label", "mesh/web1", "app=web")
+    _eventually_replies(lab, "mesh/x1", _vip(lab, "c1"), {"from-c1"})
+
+
+def test_global_service_shared_false(lab: Lab, web: None) -> None:
+    _apply_service(lab, "c1", **{"service.cilium.io/global": "true"})
+    _apply_service(lab, "c2", **{"service.cilium.io/global": "true",
+                                 "service.cilium.io/shared": "false"})
+    # c2 keeps its backends to itself, and still uses c1's
+    _eventually_replies(lab, "mesh/x1", _vip(lab, "c1"), {"from-c1"})
+    _eventually_replies(lab, "c2:mesh/x2", _vip(lab, "c2"), {"from-c1", "from-c2"})
+
+
+def test_global_service_backends_survive_remote_etcd_outage(lab: Lab, web: None) -> None:
+    _apply_service(lab, "c2", **{"service.cilium.io/global": "true"})
+    vip = _vip(lab, "c1")
+    _eventually_replies(lab, "mesh/x1", vip, {"from-c1", "from-c2"})
+    lab.ok("lab", "etcd", "stop", "--cluster", "c2")
+    try:
+        assert set(_replies(lab, "mesh/x1", vip)) == {"from-c1", "from-c2"}
+    finally:
+        lab.ok("lab", "etcd", "start", "--cluster", "c2")

@@ -318,3 +318,70 @@ class _Shared:
 
     async def close(self) -> None:
         return None
+
+
+# --- global services ----------------------------------------------------------------------------
+
+def _service(cluster_ip: str = "", **annotations: str) -> Any:
+    from villi.policy.loader import load_files  # noqa: F401 - registers kinds
+    from villi.resources import decode
+
+    data = {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns", "annotations": annotations},
+            "spec": {"selector": {"app": "web"},
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    return decode(json.dumps(data).encode())
+
+
+def _raw(model: Any) -> bytes:
+    from villi.resources import encode
+
+    return encode(model)
+
+
+def test_global_service_merges_remote_backends() -> None:
+    from villi.clustermesh.services import MeshServices
+    from villi.service.backends import Backend, PortKey
+
+    changed: list[tuple[str, str]] = []
+    mesh = MeshServices(on_change=changed.append)
+    key = PortKey("ns", "web", 80, "TCP")
+    local = [Backend("10.64.0.5", 8080)]
+    pod = {"namespace": "ns", "labels": {"app": "web"}}
+    mesh.on_pod("c2", "10.80.0.5", pod)
+    mesh.on_remote_service("c2", "ns", "web", _raw(_service(**{
+        "service.cilium.io/global": "true"})))
+    assert changed == [("ns", "web")]
+    both = [Backend("10.64.0.5", 8080), Backend("10.80.0.5", 8080)]
+    glob = _service(**{"service.cilium.io/global": "true"})
+    assert mesh.merge(key, glob, local) == both
+    # a local service that is not global never gets remote backends
+    assert mesh.merge(key, _service(), local) == local
+    # affinity: the preferred side while it has backends
+    loc = _service(**{"service.cilium.io/global": "true", "service.cilium.io/affinity": "local"})
+    assert mesh.merge(key, loc, local) == local
+    assert mesh.merge(key, loc, []) == [Backend("10.80.0.5", 8080)]
+    rem = _service(**{"service.cilium.io/global": "true",
+                      "service.cilium.io/affinity": "remote"})
+    assert mesh.merge(key, rem, local) == [Backend("10.80.0.5", 8080)]
+    # shared: "false" in c2 keeps c2's backends in c2
+    mesh.on_remote_service("c2", "ns", "web", _raw(_service(**{
+        "service.cilium.io/global": "true", "service.cilium.io/shared": "false"})))
+    assert mesh.merge(key, glob, local) == local
+    # pods of other namespaces or labels are not backends
+    mesh.on_remote_service("c2", "ns", "web", _raw(glob))
+    mesh.on_pod("c2", "10.80.0.6", {"namespace": "other", "labels": {"app": "web"}})
+    mesh.on_pod("c2", "10.80.0.5", None)
+    assert mesh.merge(key, glob, local) == local
+
+
+def test_mesh_annotations_are_validated() -> None:
+    from villi.policy.loader import load_files  # noqa: F401
+    from villi.resources import decode
+
+    data = {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns",
+                         "annotations": {"service.cilium.io/affinity": "nearby"}},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    with pytest.raises(Exception, match="nearby"):
+        decode(json.dumps(data).encode())

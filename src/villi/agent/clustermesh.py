@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from villi.clustermesh.ids import ClusterInfo, identity_range, parse_remote
 from villi.clustermesh.remote import CachedSource, DirectSource, RemoteClusters
+from villi.clustermesh.services import MeshServices
 from villi.datapath import abi
 from villi.endpoint.manager import ip_be
 from villi.errors import NetnsError, VilliError
@@ -51,8 +52,9 @@ def remote_names(cfg: AgentConfig) -> dict[str, str]:
 class AgentSink:
     """:class:`~villi.clustermesh.remote.MeshSink` on a running agent."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, services: MeshServices) -> None:
         self.agent = agent
+        self.services = services
         self._routes: dict[tuple[str, str], list[str]] = {}
 
     def upsert_identity(self, identity: int, labels: LabelSet) -> None:
@@ -69,10 +71,12 @@ class AgentSink:
             node_ip = entry.get("nodeIP")
             self.agent.datapath.ipcache.update(key, abi.IpcacheValue(
                 identity=int(entry["identity"]), node_ip=ip_be(node_ip) if node_ip else 0))
-        self.agent._on_pod_change(ip, entry)
-        mesh_services = getattr(self.agent, "mesh_services", None)
-        if mesh_services is not None:
-            mesh_services.on_pod(cluster, ip, entry)
+        # Policy and the L7 proxy see remote pods like local ones; services do not: a
+        # remote pod backs a local Service only through the global-service merge.
+        self.agent.policy.on_ipcache_change(ip, entry)
+        if hasattr(self.agent, "l7"):
+            self.agent.l7.request_push()
+        self.services.on_pod(cluster, ip, entry)
 
     async def set_node(self, cluster: str, name: str, entry: dict[str, Any] | None) -> None:
         await self.agent.kernel(self._node, cluster, name, entry)
@@ -97,9 +101,7 @@ class AgentSink:
 
     def set_service(self, cluster: str, namespace: str, name: str, raw: bytes | None
                     ) -> None:
-        mesh_services = getattr(self.agent, "mesh_services", None)
-        if mesh_services is not None:
-            mesh_services.on_remote_service(cluster, namespace, name, raw)
+        self.services.on_remote_service(cluster, namespace, name, raw)
 
 
 def start(agent: Agent) -> RemoteClusters | None:
@@ -113,7 +115,10 @@ def start(agent: Agent) -> RemoteClusters | None:
     local = ClusterInfo(cfg.mesh_name, cfg.cluster_id, cfg.max_connected_clusters)
     low, high = local.identity_range
     agent.identity_cache.owned = lambda i: low <= i <= high or i >= 1 << 24
-    clusters = RemoteClusters(local, AgentSink(agent))
+    table = agent.services.table
+    services = MeshServices(on_change=table.reprogram)
+    table.merge = services.merge
+    clusters = RemoteClusters(local, AgentSink(agent, services))
     remotes = remote_names(cfg)
     source: CachedSource | DirectSource
     if cfg.clustermesh_mode == "direct":
