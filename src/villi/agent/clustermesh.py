@@ -13,10 +13,12 @@ cross-cluster traffic the policy allows (cilium#26462).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from villi.clustermesh.ids import ClusterInfo, identity_range, parse_remote
+from villi.clustermesh.keys import cluster_config_key
 from villi.clustermesh.remote import CachedSource, DirectSource, RemoteClusters
 from villi.clustermesh.services import MeshServices
 from villi.datapath import abi
@@ -24,6 +26,7 @@ from villi.endpoint.manager import ip_be
 from villi.errors import NetnsError, VilliError
 from villi.identity.labels import LabelSet
 from villi.identity.reserved import MAX_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY
+from villi.kvstore import Store
 from villi.netns import routes
 
 if TYPE_CHECKING:
@@ -129,10 +132,35 @@ def start(agent: Agent) -> RemoteClusters | None:
         source = DirectSource(remotes, clusters)
     else:
         source = CachedSource(agent.store, clusters)
+    agent._spawn(publish_config(agent.store, local), "clustermesh-config")
     agent._spawn(source.run(), f"clustermesh-{source.mode}")
     log.info("clustermesh: cluster %s id %d (identities %d..%d), %s mode, remotes %s",
              local.name, local.id, low, high, source.mode, ", ".join(remotes) or "none")
     return clusters
+
+
+async def publish_config(store: Store, local: ClusterInfo) -> None:
+    """Make sure this cluster's config is in its kvstore (create-if-absent; the
+    kvstoremesh writes it too): remote clusters read it before anything else, and a
+    cluster with another id under the same name is refused loudly."""
+    key = cluster_config_key(local.name)
+    raw = json.dumps(local.config()).encode()
+    if await store.create(key, raw):
+        return
+    kv = await store.get(key)
+    if kv is None:
+        return
+    try:
+        theirs = ClusterInfo.from_config(json.loads(kv.value))
+    except (ValueError, VilliError) as exc:
+        log.error("%s holds an invalid cluster config (%s); rewriting it", key, exc)
+        await store.put(key, raw)
+        return
+    if (theirs.id, theirs.max_connected) != (local.id, local.max_connected):
+        log.error("%s says cluster %s has id %d (max %d), this agent was started with "
+                  "--cluster-id %d (max %d): every cluster in a mesh needs one id",
+                  key, local.name, theirs.id, theirs.max_connected, local.id,
+                  local.max_connected)
 
 
 async def wait_synced(agent: Agent) -> None:

@@ -49,6 +49,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", type=int, default=1, help="ClusterMesh: clusters c1..cN "
                    "(ids 1..N), each with its own etcd, operator and kvstoremesh, --nodes "
                    "nodes each (1; see docs/clustermesh.md)")
+    p.add_argument("--clustermesh-mode", choices=["kvstoremesh", "direct"],
+                   default="kvstoremesh", help="with --clusters: kvstoremesh (default) or "
+                   "direct (every agent connects to every remote etcd; for comparison)")
 
     ls.add_parser("down", help="remove the lab: processes, namespaces, pins, files")
     p = ls.add_parser("status", help="nodes, agents, health and pods")

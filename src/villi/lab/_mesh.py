@@ -47,33 +47,40 @@ def pools(cluster_cidr: str, count: int) -> list[str]:
     return [str(n) for n in net.subnets(prefixlen_diff=2)][:count]
 
 
-def _agent_args(name: str, cid: int, names: list[str]) -> list[str]:
-    args = ["--cluster-name", name, "--cluster-id", str(cid)]
-    for other in names:
+def _agent_args(name: str, cid: int, urls: dict[str, str], mode: str) -> list[str]:
+    args = ["--cluster-name", name, "--cluster-id", str(cid), "--clustermesh-mode", mode]
+    for other, url in urls.items():
         if other != name:
-            args += ["--remote-cluster", other]
+            args += ["--remote-cluster", f"{other}={url}" if mode == "direct" else other]
     return args
 
 
 def add_clusters(state: dict[str, Any], count: int, nodes: int, underlay: Any,
-                 node_record: Callable[..., dict[str, Any]]) -> None:
-    """Turn a fresh one-cluster state into a ``count``-cluster one (before anything runs)."""
+                 node_record: Callable[..., dict[str, Any]], mode: str = "kvstoremesh"
+                 ) -> None:
+    """Turn a fresh one-cluster state into a ``count``-cluster one (before anything runs).
+
+    ``mode`` ``direct`` starts no kvstoremesh: every agent connects to every remote
+    cluster's etcd itself (for comparison)."""
+    if mode not in ("kvstoremesh", "direct"):
+        raise LabError(f"--clustermesh-mode must be kvstoremesh or direct, not {mode!r}")
     names = [f"c{k}" for k in range(1, count + 1)]
     cidrs = pools(state["cluster_cidr"], count)
     d = Path(state["dir"])
-    state["mesh"] = {"clusters": names, "cidr": state["cluster_cidr"]}
+    gw = state["underlay"]["gateway"]
+    urls = {name: f"https://{gw}:{ETCD_BASE_PORT + 2 * k}" for k, name in enumerate(names)}
+    state["mesh"] = {"clusters": names, "cidr": state["cluster_cidr"], "mode": mode}
     state.update({"mesh_name": names[0], "cluster_id": 1, "pool_cidr": cidrs[0],
                   "etcd_port": ETCD_BASE_PORT,
-                  "agent_args": _agent_args(names[0], 1, names)})
+                  "agent_args": _agent_args(names[0], 1, urls, mode)})
     state["clusters"] = {}
-    gw = state["underlay"]["gateway"]
     for k, name in enumerate(names[1:], start=2):
         port = ETCD_BASE_PORT + 2 * (k - 1)
         state["clusters"][name] = {
             "mesh_name": name, "cluster_id": k, "pool_cidr": cidrs[k - 1],
-            "kvstore": f"https://{gw}:{port}", "etcd_port": port,
+            "kvstore": urls[name], "etcd_port": port,
             "etcd_dir": str(d / f"etcd-{name}"),
-            "agent_args": _agent_args(name, k, names),
+            "agent_args": _agent_args(name, k, urls, mode),
             "processes": {}, "pods": {},
             "nodes": [node_record(state["id"], d, underlay, (k - 1) * nodes + i)
                       for i in range(1, nodes + 1)],

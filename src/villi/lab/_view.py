@@ -94,7 +94,9 @@ def lab_up(args: argparse.Namespace) -> int:
                                cloud_rate_limit=getattr(args, "cloud_rate_limit", 0.0),
                                excess_ip_release_delay=getattr(
                                    args, "excess_ip_release_delay", 180.0),
-                               clusters=getattr(args, "clusters", 1))
+                               clusters=getattr(args, "clusters", 1),
+                               clustermesh_mode=getattr(args, "clustermesh_mode",
+                                                        "kvstoremesh"))
         except BaseException:
             steps.fail_pending()
             raise

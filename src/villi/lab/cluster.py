@@ -63,7 +63,7 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
        cluster_cidr: str = DEFAULT_CLUSTER_CIDR, timeout: float = 120.0,
        progress: Progress = _quiet, ipam: str = "cluster-pool", cloud_latency_ms: float = 0.0,
        cloud_rate_limit: float = 0.0, excess_ip_release_delay: float = 180.0,
-       clusters: int = 1) -> dict[str, Any]:
+       clusters: int = 1, clustermesh_mode: str = "kvstoremesh") -> dict[str, Any]:
     """Create a lab and return its state; LabError when one is already running.
 
     ``ipam="eni"`` adds a simulated cloud (:mod:`villi.lab.eni`) with that latency per
@@ -96,7 +96,8 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
         if ipam == "eni":
             state["ipam"], state["cloud"] = "eni", cloud
         if clusters > 1:
-            _mesh.add_clusters(state, clusters, nodes, _underlay(state), node_record)
+            _mesh.add_clusters(state, clusters, nodes, _underlay(state), node_record,
+                               clustermesh_mode)
         # state first, registry second: a concurrent `lab down` scanning for orphans
         # must never see this id registered without the state file that owns it
         _state.save(state)
@@ -225,7 +226,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
         view["processes"]["operator"] = {"pid": pid, "log": str(log)}
         _state.save(state)
         progress(what, "ok", f"pid {pid}")
-    if state.get("mesh"):
+    if state.get("mesh") and state["mesh"].get("mode") == "kvstoremesh":
         for view in _mesh.views(state):
             what = _mesh.label(view, "kvstoremesh")
             progress(what, "start", "")
