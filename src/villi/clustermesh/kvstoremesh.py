@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Retries of a write to the local kvstore (it may be restarting): full jitter.
 LOCAL_WRITE_BACKOFF = BackoffPolicy(base=0.1, cap=5.0, max_attempts=None)
+#: Distinct cache keys written concurrently.
+WRITE_BATCH = 64
 
 
 @dataclass
@@ -82,6 +84,10 @@ class KVStoreMesh:
         self.mirrors = {name: _Mirror(name) for name in remotes}
         self.lease: LeaseKeeper | None = None
         self.ready = asyncio.Event()
+        self._pending: dict[str, bytes | None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._busy = False
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -93,6 +99,7 @@ class KVStoreMesh:
             await self._load_previous()
             self.ready.set()
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._writer())
                 for name, url in self.remotes.items():
                     tg.create_task(self._follow(name, url))
                 if self.cache_expiry:
@@ -139,12 +146,44 @@ class KVStoreMesh:
             value = None   # rejected: whatever was cached under that key goes too
         if value is None:
             if mirror.values.pop(key, None) is not None or kind.name not in mirror.synced:
-                await self._delete(key)
+                await self._queue(key, None)
             return
         if mirror.values.get(key) == value:
             return
         mirror.values[key] = value
-        await self._write(key, value)
+        await self._queue(key, value)
+
+    # The cache is written through a queue: changes to one key coalesce (the last value
+    # wins) and up to WRITE_BATCH distinct keys are written concurrently, so an initial
+    # listing of thousands of keys costs a few round trips' worth of time rather than
+    # one round trip per key. A canary is written only after everything queued before
+    # it is in the local kvstore (:meth:`_flush`).
+    async def _queue(self, key: str, value: bytes | None) -> None:
+        self._pending[key] = value
+        self._wake.set()
+        if len(self._pending) > 8 * WRITE_BATCH:
+            await self._flush()   # back-pressure: the remote listing waits for us
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._busy = True
+            while self._pending:
+                batch = list(self._pending.items())[:WRITE_BATCH]
+                for key, _ in batch:
+                    del self._pending[key]
+                await asyncio.gather(*(self._write(k, v) if v is not None else
+                                       self._delete(k) for k, v in batch))
+            self._busy = False
+            self._idle.set()
+            self._idle = asyncio.Event()
+
+    async def _flush(self) -> None:
+        while self._pending or self._busy:
+            idle = self._idle
+            self._wake.set()
+            await idle.wait()
 
     def _valid(self, mirror: _Mirror, kind: keys.Kind, rest: str, value: bytes) -> bool:
         info = ClusterInfo.from_config(json.loads(mirror.config)) if mirror.config else None
@@ -170,7 +209,8 @@ class KVStoreMesh:
     async def _synced(self, mirror: _Mirror, kind: str) -> None:
         """The first listing of ``kind`` is cached: drop leftovers, write the canary."""
         for key in sorted(mirror.stale.pop(kind, set())):
-            await self._delete(key)
+            await self._queue(key, None)
+        await self._flush()
         mirror.synced.add(kind)
         await self._write(keys.synced_key(mirror.name, keys.KIND_BY_NAME[kind]),
                           json.dumps({"time": time.time()}).encode())
