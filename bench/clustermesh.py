@@ -16,6 +16,10 @@ from the agents): the fault-isolation and scale argument of docs/clustermesh.md.
 
 Full size: 20 clusters × 200 nodes × 30 pods (120 000 remote pods), 10 agents. Only the
 ``--quick`` size (3 × 20 × 10, 4 agents) is meant for a shared 2-core machine.
+
+With ``--lab-pods N`` (default 50; needs root) it also brings up a 2-cluster lab in each
+mode and measures the propagation of N pods added in c2 to c1's datapath (p50/p99)
+and the connections c2's etcd sees from c1 (bench/_mesh_lab.py).
 """
 
 from __future__ import annotations
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apps", type=int, default=50, help="identities per cluster")
     ap.add_argument("--agents", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--lab-pods", type=int, default=50, help="pods added in c2 for the "
+                    "propagation measurement on a 2-cluster lab (root; 0 = skip)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
     if a.quick:
@@ -215,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.node(), "python": sys.version.split()[0], "quick": a.quick,
         "clusters": a.clusters, "nodes_per_cluster": a.nodes, "pods_per_node": a.pods,
         "identities_per_cluster": a.apps, "agents": a.agents, **run(a)}
+    if a.lab_pods:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _mesh_lab import measure
+
+        result["lab"] = {mode: measure(mode, a.lab_pods) for mode in ("kvstoremesh", "direct")}
+        for mode, r in result["lab"].items():
+            p = r["propagation_s"]
+            print(f"lab, {mode}: pod added in c2 → allowed from c1: p50 {p['p50'] * 1000:.0f} ms"
+                  f", p99 {p['p99'] * 1000:.0f} ms over {r['pods']} pods after the ADD "
+                  f"returned (p50 {r['from_pod_add_start_s']['p50']:.2f} s from the start "
+                  f"of `lab pod add`); c2's etcd sees "
+                  f"{r['c2_etcd_connections']['c1_agent']} connections from c1's agent, "
+                  f"{r['c2_etcd_connections']['c1_kvstoremesh']} from c1's kvstoremesh",
+                  flush=True)
     m, d = result["kvstoremesh"], result["direct"]
     conns_m = sum(m["agent_connections_per_remote_etcd"].values()) + \
         sum(m["kvstoremesh_connections_per_remote_etcd"].values())
