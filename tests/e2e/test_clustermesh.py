@@ -129,6 +129,18 @@ def test_cross_cluster_pod_to_pod(lab: Lab) -> None:
     assert "io.cilium.k8s.policy.cluster=c2" in idents
 
 
+def test_cli_picks_the_cluster(lab: Lab) -> None:
+    """``villi --cluster c2 status|observe`` talk to c2's agents, the default to c1's."""
+    assert set(json.loads(lab.ok("status", "-o", "json"))) == {"node1", "node2"}
+    assert set(json.loads(lab.ok("--cluster", "c2", "status", "-o", "json"))) == \
+        {"node3", "node4"}
+    out = lab.ok("--cluster", "c2", "observe", "--last", "50", "-o", "json")
+    nodes = {json.loads(line).get("node_name") for line in out.splitlines() if line.strip()}
+    assert nodes and nodes <= {"node3", "node4"}, nodes
+    res = lab.run("--cluster", "c9", "get", "endpoints")
+    assert res.returncode == 1 and "no such cluster" in res.stderr
+
+
 def test_policy_by_cluster_label(lab: Lab) -> None:
     lab.apply(POLICY, "policy")
     _probe_all(lab, [("c2:mesh/x2", "mesh/server", True),
