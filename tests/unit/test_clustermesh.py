@@ -385,3 +385,44 @@ def test_mesh_annotations_are_validated() -> None:
             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
     with pytest.raises(Exception, match="nearby"):
         decode(json.dumps(data).encode())
+
+
+async def test_cache_expiry_withdraws_an_unreachable_remote() -> None:
+    async with memory_store() as local, memory_store() as remote:
+        await _seed_remote(remote, C2, pods=1)
+        mesh = KVStoreMesh(local, C1, {"c2": "x"}, opener=lambda url: _Shared(remote),
+                           cache_expiry=0.2, probe_interval=3600)
+        task = asyncio.create_task(mesh.run())
+        try:
+            await eventually(lambda: len(mesh.mirrors["c2"].synced) == 4)
+            assert (await local.list(keys.CACHE)).items
+            mirror = mesh.mirrors["c2"]
+            mesh._connected(mirror, False, "gone")
+            mirror.since -= 1.0
+            async def withdrawn() -> bool:
+                return not (await local.list(keys.CACHE)).items and \
+                    not (await local.list(keys.SYNCED)).items
+            deadline = asyncio.get_running_loop().time() + 5
+            while not await withdrawn():
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_local_resync_keeps_remote_identities() -> None:
+    from villi.identity.cache import IdentityCache
+
+    async with memory_store() as store:
+        low, high = C1.identity_range
+        await store.put(id_key(low), _labels("c1"))
+        cache = IdentityCache()
+        cache.owned = lambda i: low <= i <= high
+        remote = C2.identity_range[0]
+        cache.upsert(remote, LabelSet.parse(_labels("c2").decode()))
+        await cache.resync(store)
+        assert low in cache and remote in cache
+        await store.delete(id_key(low))
+        await cache.resync(store)
+        assert low not in cache and remote in cache
