@@ -301,8 +301,20 @@ def _agent(args: argparse.Namespace) -> int:
     c = console()
     t0 = time.monotonic()
     cluster, args.node = _state.split_ref(args.node)
+    if cluster is None:   # node names are unique across a multi-cluster lab
+        cluster = _cluster_of_node(args.node)
     with _state.using(cluster):
         return _agent_cmd(args, cmd, c, t0)
+
+
+def _cluster_of_node(ref: str) -> str | None:
+    root = _state.load()
+    if root is None:
+        return None
+    for name, sub in (root.get("clusters") or {}).items():
+        if any(ref == n["name"] for n in sub.get("nodes", [])):
+            return str(name)
+    return None
 
 
 def _agent_cmd(args: argparse.Namespace, cmd: str, c: Any, t0: float) -> int:
