@@ -127,6 +127,13 @@ def test_cross_cluster_pod_to_pod(lab: Lab) -> None:
     assert labels.get("app") == "x"
     idents = lab.ok("--cluster", "c2", "get", "identities")
     assert "io.cilium.k8s.policy.cluster=c2" in idents
+    # c1's flows name the c2 pod and carry its c2 identity
+    x2 = _pod(lab, "c2:mesh/x2")["ip"]
+    out = lab.ok("observe", "--last", "200", "-o", "json")
+    flows = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+    dst = [f["destination"] for f in flows if (f.get("IP") or {}).get("destination") == x2]
+    assert dst and dst[0].get("pod_name") == "x2", dst[:1]
+    assert dst[0].get("identity", 0) >> 16 == 2
 
 
 def test_cli_picks_the_cluster(lab: Lab) -> None:

@@ -74,6 +74,15 @@ class AgentSink:
             node_ip = entry.get("nodeIP")
             self.agent.datapath.ipcache.update(key, abi.IpcacheValue(
                 identity=int(entry["identity"]), node_ip=ip_be(node_ip) if node_ip else 0))
+        # Flow enrichment and the L7 proxy read the ipcache sync's entries: remote pods
+        # join them (their keys never come from the local watch, so nothing collides).
+        sync = self.agent.ipcache_sync
+        if entry is None:
+            old = sync.entries.pop(ip, None)
+            if old is not None:
+                sync.departed[ip] = old
+        else:
+            sync.entries[ip] = entry
         # Policy and the L7 proxy see remote pods like local ones; services do not: a
         # remote pod backs a local Service only through the global-service merge.
         self.agent.policy.on_ipcache_change(ip, entry)
