@@ -540,7 +540,8 @@ def status(state: dict[str, Any] | None = None) -> dict[str, Any]:
         entries = node_entries(state, quick=True)
     except Exception as e:   # the store may be down: status must still show the rest
         entries = {"_error": {"error": str(e)}}
-    out = {"state": state, "processes": procs, "nodes": nodes, "entries": entries}
+    out: dict[str, Any] = {"state": state, "processes": procs, "nodes": nodes,
+                           "entries": entries}
     root = state.get("_root", state)
     if root.get("mesh") and state is root:
         out["clusters"] = {
