@@ -66,7 +66,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         if lab.state_path.exists():
             lab.run("lab", "down")
         if lab_id:
+            left = {k: v for k, v in cluster.leftovers(lab_id).items() if v}
             cluster.teardown(lab_id)
+            assert not left, f"lab down left {left}"
         if saved is None:
             os.environ.pop("VILLI_LAB_STATE", None)
         else:
