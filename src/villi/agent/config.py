@@ -30,6 +30,16 @@ class AgentConfig:
     cluster_cidr: str = "10.64.0.0/10"
     ipam_node_update_rate: float = 15.0
     ipam: str = "cluster-pool"
+    #: ClusterMesh (docs/clustermesh.md): this cluster's name in the mesh (the
+    #: io.cilium.k8s.policy.cluster label; default: --cluster), its id (0 = no mesh),
+    #: the mesh size (255: cluster id in identity bits 16-23; 511: bits 15-23), where
+    #: remote state comes from, and the remote clusters (NAME, or NAME=URL for direct).
+    cluster_name: str | None = None
+    cluster_id: int = 0
+    max_connected_clusters: int = 255
+    clustermesh_mode: str = "kvstoremesh"
+    remote_cluster: list[str] = field(default_factory=list)
+    clustermesh_sync_timeout: float = 15.0
     #: Node and ipcache entries live under this lease: an agent that is down (or cut off
     #: from the store) for less than this keeps its pods reachable from every other node
     #: (fail-static, as Cilium's 15-minute default). A node removed on purpose is
@@ -70,6 +80,9 @@ class AgentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.clustermesh_mode not in ("kvstoremesh", "direct"):
+            raise VilliError(f"--clustermesh-mode must be kvstoremesh or direct, not "
+                             f"{self.clustermesh_mode!r}")
         if self.start_jitter < 0:
             raise VilliError(f"--start-jitter must be >= 0 seconds, not {self.start_jitter}")
         if self.pod_cidr_backoff_cap <= 0:
@@ -84,6 +97,11 @@ class AgentConfig:
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
+
+    @property
+    def mesh_name(self) -> str:
+        """The cluster's name in a mesh and in its pods' cluster label."""
+        return self.cluster_name or self.cluster
 
     @property
     def state_path(self) -> Path:
@@ -103,6 +121,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--node", required=True, help="this node's name")
     ap.add_argument("--config", type=Path, help="YAML file with settings (flags win)")
     ap.add_argument("--cluster", help="cluster name (default: default)")
+    ap.add_argument("--cluster-name", help="this cluster's name in a ClusterMesh (the "
+                    "io.cilium.k8s.policy.cluster label of its pods; default: --cluster)")
+    ap.add_argument("--cluster-id", type=int, help="this cluster's id in a ClusterMesh, "
+                    "1..255 (1..511); 0 = not in a mesh (default)")
+    ap.add_argument("--max-connected-clusters", type=int, choices=[255, 511],
+                    help="mesh size: 255 (cluster id in identity bits 16-23, default) or "
+                    "511 (bits 15-23, half the identities per cluster)")
+    ap.add_argument("--clustermesh-mode", choices=["kvstoremesh", "direct"],
+                    help="kvstoremesh: read remote clusters from the local kvstore's cache "
+                    "(default); direct: connect to every remote kvstore (comparison only)")
+    ap.add_argument("--remote-cluster", action="append", metavar="NAME[=URL]",
+                    help="a remote cluster to wait for at start (and, in direct mode, its "
+                    "kvstore URL); repeat for each")
+    ap.add_argument("--clustermesh-sync-timeout", type=float, metavar="SECONDS",
+                    help="at start, wait at most this long for the remote clusters' sync "
+                    "canaries before regenerating endpoints (15)")
     ap.add_argument("--kvstore", help="store URL: embedded:///path.db, memory://, "
                     "http://host:2379[,http://...] for etcd")
     ap.add_argument("--kvstore-endpoints", dest="kvstore", help="alias of --kvstore")

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from villi.agent import clustermesh
 from villi.agent import node as node_setup
 from villi.agent.api import build_app, serve_unix
 from villi.agent.config import AgentConfig
@@ -59,6 +60,7 @@ from villi.agent.publish import StatePublisher
 from villi.agent.services import ServiceSync
 from villi.agent.sync import IpcacheSync, NodeSync, StoreHealth
 from villi.agent.watcher import POLICY_KINDS, ResourceEvent, ResourceWatcher
+from villi.clustermesh.remote import RemoteClusters
 from villi.datapath.compiler import NodeConfig
 from villi.datapath.node import NodeDatapath
 from villi.endpoint.manager import Endpoint, EndpointManager
@@ -130,6 +132,9 @@ class Agent:
         self._back: list[Callable[[], Awaitable[Any]]] = []
         #: Called for every pod of the cluster that appears, changes or goes away.
         self.pod_handlers: list[Callable[[str, IpcacheEntry | None], None]] = []
+        #: Called for every pod of a remote cluster (ClusterMesh) likewise.
+        self.remote_pod_handlers: list[Callable[[str, IpcacheEntry | None], None]] = []
+        self.mesh: RemoteClusters | None = None
         self._gc_threshold = gc.get_threshold()
         # pyroute2's synchronous API runs its own event loop, so netlink work cannot
         # run on ours: it goes to one worker thread, which also keeps it serialised.
@@ -220,7 +225,9 @@ class Agent:
         self.services.store = store
         self.store_health = StoreHealth(store, cap=cfg.kvstore_retry_cap)
         self.spawn(self.store_health.run(), "kvstore-health", vital=True)
-        self.identities = IdentityAllocator(store, self.node, lease=self.lease.lease)
+        low, high = clustermesh.identity_bounds(cfg)   # this cluster's identity range
+        self.identities = IdentityAllocator(store, self.node, lease=self.lease.lease,
+                                            min_id=low, max_id=high)
         self.identity_cache = IdentityCache()
         self.metrics = AgentMetrics(self.datapath, self.ipam, self.endpoints)
         self.publisher = StatePublisher(store, self.lease, self.node, self.node_ip,
@@ -228,7 +235,7 @@ class Agent:
 
         # --- policy, resources, endpoints: wired through small Protocols ---
         self.policy = PolicySync(self.endpoints, self.datapath.ipcache, self.metrics,
-                                 cfg.cluster)
+                                 cfg.mesh_name)
         self.identity_cache.add_listener(self.policy.on_identities)
         self.metrics.registry.register(PolicyModesCollector(self.policy_modes))
         await self.policy_modes.follow(store, self.spawn)
@@ -277,6 +284,7 @@ class Agent:
         self.policy.listeners.append(self.l7.request_push)
         l7 = self.l7
         self.pod_handlers.append(lambda ip, entry: l7.request_push())
+        self.remote_pod_handlers.append(lambda ip, entry: l7.request_push())
         await self.l7.start()
         self._front.append(self.l7.stop)
         for server in await start_metrics_servers(cfg, self.metrics.registry,
@@ -313,6 +321,7 @@ class Agent:
         await self._publish_node()
 
         ready = asyncio.Event()
+        self.mesh = clustermesh.start(self)   # remote clusters (None outside a mesh)
         self.spawn(self.identity_cache.run(self.store, ready), "identity-cache", vital=True)
         self.spawn(self.node_sync.run(), "node-sync", vital=True)
         self.spawn(self.ipcache_sync.run(), "ipcache-sync", vital=True)
@@ -321,6 +330,7 @@ class Agent:
         await self.watcher.wait_synced()
         await self.ipcache_sync.sync.synced.wait()
         self.services.prune()
+        await clustermesh.wait_synced(self)   # remote state in before regeneration
         # Re-take identity references of restored endpoints, then bring policy current.
         for ep in restored:
             await self.lifecycle.refresh_identity(ep.id)
@@ -416,6 +426,7 @@ class Agent:
             "endpoints": len(self.endpoints.endpoints),
             "neigh": self.neigh,
             "policy": self.policy_modes.status(),
+            "clustermesh": clustermesh.view(self),
         }
 
     def policy_view(self) -> dict[str, Any]:

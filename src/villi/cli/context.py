@@ -34,8 +34,25 @@ def load_lab_state() -> dict | None:
         return None
 
 
+def lab_cluster(lab: dict) -> dict:
+    """The lab state seen from the cluster ``villi --cluster NAME`` picked (env
+    ``VILLI_LAB_CLUSTER``; default the first) — see ``villi.lab._state.view``."""
+    name = os.environ.get("VILLI_LAB_CLUSTER")
+    names = (lab.get("mesh") or {}).get("clusters") or []
+    if not name or (names and name == names[0]):
+        return lab
+    if name not in names:
+        from villi.errors import VilliError
+
+        raise VilliError(f"--cluster {name}: the lab has no such cluster "
+                         f"({', '.join(names) or 'it has one cluster'})")
+    return {**lab, **lab["clusters"][name]}
+
+
 def resolve(kvstore: str | None = None, socket: str | None = None) -> Target:
     lab = load_lab_state()
+    if lab is not None:
+        lab = lab_cluster(lab)
     kv = kvstore or os.environ.get("VILLI_KVSTORE")
     sock = socket or os.environ.get("VILLI_AGENT_SOCKET")
     if lab and not kv and not sock:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from villi.errors import VilliError
+from villi.lab import _state
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="eni: cloud API calls per second before throttling (0: none)")
     p.add_argument("--excess-ip-release-delay", type=float, default=180.0, metavar="S",
                    help="eni: seconds a node holds excess IPs before they are released")
+    p.add_argument("--clusters", type=int, default=1, help="ClusterMesh: clusters c1..cN "
+                   "(ids 1..N), each with its own etcd, operator and kvstoremesh, --nodes "
+                   "nodes each (1; see docs/clustermesh.md)")
+    p.add_argument("--clustermesh-mode", choices=["kvstoremesh", "direct"],
+                   default="kvstoremesh", help="with --clusters: kvstoremesh (default) or "
+                   "direct (every agent connects to every remote etcd; for comparison)")
 
     ls.add_parser("down", help="remove the lab: processes, namespaces, pins, files")
     p = ls.add_parser("status", help="nodes, agents, health and pods")
@@ -86,9 +93,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="seconds to wait for a started agent to be healthy")
     etcd = ls.add_parser("etcd", help="failure drills: stop or start the lab's etcd")
     p_etcd = etcd.add_subparsers(dest="etcd_cmd", metavar="COMMAND")
-    p_etcd.add_parser("stop", help="stop etcd (the process exits; data kept)")
+    p = p_etcd.add_parser("stop", help="stop etcd (the process exits; data kept)")
+    p.add_argument("--cluster", dest="lab_cluster", metavar="NAME",
+                   help="the etcd of this cluster (multi-cluster labs; default: the first)")
     p = p_etcd.add_parser("start", help="start etcd again on the same data directory")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--cluster", dest="lab_cluster", metavar="NAME")
+    mesh = ls.add_parser("kvstoremesh", help="drills: stop or start a cluster's kvstoremesh")
+    p_mesh = mesh.add_subparsers(dest="mesh_cmd", metavar="COMMAND")
+    for verb in ("stop", "start", "restart"):
+        p = p_mesh.add_parser(verb, help=f"{verb} the kvstoremesh of a cluster")
+        p.add_argument("--cluster", dest="lab_cluster", metavar="NAME")
     node = ls.add_parser("node", help="add a node, or delete one on purpose")
     p_node = node.add_subparsers(dest="node_cmd", metavar="COMMAND")
     p = p_node.add_parser("add", help="add a node with its agent; wait until it is healthy")
@@ -278,7 +293,6 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from villi.lab import drills
     from villi.lab._view import console
 
     cmd = getattr(args, "agent_cmd", None)
@@ -287,6 +301,26 @@ def _agent(args: argparse.Namespace) -> int:
         return 2
     c = console()
     t0 = time.monotonic()
+    cluster, args.node = _state.split_ref(args.node)
+    if cluster is None:   # node names are unique across a multi-cluster lab
+        cluster = _cluster_of_node(args.node)
+    with _state.using(cluster):
+        return _agent_cmd(args, cmd, c, t0)
+
+
+def _cluster_of_node(ref: str) -> str | None:
+    root = _state.load()
+    if root is None:
+        return None
+    for name, sub in (root.get("clusters") or {}).items():
+        if any(ref == n["name"] for n in sub.get("nodes", [])):
+            return str(name)
+    return None
+
+
+def _agent_cmd(args: argparse.Namespace, cmd: str, c: Any, t0: float) -> int:
+    from villi.lab import drills
+
     if cmd in ("stop", "kill"):
         node = drills.agent_stop(args.node, kill=cmd == "kill")
         what = "killed (SIGKILL)" if cmd == "kill" else "stopped"
@@ -310,6 +344,7 @@ def _etcd(args: argparse.Namespace) -> int:
         print("usage: villi lab etcd {stop,start}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    _state.select_cluster(getattr(args, "lab_cluster", None))
     if cmd == "stop":
         drills.etcd_stop()
         console().print(f"etcd stopped (data kept)  [dim]({time.monotonic() - t0:.2f}s)[/]",
@@ -318,6 +353,26 @@ def _etcd(args: argparse.Namespace) -> int:
     info = drills.etcd_start(timeout=args.timeout)
     console().print(f"etcd running (pid {info['pid']}), healthy  "
                     f"[dim]({time.monotonic() - t0:.2f}s)[/]", highlight=False)
+    return 0
+
+
+def _kvstoremesh(args: argparse.Namespace) -> int:
+    from villi.lab import _mesh
+    from villi.lab._view import console
+
+    cmd = getattr(args, "mesh_cmd", None)
+    if cmd is None:
+        print("usage: villi lab kvstoremesh {stop,start,restart} [--cluster NAME]",
+              file=sys.stderr)
+        return 2
+    _state.select_cluster(getattr(args, "lab_cluster", None))
+    if cmd in ("stop", "restart"):
+        _mesh.kvstoremesh_stop()
+    if cmd in ("start", "restart"):
+        pid = _mesh.kvstoremesh_start()
+        console().print(f"kvstoremesh running (pid {pid})", highlight=False)
+    else:
+        console().print("kvstoremesh stopped (the cache stays in etcd)", highlight=False)
     return 0
 
 
@@ -422,5 +477,6 @@ def _external(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Any] = {"up": _up, "down": _down, "status": _status, "pod": _pod,
                              "agent": _agent, "etcd": _etcd, "node": _node,
+                             "kvstoremesh": _kvstoremesh,
                              "exec": _exec, "probe": _probe, "dns": _dns,
                              "external": _external}

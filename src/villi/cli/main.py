@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                     "else /var/run/villi/villi.sock)")
     ap.add_argument("--netns", help="run inside this network namespace (name or path); "
                     "unlike `ip netns exec` it keeps the machine's /sys/fs/bpf")
+    ap.add_argument("--cluster", dest="target_cluster", metavar="NAME",
+                    help="in a multi-cluster lab: talk to this cluster (default: the first)")
     ap.add_argument("-v", "--verbose", action="store_true")
     _tls_arguments(ap, None)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -72,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="agent, kvstore, datapath and IPAM health")
     p.add_argument("--brief", action="store_true", help="one line: OK or the first error")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    from villi.clustermesh.main import add_arguments as kvstoremesh_arguments
+    p = sub.add_parser("kvstoremesh", help="cache remote clusters' state in this cluster's "
+                       "kvstore (ClusterMesh)")
+    kvstoremesh_arguments(p)
+    _tls_arguments(p, argparse.SUPPRESS)
 
     sub.add_parser("demo", help="the main demonstration: the Star Wars scenario in a lab")
 
@@ -135,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             # Through the environment: every store this process opens, and every
             # process it starts (a lab's agents), uses the same certificates.
             export_flags(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
+        if args.target_cluster:
+            import os
+
+            os.environ["VILLI_LAB_CLUSTER"] = args.target_cluster
         if args.netns:
             from villi._nsenter import enter_netns_for_good
 
@@ -157,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from villi.cli.status import status_command
             return status_command(args)
+        if args.command == "kvstoremesh":
+            from villi.cli.context import resolve
+            from villi.clustermesh.main import run as run_kvstoremesh
+            return run_kvstoremesh(args, resolve(args.kvstore).kvstore)
         if args.command == "demo":
             from villi.cli.demo import demo_command
             return demo_command(args)

@@ -43,6 +43,25 @@ def _pinned_policy(node: str) -> dict | None:
     return None if sw is None else {"datapath": sw.as_dict(), "degraded": sw.degraded}
 
 
+def clustermesh_lines(mesh: dict | None) -> list[str]:
+    """``ClusterMesh: 1/2 remote clusters ready`` and one line per remote (as Cilium)."""
+    if not mesh:
+        return []
+    remotes = mesh.get("remotes") or []
+    ready = sum(1 for r in remotes if r.get("ready"))
+    out = [f"  ClusterMesh: {ready}/{len(remotes)} remote clusters ready   "
+           f"(cluster {mesh.get('cluster')} id {mesh.get('id')}, {mesh.get('mode')} mode)"]
+    for r in remotes:
+        state = "ready" if r.get("ready") else "not-ready"
+        detail = f"{r.get('identities', 0)} identities, {r.get('pods', 0)} pods, " \
+                 f"{r.get('nodes', 0)} nodes, {r.get('services', 0)} services"
+        if r.get("rejected"):
+            detail += f", {r['rejected']} rejected"
+        why = f": {r['error']}" if r.get("error") and not r.get("ready") else ""
+        out.append(f"    {r['name']}: {state} ({detail}){why}")
+    return out
+
+
 def status_command(args: argparse.Namespace) -> int:
     from villi.cli.policyops import degraded_line
 
@@ -105,6 +124,8 @@ def status_command(args: argparse.Namespace) -> int:
                   f"{node}`" + (" / `villi policy restore --all`"
                                 if "cluster" in (degraded[node] or "") else ""))
             bad = True
+        for line in clustermesh_lines(r.get("clustermesh")):
+            print(line)
         print(f"  Status:      {r['status'].upper()}")
     if warning:
         print(f"Warning: {warning}")

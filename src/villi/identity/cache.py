@@ -32,6 +32,8 @@ class IdentityCache:
         self._by_id: dict[IdentityID, LabelSet] = {}
         self._by_labels: dict[LabelSet, IdentityID] = {}
         self._listeners: list[IdentityListener] = []
+        #: Identities a resync of this cluster's store may drop (not remote clusters').
+        self.owned: Callable[[int], bool] = lambda identity: identity >= 256
         if include_reserved:
             for identity, labels in reserved_identities().items():
                 self._by_id[identity] = labels
@@ -128,7 +130,7 @@ class IdentityCache:
                 seen[identity] = LabelSet.parse(kv.value.decode())
             except (UnicodeDecodeError, ValueError):
                 log.warning("ignoring corrupt identity %s: %r", kv.key, kv.value)
-        gone = [i for i in self._by_id if i >= 256 and i not in seen]
+        gone = [i for i in self._by_id if self.owned(i) and i not in seen]
         self.update(seen, gone)
         return listing.revision
 

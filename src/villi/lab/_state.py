@@ -81,13 +81,75 @@ def load(path: Path | None = None) -> dict[str, Any] | None:
 
 
 def require(path: Path | None = None) -> dict[str, Any]:
+    """The lab's state, as seen from the selected cluster (:func:`select_cluster`)."""
     state = load(path)
     if state is None:
         raise NoLab("no lab is running (start one with `villi lab up`)")
-    return state
+    return view(state, selected_cluster())
+
+
+# --- several clusters ---------------------------------------------------------------------
+# A lab made with ``--clusters N`` keeps its first cluster at the top level of the state
+# (so everything written for one cluster works unchanged) and every further cluster in
+# ``state["clusters"][name]`` with the same keys (nodes, processes, pods, kvstore, ...).
+# A *view* of cluster ``name`` is the top level overlaid with that entry: its nested
+# dicts and lists are the state's own, so changes made through a view (a pod added, a
+# process restarted) land in the state, and saving a view saves the whole state.
+
+_selected: str | None = None
+
+
+def select_cluster(name: str | None) -> None:
+    """Make ``require()``/``update()`` return cluster ``name``'s view (None: the first)."""
+    global _selected
+    _selected = name
+
+
+@contextlib.contextmanager
+def using(name: str | None) -> Iterator[None]:
+    """``select_cluster(name)`` for a block (nothing when ``name`` is None)."""
+    global _selected
+    if name is None:
+        yield
+        return
+    old, _selected = _selected, name
+    try:
+        yield
+    finally:
+        _selected = old
+
+
+def selected_cluster() -> str | None:
+    return _selected or os.environ.get("VILLI_LAB_CLUSTER") or None
+
+
+def cluster_names(state: dict[str, Any]) -> list[str]:
+    """The lab's clusters, first first ([] for a one-cluster lab)."""
+    mesh = state.get("mesh") or {}
+    return list(mesh.get("clusters") or [])
+
+
+def view(state: dict[str, Any], name: str | None) -> dict[str, Any]:
+    root = state.get("_root", state)
+    names = cluster_names(root)
+    if not name or (names and name == names[0]):
+        return root
+    if name not in names:
+        shown = ", ".join(names) if names else "none: this lab has one cluster"
+        raise LabError(f"no cluster {name!r} in this lab (clusters: {shown})")
+    return {**root, **root["clusters"][name], "_root": root}
+
+
+def split_ref(ref: str) -> tuple[str | None, str]:
+    """``CLUSTER:REST`` → (cluster, rest); a plain ref → (None, ref)."""
+    cluster, sep, rest = ref.partition(":")
+    if sep and cluster and "/" not in cluster:
+        return cluster, rest
+    return None, ref
 
 
 def save(state: dict[str, Any], path: Path | None = None) -> None:
+    state = state.get("_root", state)
     path = path or state_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -124,7 +186,7 @@ def update(path: Path | None = None) -> Iterator[dict[str, Any]]:
     with locked(path):
         state = require(path)
         yield state
-        save(state, path)
+        save(state.get("_root", state), path)
 
 
 def remove(path: Path | None = None) -> None:

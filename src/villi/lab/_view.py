@@ -93,7 +93,10 @@ def lab_up(args: argparse.Namespace) -> int:
                                cloud_latency_ms=getattr(args, "cloud_latency", 0.0),
                                cloud_rate_limit=getattr(args, "cloud_rate_limit", 0.0),
                                excess_ip_release_delay=getattr(
-                                   args, "excess_ip_release_delay", 180.0))
+                                   args, "excess_ip_release_delay", 180.0),
+                               clusters=getattr(args, "clusters", 1),
+                               clustermesh_mode=getattr(args, "clustermesh_mode",
+                                                        "kvstoremesh"))
         except BaseException:
             steps.fail_pending()
             raise
@@ -171,6 +174,22 @@ def _policy_degraded(state: dict[str, Any], node: str) -> str | None:
     return "DEGRADED " + ", ".join(parts)
 
 
+def _cluster_line(name: str, sub: dict[str, Any]) -> str:
+    """One line per cluster of a multi-cluster lab: agents, processes, remote readiness."""
+    ok = sum(1 for n in sub["nodes"] if n["health"] and n["health"]["status"] == "ok")
+    procs = ", ".join(f"{p} {'running' if i['alive'] else 'stopped'}"
+                      for p, i in sub["processes"].items())
+    remotes = []
+    for remote, r in sorted((sub.get("remotes") or {}).items()):
+        ready = r["ready"] == r["agents"]
+        text = f"{remote} {'ready' if ready else 'not-ready'} ({r['ready']}/{r['agents']} agents)"
+        if r["errors"]:
+            text += f": {r['errors'][0]}"
+        remotes.append(f"[green]{text}[/]" if ready else f"[yellow]{text}[/]")
+    return (f"[bold]cluster {name}[/]: {ok}/{len(sub['nodes'])} agents ok · {procs} · "
+            f"remote clusters: {', '.join(remotes) or '-'}")
+
+
 def lab_status(args: argparse.Namespace) -> int:
     from villi.lab import cluster
     from villi.lab._api import agent_call
@@ -246,6 +265,8 @@ def lab_status(args: argparse.Namespace) -> int:
                     f"--node {n['name']}[/]")
     if "_error" in st["entries"]:
         c.print(f"[yellow]kvstore: {st['entries']['_error']['error']}[/]")
+    for name, sub in (st.get("clusters") or {}).items():
+        c.print(_cluster_line(name, sub))
     if state["pods"]:
         c.print(pods_table(state, endpoints))
     else:

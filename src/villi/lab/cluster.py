@@ -30,7 +30,7 @@ from typing import Any
 
 from villi._nsenter import in_netns
 from villi.kvstore.tls import KvstoreTLS, make_pki
-from villi.lab import _cgroup, _network, _observe, _procs, _state, world
+from villi.lab import _cgroup, _mesh, _network, _observe, _procs, _state, world
 from villi.lab import eni as _eni
 from villi.lab._api import healthz, node_entries
 from villi.lab._state import PREFIX, LabError
@@ -62,8 +62,8 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
        underlay_cidr: str = _network.DEFAULT_UNDERLAY,
        cluster_cidr: str = DEFAULT_CLUSTER_CIDR, timeout: float = 120.0,
        progress: Progress = _quiet, ipam: str = "cluster-pool", cloud_latency_ms: float = 0.0,
-       cloud_rate_limit: float = 0.0, excess_ip_release_delay: float = 180.0
-       ) -> dict[str, Any]:
+       cloud_rate_limit: float = 0.0, excess_ip_release_delay: float = 180.0,
+       clusters: int = 1, clustermesh_mode: str = "kvstoremesh") -> dict[str, Any]:
     """Create a lab and return its state; LabError when one is already running.
 
     ``ipam="eni"`` adds a simulated cloud (:mod:`villi.lab.eni`) with that latency per
@@ -77,7 +77,9 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
         raise LabError(f"{ETCD} is missing: install etcd (apt-get install etcd-server) or "
                        "use --kvstore embedded")
     underlay = _network.check_underlay(underlay_cidr, cluster_cidr)
-    if nodes > underlay.max_nodes:
+    if clusters != 1:
+        _mesh.check(clusters, kvstore, ipam, cluster_cidr)
+    if nodes * clusters > underlay.max_nodes:
         raise LabError(f"the underlay {underlay_cidr} has room for {underlay.max_nodes} nodes")
 
     with _state.locked():
@@ -93,6 +95,9 @@ def up(nodes: int = 2, kvstore: str = "etcd", *, lease_ttl: int = 900,
         state = _initial_state(lab_id, nodes, kvstore, lease_ttl, underlay.cidr, cluster_cidr)
         if ipam == "eni":
             state["ipam"], state["cloud"] = "eni", cloud
+        if clusters > 1:
+            _mesh.add_clusters(state, clusters, nodes, _underlay(state), node_record,
+                               clustermesh_mode)
         # state first, registry second: a concurrent `lab down` scanning for orphans
         # must never see this id registered without the state file that owns it
         _state.save(state)
@@ -174,9 +179,10 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 
     progress("underlay", "start", f"{underlay.netns}, bridge {_network.BRIDGE}")
     _network.create_underlay(underlay, state["cluster_cidr"])
-    for node in state["nodes"]:
+    for node in _mesh.all_nodes(state):
         _network.attach_node(underlay, node["index"], node["netns"])
-    progress("underlay", "ok", f"{underlay.cidr} · {len(state['nodes'])} node namespaces "
+    progress("underlay", "ok", f"{underlay.cidr} · {len(_mesh.all_nodes(state))} node "
+             "namespaces "
              "wired to the bridge")
 
     progress("dns", "start", f"dnsmasq at {world.DNS_IP}")
@@ -186,14 +192,17 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
              f"{', '.join(world.OUTSIDE_NETS)})")
 
     if state["kvstore_kind"] == "etcd":
-        progress("etcd", "start", state["kvstore"])
         if state.get("kvstore_tls"):
             make_pki(Path(state["kvstore_tls"]["ca"]).parent, [underlay.gateway])
-        pid = _procs.spawn(etcd_cmd(state), d / "etcd.log")
-        state["processes"]["etcd"] = {"pid": pid, "log": str(d / "etcd.log")}
-        _state.save(state)
-        wait_etcd(state, pid, min(timeout, 30.0))
-        progress("etcd", "ok", f"{state['kvstore']} in {underlay.netns}")
+        for view in _mesh.views(state):
+            what = _mesh.label(view, "etcd")
+            progress(what, "start", view["kvstore"])
+            log = d / _mesh.file_name(view, "etcd.log")
+            pid = _procs.spawn(etcd_cmd(view), log)
+            view["processes"]["etcd"] = {"pid": pid, "log": str(log)}
+            _state.save(state)
+            wait_etcd(view, pid, min(timeout, 30.0))
+            progress(what, "ok", f"{view['kvstore']} in {underlay.netns}")
     else:
         progress("etcd", "ok", f"embedded store {state['kvstore']}")
 
@@ -204,29 +213,40 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
         progress("cloud-sim", "ok", f"simulated cloud API {_eni.url(state)} · "
                  f"{len(state['nodes'])} instances")
 
-    progress("operator", "start", "")
-    op_cmd = villi_cmd("--kvstore", state["kvstore"], *_tls_flags(state),
-                       "--netns", underlay.netns, "operator",
-                       "--cluster-cidr", state["cluster_cidr"])
-    if state.get("ipam") == "eni":
-        op_cmd += _eni.operator_args(state)
-    pid = _procs.spawn(op_cmd, d / "operator.log")
-    state["processes"]["operator"] = {"pid": pid, "log": str(d / "operator.log")}
-    _state.save(state)
-    progress("operator", "ok", f"pid {pid}")
+    for view in _mesh.views(state):
+        what = _mesh.label(view, "operator")
+        progress(what, "start", "")
+        op_cmd = villi_cmd("--kvstore", view["kvstore"], *_tls_flags(view),
+                           "--netns", underlay.netns, "operator",
+                           "--cluster-cidr", view.get("pool_cidr") or view["cluster_cidr"])
+        if view.get("ipam") == "eni":
+            op_cmd += _eni.operator_args(view)
+        log = d / _mesh.file_name(view, "operator.log")
+        pid = _procs.spawn(op_cmd, log)
+        view["processes"]["operator"] = {"pid": pid, "log": str(log)}
+        _state.save(state)
+        progress(what, "ok", f"pid {pid}")
+    if state.get("mesh") and state["mesh"].get("mode") == "kvstoremesh":
+        for view in _mesh.views(state):
+            what = _mesh.label(view, "kvstoremesh")
+            progress(what, "start", "")
+            pid = _mesh.start_kvstoremesh(state, view, villi_cmd(*_tls_flags(view)))
+            _state.save(state)
+            progress(what, "ok", f"pid {pid} · caching "
+                     f"{', '.join(n for n in _mesh.names(state) if n != view['mesh_name'])}")
 
     _observe.write_token(state)
-    for node in state["nodes"]:
+    for view, node in ((v, n) for v in _mesh.views(state) for n in v["nodes"]):
         progress(node["name"], "start", "starting agent")
         # the agent attaches its socket programs here; the node's pods run here
         cg = _cgroup.node_cgroup(state["cluster"], node["name"])
         _cgroup.ensure(cg)
         node["cgroup"] = str(cg) if cg else None
-        node["pid"] = _procs.spawn(agent_cmd(state, node), Path(node["log"]))
+        node["pid"] = _procs.spawn(agent_cmd(view, node), Path(node["log"]))
     _state.save(state)
 
     deadline = time.monotonic() + timeout
-    pending = {n["name"]: n for n in state["nodes"]}
+    pending = {n["name"]: n for n in _mesh.all_nodes(state)}
     while pending:
         for name, node in list(pending.items()):
             if not _procs.alive(node["pid"], marker):
@@ -240,7 +260,7 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
                         else ", ".join(node["pod_cidrs"]))
                 progress(name, "ok", f"{node['ip']} · pods {pods}")
                 del pending[name]
-        for proc, info in state["processes"].items():
+        for proc, info in _mesh.all_processes(state):
             if not _procs.alive(info["pid"], marker):
                 raise LabError(f"{proc} exited during start-up "
                                f"({_procs.exit_status(info['pid'])}):\n{log_tail(info['log'])}")
@@ -262,17 +282,21 @@ def _build(state: dict[str, Any], timeout: float, progress: Progress) -> None:
 
 def etcd_cmd(state: dict[str, Any]) -> list[str]:
     gw, name = state["underlay"]["gateway"], f"lab-{state['id']}"
-    peer = "http://127.0.0.1:2380"
+    port = int(state.get("etcd_port") or ETCD_PORT)
+    if port != ETCD_PORT:   # a further cluster of a multi-cluster lab
+        name += f"-{state['mesh_name']}"
+    peer = f"http://127.0.0.1:{port + 1}"
     tls = state.get("kvstore_tls")
     scheme = "https" if tls else "http"
     cmd = ["ip", "netns", "exec", state["underlay"]["netns"], ETCD, "--name", name,
-           "--data-dir", f"{state['dir']}/etcd",
+           "--data-dir", state.get("etcd_dir") or f"{state['dir']}/etcd",
            "--listen-client-urls",
-           f"{scheme}://{gw}:{ETCD_PORT},{scheme}://127.0.0.1:{ETCD_PORT}",
-           "--advertise-client-urls", f"{scheme}://{gw}:{ETCD_PORT}",
+           f"{scheme}://{gw}:{port},{scheme}://127.0.0.1:{port}",
+           "--advertise-client-urls", f"{scheme}://{gw}:{port}",
            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
            "--initial-cluster", f"{name}={peer}",
-           "--initial-cluster-token", f"{PREFIX}{state['id']}",
+           "--initial-cluster-token",
+           f"{PREFIX}{state['id']}" + ("" if port == ETCD_PORT else f"-{port}"),
            "--initial-cluster-state", "new", "--log-level", "warn",
            # One `villi apply` is one transaction (docs/policy.md): allow large ones.
            "--max-txn-ops", str(ETCD_MAX_TXN_OPS),
@@ -319,16 +343,18 @@ def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
                      "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1",
                      *(["--ipam", "eni"] if state.get("ipam") == "eni" else []),
+                     *state.get("agent_args", []),
                      *_observe.agent_args(state, node))
 
 
 def sync_underlay_routes(state: dict[str, Any]) -> dict[str, str]:
     """Route every live node's pod CIDRs in the underlay (for pod ↔ "world" replies)."""
     wanted = {}
-    for entry in node_entries(state).values():
-        for cidr in entry.get("podCIDRs") or []:
-            if entry.get("ipv4"):
-                wanted[cidr] = entry["ipv4"]
+    for view in _mesh.views(state):
+        for entry in node_entries(view).values():
+            for cidr in entry.get("podCIDRs") or []:
+                if entry.get("ipv4"):
+                    wanted[cidr] = entry["ipv4"]
     _network.sync_pod_routes(_underlay(state), wanted)
     return wanted
 
@@ -353,9 +379,9 @@ def agent_pid(state: dict[str, Any], node: dict[str, Any]) -> int | None:
 
 
 def all_pids(state: dict[str, Any]) -> list[int]:
-    pids = [n.get("pid") for n in state.get("nodes", [])]
-    pids += [p.get("pid") for p in state.get("processes", {}).values()]
-    pids += [p.get("server_pid") for p in state.get("pods", {}).values()]
+    pids = [n.get("pid") for n in _mesh.all_nodes(state)]
+    pids += [p.get("pid") for _, p in _mesh.all_processes(state)]
+    pids += [p.get("server_pid") for p in _mesh.all_pods(state)]
     pids += [p.get("server_pid") for p in state.get("externals", {}).values()]
     return [p for p in pids if p]
 
@@ -514,4 +540,15 @@ def status(state: dict[str, Any] | None = None) -> dict[str, Any]:
         entries = node_entries(state, quick=True)
     except Exception as e:   # the store may be down: status must still show the rest
         entries = {"_error": {"error": str(e)}}
-    return {"state": state, "processes": procs, "nodes": nodes, "entries": entries}
+    out: dict[str, Any] = {"state": state, "processes": procs, "nodes": nodes,
+                           "entries": entries}
+    root = state.get("_root", state)
+    if root.get("mesh") and state is root:
+        out["clusters"] = {
+            view["mesh_name"]: status(view) if view is not root else
+            {"processes": procs, "nodes": nodes, "entries": entries}
+            for view in _mesh.views(root)}
+        for sub in out["clusters"].values():
+            sub.pop("state", None)
+            sub["remotes"] = _mesh.remote_status(sub["nodes"])
+    return out

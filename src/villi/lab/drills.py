@@ -168,9 +168,16 @@ def etcd_start(*, timeout: float = 30.0) -> dict[str, Any]:
 
 # --- nodes -----------------------------------------------------------------------------------
 
+def _refuse_multi_cluster(what: str) -> None:
+    if _state.cluster_names(_state.require()):
+        raise LabError(f"`villi lab {what}` is not supported in a multi-cluster lab yet "
+                       "(make the lab with the nodes it needs: --nodes N)")
+
+
 def node_add(*, timeout: float = 60.0) -> dict[str, Any]:
     """Add one node (the next free index): namespace wired to the underlay, its agent,
     a pod CIDR from the operator. Returns its record."""
+    _refuse_multi_cluster("node add")
     with _state.update() as st:
         underlay = _network.Underlay(st["underlay"]["netns"], st["underlay"]["cidr"])
         index = max((n["index"] for n in st["nodes"]), default=0) + 1
@@ -209,6 +216,7 @@ def node_del(ref: str) -> dict[str, Any]:
     """Remove node ``ref`` on purpose: its pods, its agent, its entries in the store (at
     once, not after the lease TTL), its pod CIDR (reclaimed by the operator at once),
     its namespace, pins and files."""
+    _refuse_multi_cluster("node del")
     from villi.lab import pods
     from villi.operator.nodes import delete_node
 

@@ -163,7 +163,17 @@ def _place(state: dict[str, Any], live: list[dict[str, Any]], counts: dict[str, 
 def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = None,
         serve: list[dict[str, Any]] | None = None, http_reply: str | None = None,
         http_routes: list[str] | None = None) -> dict[str, Any]:
-    """Create pod ``ref`` and return its record (ip, node, netns, ...)."""
+    """Create pod ``ref`` (``NS/NAME``, or ``CLUSTER:NS/NAME`` in a multi-cluster lab)
+    and return its record (ip, node, netns, ...)."""
+    cluster, ref = _state.split_ref(ref)
+    with _state.using(cluster):
+        return _add(ref, node=node, labels=labels, serve=serve, http_reply=http_reply,
+                    http_routes=http_routes)
+
+
+def _add(ref: str, *, node: str | None, labels: dict[str, str] | None,
+         serve: list[dict[str, Any]] | None, http_reply: str | None,
+         http_routes: list[str] | None) -> dict[str, Any]:
     ns, name = parse_ref(ref)
     key = f"{ns}/{name}"
     labels, serve = labels or {}, serve or []
@@ -181,7 +191,9 @@ def add(ref: str, *, node: str | None = None, labels: dict[str, str] | None = No
         record: dict[str, Any] = {
             "namespace": ns, "name": name, "node": n["name"], "socket": n["socket"],
             "cgroup": n.get("cgroup"),
-            "netns": _state.pod_netns(state["id"], ns, name),
+            "netns": _state.pod_netns(state["id"], ns, name) + (
+                f"@{state['mesh_name']}" if "_root" in state else ""),
+            "cluster": state.get("mesh_name"),
             "container_id": f"lab{state['id']}{uuid.uuid4().hex[:12]}",
             "labels": labels, "serve": serve, "http_reply": http_reply,
             "http_routes": list(http_routes or ()), "ip": None,
@@ -263,6 +275,12 @@ def _destroy(record: dict[str, Any]) -> None:
 
 
 def delete(ref: str) -> dict[str, Any]:
+    cluster, ref = _state.split_ref(ref)
+    with _state.using(cluster):
+        return _delete(ref)
+
+
+def _delete(ref: str) -> dict[str, Any]:
     ns, name = parse_ref(ref)
     key = f"{ns}/{name}"
     state = _state.require()
@@ -278,8 +296,11 @@ def delete(ref: str) -> dict[str, Any]:
 
 
 def get(ref: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    cluster, ref = _state.split_ref(ref)
     ns, name = parse_ref(ref)
     state = state or _state.require()
+    if cluster is not None:
+        state = _state.view(state, cluster)
     record = state["pods"].get(f"{ns}/{name}")
     if record is None or not record.get("ip"):
         raise LabError(f"no pod {ns}/{name} in this lab (see `villi lab status`)")
@@ -296,7 +317,7 @@ def relabel(ref: str, labels: dict[str, str], remove: list[str] | None = None
     new = {k: v for k, v in current.items() if k not in set(remove or [])}
     new.update(labels)
     view = agent_call(record["socket"], "PATCH", path, json={"labels": new}, timeout=30)
-    with _state.update() as state:
+    with _state.using(_state.split_ref(ref)[0]), _state.update() as state:
         if f"{record['namespace']}/{record['name']}" in state["pods"]:
             state["pods"][f"{record['namespace']}/{record['name']}"]["labels"] = new
     return view

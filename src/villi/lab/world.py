@@ -52,7 +52,10 @@ def setup(state: dict[str, Any]) -> None:
     underlay = state["underlay"]
     _ensure_world_link(underlay["netns"])
     _add_address(underlay["netns"], DNS_IP)
-    for node in state["nodes"]:
+    nodes = list(state["nodes"])
+    for sub in (state.get("clusters") or {}).values():   # multi-cluster labs
+        nodes += sub["nodes"]
+    for node in nodes:
         for net in OUTSIDE_NETS:
             routes.replace_route(net, underlay["gateway"], node["netns"])
     state["dns"] = {"ip": DNS_IP, "dir": str(Path(state["dir"]) / "dns")}

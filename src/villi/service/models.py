@@ -257,6 +257,14 @@ class ServiceSpec(StrictModel):
             numbers[key] = i
 
 
+#: ClusterMesh annotations of global services and their values (Cilium's).
+MESH_ANNOTATIONS: dict[str, tuple[str, ...]] = {
+    "service.cilium.io/global": ("true", "false"),
+    "service.cilium.io/shared": ("true", "false"),
+    "service.cilium.io/affinity": ("local", "remote", "none"),
+}
+
+
 class Service(StrictModel):
     """A Kubernetes ``v1`` Service of type ClusterIP."""
 
@@ -265,6 +273,17 @@ class Service(StrictModel):
     metadata: ObjectMeta
     spec: ServiceSpec
     status: Any = None
+
+    @model_validator(mode="after")
+    def _mesh_annotations(self) -> Service:
+        """ClusterMesh annotations (service.cilium.io/global|shared|affinity) must have
+        one of their values: a typo would silently make a service local."""
+        for key, allowed in MESH_ANNOTATIONS.items():
+            value = (self.metadata.annotations or {}).get(key)
+            if value is not None and value.strip().lower() not in allowed:
+                raise FieldError(f"{value!r} is not one of {', '.join(allowed)}",
+                                 "metadata", "annotations", key)
+        return self
 
     @property
     def namespace(self) -> str:

@@ -14,7 +14,7 @@ Without a datapath (``ServiceTable(None)``) the table still answers ``service_of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from villi.service.backends import (
@@ -41,6 +41,9 @@ class ServiceTable:
         self._vips: dict[tuple[str, int], ServiceRef] = {}
         self._vip_keys: dict[ServiceRef, set[tuple[str, int]]] = {}
         self._backend_refs: dict[tuple[str, int], dict[PortKey, None]] = {}
+        #: ClusterMesh hook: (port, service, local backends) → the backends to program
+        #: (global services add remote clusters' backends; villi.clustermesh.services).
+        self.merge: Callable[[PortKey, Service, list[Backend]], list[Backend]] | None = None
 
     # --- services ------------------------------------------------------------------
     def upsert_service(self, model: Service, cluster_ip: str) -> list[BackendChange]:
@@ -89,6 +92,11 @@ class ServiceTable:
         changes = self.index.delete_pod(ip)
         self._apply(changes)
         return changes
+
+    def reprogram(self, ref: ServiceRef) -> None:
+        """Write a service's ports again (its remote backends changed)."""
+        for key, _ in self.index.ports_of(ref):
+            self._program(key)
 
     # --- lookups -------------------------------------------------------------------
     def service_of(self, ip: str, port: int) -> tuple[str, str] | None:
@@ -144,6 +152,8 @@ class ServiceTable:
         if ip is None or model is None:
             return
         backends = sorted(self.index.backends.get(key, ()))
+        if self.merge is not None:
+            backends = self.merge(key, model, backends)
         self.datapath.apply(self._frontend(ip, key), [DpBackend(b.ip, b.port) for b in backends],
                             affinity_timeout=model.affinity_timeout)
 
