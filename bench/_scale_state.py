@@ -26,6 +26,7 @@ from policy import Workload  # bench/policy.py: the 3,000-policy mix
 from villi import resources
 from villi.agent import keys
 from villi.identity.allocator import id_key, value_key
+from villi.ipam.usage import usage_report
 from villi.kvstore import EtcdStore, LeaseID
 from villi.kvstore.etcd import _put  # the gateway's PutRequest encoder
 from villi.policy.loader import load_text
@@ -104,10 +105,14 @@ class ClusterState:
         return self.size.pods // remote + (1 if (node - 1) < self.size.pods % remote else 0)
 
     def node_entry(self, i: int) -> dict[str, Any]:
-        used = self.pods_on(i) if i else 0
+        """The agent's node entry: no IPAM usage (that is :meth:`usage_report`'s key)."""
         return {"name": node_name(i), "ipv4": node_ip(i), "podCIDRs": [node_cidr(i)],
-                "ipam": {"capacity": 126, "allocated": used, "available": 126 - used},
                 "apiSocket": f"/var/run/villi/{node_name(i)}.sock"}
+
+    def usage_report(self, i: int, extra: int = 0) -> bytes:
+        """The agent's IPAM usage report (``ipam/v1/usage/<node>``, villi.ipam.usage)."""
+        used = min(126, (self.pods_on(i) if i else 0) + extra)
+        return usage_report({"allocated": used, "capacity": 126})
 
     def resource_docs(self) -> list[Any]:
         ns_yaml = "---\n".join(
@@ -154,6 +159,8 @@ async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
     await bulk_put(store, [(keys.node_key(node_name(i)),
                             json.dumps(state.node_entry(i)).encode(), state.leases[i])
                            for i in range(1, n)])
+    await bulk_put(store, [(keys.usage_key(node_name(i)), state.usage_report(i),
+                            state.leases[i]) for i in range(1, n)])
     t_nodes = time.perf_counter()
 
     idents: list[tuple[str, bytes, LeaseID | None]] = []
@@ -179,7 +186,7 @@ async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
     return {"leases_s": t_leases - t0, "nodes_s": t_nodes - t_leases,
             "identities_s": t_ids - t_nodes, "resources_s": t_res - t_ids,
             "ipcache_s": t_pods - t_res, "total_s": t_pods - t0,
-            "keys": {"nodes": n - 1, "leases": len(state.leases), "identities": len(idents) // 2,
+            "keys": {"nodes": n - 1, "usage_reports": n - 1, "leases": len(state.leases), "identities": len(idents) // 2,
                      "namespaces": len(state.work.namespaces),
                      "policies": len(docs) - len(state.work.namespaces),
                      "ipcache": state.size.pods}}

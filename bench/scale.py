@@ -157,10 +157,13 @@ async def churn(sessions: Sessions, state: ClusterState, rate: float, ipam_rate:
                                                        lease=s.lease)))
         now = time.monotonic()
         if now - last_report.get(node_i, -1e9) >= ipam_rate:
+            # The usage report has its own key (villi.ipam.usage): no agent watches it,
+            # so a report costs etcd one write and no watch event.
             last_report[node_i] = now
-            doc = state.node_entry(node_i)
-            doc["ipam"]["allocated"] += serial % 2
-            asyncio.create_task(sessions.put_node(s, json.dumps(doc).encode()))
+            report = state.usage_report(node_i, serial % 2)
+            asyncio.create_task(sessions.call("usage_put", lambda s=s, r=report:
+                                              s.client.put(keys.usage_key(s.node), r,
+                                                           lease=s.lease)))
         await asyncio.sleep(1.0 / rate)
 
 

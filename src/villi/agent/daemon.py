@@ -47,6 +47,7 @@ from villi.errors import EndpointError, StoreUnavailable, VilliError
 from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
+from villi.ipam.usage import usage_report
 from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
 from villi.kvstore.backoff import Backoff, BackoffPolicy
 from villi.netns import neigh, routes, set_sysctl
@@ -153,7 +154,7 @@ class Agent:
                                         on_change=self._on_pod_change)
 
         if isinstance(self.ipam, ENINodeIPAM):
-            self.ipam.start_reporting(self.store, self._publish_node,
+            self.ipam.start_reporting(self.store, self._publish_usage,
                                       cfg.ipam_node_update_rate,
                                       lambda: self.lease.lease if self.lease else None)
             self.ipam.on_pool_change = self._publish_node
@@ -161,9 +162,10 @@ class Agent:
         else:
             await self._acquire_pod_cidr()
             self.neigh = await self._size_neighbour_table()
-            self.ipam.start_reporting(self.store, self._publish_node,
+            self.ipam.start_reporting(self.store, self._publish_usage,
                                       cfg.ipam_node_update_rate)
         await self._publish_node()
+        await self._publish_usage()
 
         ready = asyncio.Event()
         self._spawn(self.identity_cache.run(self.store, ready), "identity-cache")
@@ -249,6 +251,7 @@ class Agent:
         assert self.store is not None
         self.identities.lease = lease
         await self._publish_node()
+        await self._publish_usage()
         for ep in self.endpoints.endpoints.values():
             await self._publish_endpoint(ep)
         for labels in set(self._held.values()):
@@ -317,10 +320,10 @@ class Agent:
                 await self._publish_node()
 
     def node_entry(self) -> dict[str, Any]:
-        usage = self.ipam.usage()
-        entry = {"name": self.node, "ipv4": self.node_ip, "podCIDRs": self.ipam.cidrs,
-                 "ipam": usage, "apiSocket": str(self.config.api_socket),
-                 "villi.io/ip": usage["free"]}  # allocatable pod IPs (placement)
+        # No usage here: every agent watches every node entry (villi.ipam.keys).
+        entry: dict[str, Any] = {"name": self.node, "ipv4": self.node_ip,
+                                 "podCIDRs": self.ipam.cidrs,
+                                 "apiSocket": str(self.config.api_socket)}
         if isinstance(self.ipam, ENINodeIPAM):
             entry["eni"] = self.ipam.interfaces()
         return entry
@@ -343,6 +346,12 @@ class Agent:
         assert self.store is not None and self.lease is not None
         await self._timed("update", self.store.put(
             keys.node_key(self.node), json.dumps(self.node_entry()).encode(),
+            lease=self.lease.lease))
+
+    async def _publish_usage(self) -> None:
+        assert self.store is not None and self.lease is not None
+        await self._timed("update", self.store.put(
+            keys.usage_key(self.node), usage_report(self.ipam.usage()),
             lease=self.lease.lease))
 
     # --- endpoints ----------------------------------------------------------------------

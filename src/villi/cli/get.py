@@ -73,8 +73,11 @@ def get_command(args: argparse.Namespace) -> int:
                                      for i, lbl in sorted(rows)], no_headers=args.no_headers)
         return 0
     if what == "nodes":
+        from villi.ipam.usage import merge_usage
+
         items = _store_list(target, "villi/state/nodes/v1/")
-        nodes = [json.loads(v) for _, v in items]
+        nodes = merge_usage([json.loads(v) for _, v in items],
+                            _store_list(target, "villi/state/ipam/v1/usage/"))
         if args.output == "json":
             dump_json(nodes)
         elif any("eni" in n for n in nodes):

@@ -6,12 +6,19 @@ contract.
     villi/state/nodes/v1/<node>                -> NodeEntry JSON   (agent, under its lease)
     villi/state/ipam/v1/podcidrs/<node>        -> {"cidrs": [...]} (operator, no lease)
     villi/state/ipam/v1/cidrs/<a.b.c.d_len>    -> <node>           (operator, create-if-absent)
+    villi/state/ipam/v1/usage/<node>           -> usage JSON       (agent, under its lease)
 
 Why two operator keys: the claim key per CIDR makes "one CIDR, one node" a single
 create-if-absent that exactly one writer wins, even with two operators; the podcidrs
 key per node is what the agent watches (one key, no scan). The node entry lives under
 the agent's lease, so its disappearance is how the operator learns a node died; pod
 CIDRs deliberately do not, so a restarting agent finds its CIDR still there.
+
+Why usage has its own key: every agent watches every node entry (routes to the other
+nodes), so a node entry must change only when a node's IP or pod CIDRs do. IPAM usage
+changes with every pod start; kept in the node entry it cost N watch events per report
+and up to N/15 reports per second, O(N^2) in the cluster (measured by bench/scale.py,
+docs/scale.md). The usage key is read by the operator and ``villi get nodes`` only.
 
 Everything here is pure (no store access), shared by ``villi.ipam`` (agent side) and
 ``villi.operator``.
@@ -33,6 +40,7 @@ NODES_PREFIX = "villi/state/nodes/v1/"
 IPAM_PREFIX = "villi/state/ipam/v1/"
 PODCIDRS_PREFIX = IPAM_PREFIX + "podcidrs/"
 CLAIMS_PREFIX = IPAM_PREFIX + "cidrs/"
+USAGE_PREFIX = IPAM_PREFIX + "usage/"
 
 
 def check_node_name(node: str) -> str:
@@ -48,6 +56,11 @@ def node_key(node: str) -> str:
 
 def podcidrs_key(node: str) -> str:
     return PODCIDRS_PREFIX + check_node_name(node)
+
+
+def usage_key(node: str) -> str:
+    """Where a node's agent reports its IPAM usage (``{"ipam": {...}, "villi.io/ip": n}``)."""
+    return USAGE_PREFIX + check_node_name(node)
 
 
 def claim_key(cidr: IPv4Network) -> str:
