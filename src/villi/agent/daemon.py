@@ -48,7 +48,7 @@ from villi.identity.allocator import IdentityAllocator, ref_key
 from villi.identity.cache import IdentityCache
 from villi.identity.labels import LabelSet, pod_identity_labels
 from villi.ipam.usage import usage_report
-from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.kvstore import EtcdStore, LeaseID, LeaseKeeper, Store, open_store
 from villi.kvstore.backoff import Backoff, BackoffPolicy
 from villi.netns import neigh, routes, set_sysctl
 from villi.netns.veth import GATEWAY_IPV4
@@ -136,11 +136,14 @@ class Agent:
             log.info("start jitter: connecting to the kvstore in %.2f s", delay)
             await asyncio.sleep(delay)
         self.store = open_store(cfg.kvstore)
+        if isinstance(self.store, EtcdStore):
+            self.store.rewatch_jitter = cfg.kvstore_rewatch_jitter
         self.lease = LeaseKeeper(self.store, cfg.lease_ttl, on_lost=self._lease_lost,
                                  backoff=BackoffPolicy(0.1, cfg.kvstore_retry_cap, None))
         await self.lease.start()
         self.kvstore_status = "ok"
-        self.store_health = StoreHealth(self.store, cap=cfg.kvstore_retry_cap)
+        self.store_health = StoreHealth(self.store, cap=cfg.kvstore_retry_cap,
+                                        interval=cfg.kvstore_health_interval)
         self._spawn(self.store_health.run(), "kvstore-health")
         self.identities = IdentityAllocator(self.store, self.node, lease=self.lease.lease)
         self.identity_cache = IdentityCache()
