@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,21 +140,14 @@ async def bulk_put(store: EtcdStore, items: list[tuple[str, bytes, LeaseID | Non
 
 
 async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
-                   on_lease: Any = None, concurrency: int = 16) -> dict[str, Any]:
-    """Write the whole cluster state; returns timings and counts. ``on_lease(i, lease)``
-    is called as each lease is granted (whoever keeps it alive starts at once: granting
-    20,000 takes longer than a TTL)."""
+                   grant: Callable[[list[int]], Awaitable[dict[int, LeaseID]]]
+                   ) -> dict[str, Any]:
+    """Write the whole cluster state; returns timings and counts. ``grant(indices)``
+    grants the leases of nodes 1..N-1 and keeps them alive from then on (the simulated
+    agents do: granting 20,000 can take longer than a TTL)."""
     t0 = time.perf_counter()
-    sem = asyncio.Semaphore(concurrency)
     n = state.size.nodes
-
-    async def grant(i: int) -> None:
-        async with sem:
-            state.leases[i] = await store.grant_lease(lease_ttl)
-        if on_lease is not None:
-            on_lease(i, state.leases[i])
-
-    await asyncio.gather(*(grant(i) for i in range(1, n)))
+    state.leases.update(await grant(list(range(1, n))))
     t_leases = time.perf_counter()
 
     await bulk_put(store, [(keys.node_key(node_name(i)),
@@ -186,7 +180,8 @@ async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
     return {"leases_s": t_leases - t0, "nodes_s": t_nodes - t_leases,
             "identities_s": t_ids - t_nodes, "resources_s": t_res - t_ids,
             "ipcache_s": t_pods - t_res, "total_s": t_pods - t0,
-            "keys": {"nodes": n - 1, "usage_reports": n - 1, "leases": len(state.leases), "identities": len(idents) // 2,
+            "keys": {"nodes": n - 1, "usage_reports": n - 1, "leases": len(state.leases),
+                     "identities": len(idents) // 2,
                      "namespaces": len(state.work.namespaces),
                      "policies": len(docs) - len(state.work.namespaces),
                      "ipcache": state.size.pods}}
