@@ -23,9 +23,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from _scale_sessions import Recorder, Sessions
+from _scale_sessions import VILLI, Recorder, Sessions
 
-from villi.kvstore import LeaseID
+from villi.errors import StoreError
+from villi.kvstore import LeaseID, retry
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -87,15 +88,23 @@ async def _command(sessions: Sessions, msg: dict[str, Any]) -> Any:
         out: dict[int, int] = {}
 
         async def one(index: int, node: str, entry: bytes) -> None:
+            client = sessions.clients[index % len(sessions.clients)]
             async with sem:
-                lease = await sessions.clients[index % len(sessions.clients)].grant_lease(
-                    sessions.ttl)
+                # the sessions' clients try once; a grant retries as an agent's would
+                lease = await retry(lambda: client.grant_lease(sessions.ttl), VILLI,
+                                    retry_on=StoreError)
             s = sessions.add(index, node, lease, entry)
             sessions.start(watch=False, group=[s])
             out[index] = int(lease)
 
         await asyncio.gather(*(one(i, n, e) for i, n, e in msg["nodes"]))
         return out
+    if cmd == "adopt":
+        # Leases granted by the benchmark's process: keep each alive from now on.
+        for index, node, entry, lease in msg["nodes"]:
+            s = sessions.add(index, node, LeaseID(lease), entry)
+            sessions.start(watch=False, group=[s])
+        return len(msg["nodes"])
     if cmd == "stop":
         await sessions.stop()
         return None
@@ -206,6 +215,17 @@ class Fleet:
             self.leases.update({int(i): LeaseID(lease) for i, lease in answer.items()})
         self.count = len(self.leases)
         return self.leases
+
+    async def adopt(self, nodes: list[tuple[int, str, bytes, LeaseID]]) -> None:
+        """Hand sessions whose leases this process granted to the workers, which keep
+        the leases alive from now on."""
+        await asyncio.gather(*(w.call("adopt", nodes=[(i, n, e, int(lease))
+                                                      for i, n, e, lease in share])
+                               for w, share in zip(self.workers, self._share(nodes),
+                                                   strict=True)))
+        for i, _n, _e, lease in nodes:
+            self.leases[i] = lease
+        self.count = len(self.leases)
 
     async def configure(self, **kw: Any) -> None:
         await self._all("configure", **kw)

@@ -123,6 +123,7 @@ def _create(prefix: str, start_revision: int) -> dict[str, Any]:
 KA_BATCH = 100  # keep-alives per request: the gateway reads ~100 before it answers
 
 STALL = 1.0  # seconds without a created answer before a stream's rest moves on
+RETRY_CREATE = 15.0  # seconds a session waits for its watches before asking again
 
 
 @dataclass(eq=False)
@@ -215,6 +216,7 @@ class Sessions:
         self.rec = Recorder()
         self.strategy = "full"
         self.rewatch_jitter = 1.0
+        self.retried = 0
         self.revision = 0
         self.batch = batch
         self.events = 0
@@ -451,10 +453,22 @@ class Sessions:
         """Seconds until every session watches (or TimeoutError)."""
         t0 = time.monotonic()
         deadline = t0 + timeout
+        next_check = t0 + RETRY_CREATE
         while not all(s.watching for s in self.sessions):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 missing = sum(not s.watching for s in self.sessions)
                 raise TimeoutError(f"{missing} sessions not watching after {timeout} s")
+            if now > next_check:
+                # A create that got no answer for RETRY_CREATE s (its stream stalled on a
+                # loaded machine) is sent again, as a client would after a timeout.
+                next_check = now + RETRY_CREATE / 2
+                for s in self.sessions:
+                    if not s.watching and not s.broken.is_set() and s.queued_at \
+                            and now - s.queued_at > RETRY_CREATE:
+                        s.queued_at = now
+                        self.retried += 1
+                        self._pending.put_nowait(s)
             await asyncio.sleep(0.1)
         return time.monotonic() - t0
 
