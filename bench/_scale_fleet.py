@@ -109,7 +109,7 @@ async def _command(sessions: Sessions, msg: dict[str, Any]) -> Any:
         await sessions.stop()
         return None
     if cmd == "configure":
-        for k in ("strategy", "revision", "rewatch_jitter"):
+        for k in ("strategy", "revision", "rewatch_jitter", "storm_republish"):
             if k in msg:
                 setattr(sessions, k, msg[k])
         return None

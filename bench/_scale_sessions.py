@@ -217,6 +217,7 @@ class Sessions:
         self.strategy = "full"
         self.rewatch_jitter = 1.0
         self.retried = 0
+        self.storm_republish = False
         self.revision = 0
         self.batch = batch
         self.events = 0
@@ -420,13 +421,22 @@ class Sessions:
         async def one(s: Session) -> None:
             await asyncio.sleep(rng.uniform(0, jitter))
 
+            expired = False
+
             async def lease() -> None:
+                nonlocal expired
                 if not await self.keep_alive(s, "lease"):
+                    expired = True
                     s.lease = await self.call("lease_grant",
                                               lambda: s.client.grant_lease(self.ttl))
 
             await retry(lease, VILLI, retry_on=StoreError)
-            await retry(lambda: self.put_node(s), VILLI, retry_on=StoreError)
+            # Re-published only under a new lease: an agent that keeps its lease across
+            # a restart has nothing to rewrite. (villi's agent grants a new lease at each
+            # start and rewrites its node entry: N^2 node events per rollout, which took
+            # etcd to 4.3 GiB at 5,000 sessions; docs/scale.md.)
+            if expired or self.storm_republish:
+                await retry(lambda: self.put_node(s), VILLI, retry_on=StoreError)
             await retry(lambda: self.call("list", lambda: s.client._gw.call(
                 "/v3/kv/range", {**_range(keys.NODES), "limit": 100, "keys_only": True})),
                 VILLI, retry_on=StoreError)

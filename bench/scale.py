@@ -423,7 +423,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     *(one(i) for i in indices[k:k + 1000]))))
             return dict(fleet.leases)
 
-        await fleet.configure(rewatch_jitter=args.rewatch_jitter)
+        await fleet.configure(rewatch_jitter=args.rewatch_jitter,
+                              storm_republish=args.storm_republish)
         result["populate"] = await populate(store, state, args.session_ttl, grant)
         m = etcd_metrics(server)
         result["populate"]["etcd_db_mib"] = round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
@@ -577,6 +578,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policy-changes", type=int)
     ap.add_argument("--agent-timeout", type=float, default=900.0)
     ap.add_argument("--watch-timeout", type=float, default=600.0)
+    ap.add_argument("--storm-republish", action="store_true",
+                    help="in the start storm every session re-writes its node entry, as "
+                    "villi's agent does today (N^2 watch events; default: only sessions "
+                    "whose lease expired)")
     ap.add_argument("--workers", type=int, default=4,
                     help="processes the simulated sessions are spread over")
     ap.add_argument("--rewatch-jitter", type=float, default=1.0,
