@@ -4,9 +4,10 @@
 Real: etcd (the ``etcd`` binary, one member, loopback and a unix socket), every key
 written with villi's key formats and its etcd client, one real ``villi agent`` in a
 node namespace with its real datapath. Simulated: the other N-1 agents, as lightweight
-sessions in this process (``_scale_sessions.py``: lease keep-alive, node entry,
-multiplexed watches of the shared prefixes; they count the events instead of decoding
-them and do not download the full listings).
+sessions spread over --workers processes (``_scale_fleet.py`` running
+``_scale_sessions.py``: lease keep-alive, node entry, multiplexed watches of the shared
+prefixes; they count the events instead of decoding them and do not download the full
+listings).
 
 Phases (``--phases``):
   populate  N-1 leases, node entries under them, I identities, namespaces and K
@@ -527,7 +528,9 @@ def report(result: dict[str, Any]) -> str:
             f"| etcd RPCs/s | {st['etcd_rpcs_per_s']} |",
             f"| keep-alives needed at this TTL | {st['keepalive_required_per_s']}/s |",
             f"| client latency p50/p99 | {lat} |",
-            f"| watch events delivered | {st['events_delivered_per_s']:,.0f}/s |",
+            f"| watch events delivered to the simulator | {st['events_delivered_per_s']:,.0f}/s "
+            f"(owed: {st.get('ipcache_puts_per_s', 0) * (size['nodes'] - 1):,.0f}/s = "
+            f"ipcache puts × {size['nodes'] - 1:,} watchers; usage reports owe none) |",
             f"| etcd CPU / RSS | {st['etcd_cpu_cores']} cores / {st['etcd_rss_mib']} MiB |",
             ""]
     storm = result.get("storm")
