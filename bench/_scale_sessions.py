@@ -15,7 +15,11 @@ on its own with the strategy under test:
 
 - ``none``:  fixed exponential, ``min(cap, base * 2**n)``;
 - ``equal``: equal jitter, half of that plus uniform(0, the other half);
-- ``full``:  villi's full jitter, ``villi.kvstore.backoff.BackoffPolicy.delay``.
+- ``full``:  villi: full jitter (``villi.kvstore.backoff.BackoffPolicy.delay``), and
+  what the agent does besides since issue 16: a uniform pause of 0..``rewatch_jitter``
+  between "etcd answers" and re-creating the watches (``EtcdStore.rewatch_jitter``)
+  and a keep-alive period drawn from [TTL/6, TTL/3] (``LeaseKeeper.period``), so
+  sessions that came back together do not stay in step.
 
 A retry is one keep-alive of the session's lease (the cheapest request that proves
 etcd is back, and one the agent must make anyway); after it succeeds the session's two
@@ -119,6 +123,7 @@ def _create(prefix: str, start_revision: int) -> dict[str, Any]:
 KA_BATCH = 100  # keep-alives per request: the gateway reads ~100 before it answers
 
 STALL = 1.0  # seconds without a created answer before a stream's rest moves on
+RETRY_CREATE = 15.0  # seconds a session waits for its watches before asking again
 
 
 @dataclass(eq=False)
@@ -210,6 +215,9 @@ class Sessions:
         self.rng = random.Random(seed)
         self.rec = Recorder()
         self.strategy = "full"
+        self.rewatch_jitter = 1.0
+        self.retried = 0
+        self.storm_republish = False
         self.revision = 0
         self.batch = batch
         self.events = 0
@@ -297,22 +305,30 @@ class Sessions:
         try:
             async with self._watch_http.stream("POST", self.endpoint + "/v3/watch",
                                                content=body) as resp:
-                async for line in resp.aiter_lines():
-                    if '"created"' in line:
-                        if st.done:
-                            continue  # late: that session went to another stream
+                # Count tokens in the raw bytes (no line splitting, no JSON): at 20,000
+                # sessions the streams carry ~100,000 messages per second.
+                tail = b""
+                async for chunk in resp.aiter_raw():
+                    data = tail + chunk
+                    # whole messages only (one JSON line each): a token may straddle
+                    # two chunks
+                    cut = data.rfind(b"\n") + 1
+                    body_part, tail = data[:cut], data[cut:]
+                    self.events += body_part.count(b'"events"')
+                    created = body_part.count(b'"created"')
+                    if not created or st.done:
+                        continue  # (late creates: those sessions went to another stream)
+                    now = time.monotonic()
+                    st.progress = now
+                    for _ in range(created):
                         st.acks += 1
-                        st.progress = time.monotonic()
-                        if st.acks % 2 == 0:
+                        if st.acks % 2 == 0 and st.acks // 2 <= len(group):
                             s = group[st.acks // 2 - 1]
-                            s.watching, s.back_at = True, time.monotonic()
+                            s.watching, s.back_at = True, now
                             s.stream = sid
                             self.rec.done("watch_create", s.queued_at)
-                        if st.acks == 2 * len(group):
-                            st.done = True
-                        continue
-                    if '"events"' in line:
-                        self.events += 1
+                    if st.acks >= 2 * len(group):
+                        st.done = True
         except (httpx.HTTPError, OSError) as exc:
             log.debug("watch stream of %d sessions broke: %s", len(group), exc)
         finally:
@@ -338,7 +354,15 @@ class Sessions:
         if not alive:  # the lease expired while etcd was away: grant again, re-publish
             s.lease = await self.call("lease_grant", lambda: s.client.grant_lease(self.ttl))
             await self.put_node(s)
+        if self.strategy == "full" and self.rewatch_jitter > 0:
+            await asyncio.sleep(self.rng.uniform(0, self.rewatch_jitter))
         await self.watch(s)
+
+    def ka_period(self) -> float:
+        """Seconds to the next keep-alive: villi's LeaseKeeper draws it from
+        [TTL/6, TTL/3]; the naive strategies keep the fixed TTL/3."""
+        period = self.ttl / 3
+        return self.rng.uniform(period / 2, period) if self.strategy == "full" else period
 
     async def _run(self, s: Session, watch: bool) -> None:
         period = self.ttl / 3
@@ -352,7 +376,7 @@ class Sessions:
             except TimeoutError:
                 try:
                     await self.keep_alive(s)
-                    next_ka += period
+                    next_ka += self.ka_period()
                     continue
                 except StoreError:
                     s.broken_at = time.monotonic()
@@ -368,11 +392,11 @@ class Sessions:
                         break
                     except StoreError:
                         continue
-                next_ka = loop.time() + period
+                next_ka = loop.time() + self.ka_period()
                 continue
             s.broken.clear()
             await self._reconnect(s)
-            next_ka = loop.time() + period
+            next_ka = loop.time() + self.ka_period()
 
     def start(self, *, watch: bool, group: list[Session] | None = None) -> None:
         """Run the sessions (all, or ``group``): keep-alives, and (``watch``) the
@@ -381,6 +405,45 @@ class Sessions:
             self.start_pumps()
         self._tasks += [asyncio.create_task(self._run(s, watch))
                         for s in (self.sessions if group is None else group)]
+
+    async def storm(self, jitter: float, seed: int) -> None:
+        """Every session restarts at once (a node-image rollout) after a uniform
+        0..``jitter`` s (``--start-jitter``): refresh its lease (a new one if it expired),
+        publish its node entry, list (one 100-key page, see scale.py's docstring),
+        watch; each step retries as the agent does (full jitter)."""
+        from villi.errors import StoreError
+        from villi.kvstore import retry
+        from villi.kvstore.etcd import _range
+
+        rng = random.Random(seed)
+        self.start_pumps()
+
+        async def one(s: Session) -> None:
+            await asyncio.sleep(rng.uniform(0, jitter))
+
+            expired = False
+
+            async def lease() -> None:
+                nonlocal expired
+                if not await self.keep_alive(s, "lease"):
+                    expired = True
+                    s.lease = await self.call("lease_grant",
+                                              lambda: s.client.grant_lease(self.ttl))
+
+            await retry(lease, VILLI, retry_on=StoreError)
+            # Re-published only under a new lease: an agent that keeps its lease across
+            # a restart has nothing to rewrite. (villi's agent grants a new lease at each
+            # start and rewrites its node entry: N^2 node events per rollout, which took
+            # etcd to 4.3 GiB at 5,000 sessions; docs/scale.md.)
+            if expired or self.storm_republish:
+                await retry(lambda: self.put_node(s), VILLI, retry_on=StoreError)
+            await retry(lambda: self.call("list", lambda: s.client._gw.call(
+                "/v3/kv/range", {**_range(keys.NODES), "limit": 100, "keys_only": True})),
+                VILLI, retry_on=StoreError)
+            await self.watch(s)
+            self.keep_alive_loop(s)
+
+        await asyncio.gather(*(one(s) for s in self.sessions))
 
     def keep_alive_loop(self, s: Session) -> None:
         """Keep one session's lease alive from now on (its watches are handled apart)."""
@@ -400,10 +463,22 @@ class Sessions:
         """Seconds until every session watches (or TimeoutError)."""
         t0 = time.monotonic()
         deadline = t0 + timeout
+        next_check = t0 + RETRY_CREATE
         while not all(s.watching for s in self.sessions):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 missing = sum(not s.watching for s in self.sessions)
                 raise TimeoutError(f"{missing} sessions not watching after {timeout} s")
+            if now > next_check:
+                # A create that got no answer for RETRY_CREATE s (its stream stalled on a
+                # loaded machine) is sent again, as a client would after a timeout.
+                next_check = now + RETRY_CREATE / 2
+                for s in self.sessions:
+                    if not s.watching and not s.broken.is_set() and s.queued_at \
+                            and now - s.queued_at > RETRY_CREATE:
+                        s.queued_at = now
+                        self.retried += 1
+                        self._pending.put_nowait(s)
             await asyncio.sleep(0.1)
         return time.monotonic() - t0
 

@@ -1,7 +1,7 @@
 """The cluster state of bench/scale.py: generated deterministically, written to real etcd.
 
 Everything is written with villi's own key formats and encoders: node entries
-(``villi.agent.keys``) and ipcache entries under the leases of their nodes, identities
+(``villi.kvstore.schema``) and ipcache entries under the leases of their nodes, identities
 (``villi.identity.allocator`` id and value keys, canonical label strings), Namespace
 and policy resources (``villi.resources``), the policies being the same realistic mix
 as bench/policy.py (namespace isolation KNPs, app-to-app CNPs with ports and ranges,
@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from policy import Workload  # bench/policy.py: the 3,000-policy mix
 
 from villi import resources
 from villi.identity.allocator import id_key, value_key
+from villi.ipam.usage import usage_report
 from villi.kvstore import EtcdStore, LeaseID
 from villi.kvstore import schema as keys
 from villi.kvstore.etcd import _put  # the gateway's PutRequest encoder
@@ -105,10 +107,14 @@ class ClusterState:
         return self.size.pods // remote + (1 if (node - 1) < self.size.pods % remote else 0)
 
     def node_entry(self, i: int) -> dict[str, Any]:
-        used = self.pods_on(i) if i else 0
+        """The agent's node entry: no IPAM usage (that is :meth:`usage_report`'s key)."""
         return {"name": node_name(i), "ipv4": node_ip(i), "podCIDRs": [node_cidr(i)],
-                "ipam": {"capacity": 126, "allocated": used, "available": 126 - used},
                 "apiSocket": f"/var/run/villi/{node_name(i)}.sock"}
+
+    def usage_report(self, i: int, extra: int = 0) -> bytes:
+        """The agent's IPAM usage report (``ipam/v1/usage/<node>``, villi.ipam.usage)."""
+        used = min(126, (self.pods_on(i) if i else 0) + extra)
+        return usage_report({"allocated": used, "capacity": 126})
 
     def resource_docs(self) -> list[Any]:
         ns_yaml = "---\n".join(
@@ -135,26 +141,21 @@ async def bulk_put(store: EtcdStore, items: list[tuple[str, bytes, LeaseID | Non
 
 
 async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
-                   on_lease: Any = None, concurrency: int = 16) -> dict[str, Any]:
-    """Write the whole cluster state; returns timings and counts. ``on_lease(i, lease)``
-    is called as each lease is granted (whoever keeps it alive starts at once: granting
-    20,000 takes longer than a TTL)."""
+                   grant: Callable[[list[int]], Awaitable[dict[int, LeaseID]]]
+                   ) -> dict[str, Any]:
+    """Write the whole cluster state; returns timings and counts. ``grant(indices)``
+    grants the leases of nodes 1..N-1 and keeps them alive from then on (the simulated
+    agents do: granting 20,000 can take longer than a TTL)."""
     t0 = time.perf_counter()
-    sem = asyncio.Semaphore(concurrency)
     n = state.size.nodes
-
-    async def grant(i: int) -> None:
-        async with sem:
-            state.leases[i] = await store.grant_lease(lease_ttl)
-        if on_lease is not None:
-            on_lease(i, state.leases[i])
-
-    await asyncio.gather(*(grant(i) for i in range(1, n)))
+    state.leases.update(await grant(list(range(1, n))))
     t_leases = time.perf_counter()
 
     await bulk_put(store, [(keys.node_key(node_name(i)),
                             json.dumps(state.node_entry(i)).encode(), state.leases[i])
                            for i in range(1, n)])
+    await bulk_put(store, [(keys.usage_key(node_name(i)), state.usage_report(i),
+                            state.leases[i]) for i in range(1, n)])
     t_nodes = time.perf_counter()
 
     idents: list[tuple[str, bytes, LeaseID | None]] = []
@@ -180,7 +181,8 @@ async def populate(store: EtcdStore, state: ClusterState, lease_ttl: int,
     return {"leases_s": t_leases - t0, "nodes_s": t_nodes - t_leases,
             "identities_s": t_ids - t_nodes, "resources_s": t_res - t_ids,
             "ipcache_s": t_pods - t_res, "total_s": t_pods - t0,
-            "keys": {"nodes": n - 1, "leases": len(state.leases), "identities": len(idents) // 2,
+            "keys": {"nodes": n - 1, "usage_reports": n - 1, "leases": len(state.leases),
+                     "identities": len(idents) // 2,
                      "namespaces": len(state.work.namespaces),
                      "policies": len(docs) - len(state.work.namespaces),
                      "ipcache": state.size.pods}}

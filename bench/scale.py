@@ -4,9 +4,10 @@
 Real: etcd (the ``etcd`` binary, one member, loopback and a unix socket), every key
 written with villi's key formats and its etcd client, one real ``villi agent`` in a
 node namespace with its real datapath. Simulated: the other N-1 agents, as lightweight
-sessions in this process (``_scale_sessions.py``: lease keep-alive, node entry,
-multiplexed watches of the shared prefixes; they count the events instead of decoding
-them and do not download the full listings).
+sessions spread over --workers processes (``_scale_fleet.py`` running
+``_scale_sessions.py``: lease keep-alive, node entry, multiplexed watches of the shared
+prefixes; they count the events instead of decoding them and do not download the full
+listings).
 
 Phases (``--phases``):
   populate  N-1 leases, node entries under them, I identities, namespaces and K
@@ -51,11 +52,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
 
 import httpx  # noqa: E402
-from _scale_sessions import CAP, VILLI, WINDOW, Sessions, pct  # noqa: E402
+from _scale_fleet import Fleet  # noqa: E402
+from _scale_sessions import CAP, WINDOW, pct  # noqa: E402
 from _scale_state import ClusterState, Size, node_name, populate  # noqa: E402
 
 from villi.errors import StoreError  # noqa: E402
-from villi.kvstore import EtcdStore, retry  # noqa: E402
+from villi.kvstore import EtcdStore  # noqa: E402
 from villi.kvstore import schema as keys  # noqa: E402
 from villi.testing.etcd import EtcdServer  # noqa: E402
 
@@ -136,55 +138,73 @@ async def phase_agent(args: argparse.Namespace, server: EtcdServer, store: EtcdS
     return result
 
 
-async def churn(sessions: Sessions, state: ClusterState, rate: float, ipam_rate: float,
-                stop: asyncio.Event) -> None:
-    """Pod churn: re-publish ipcache entries; IPAM reports at most once per node per
-    ``ipam_rate`` seconds, as the agent's RateLimitedReporter does."""
+async def churn(fleet: Fleet, store: EtcdStore, state: ClusterState, rate: float,
+                ipam_rate: float, stop: asyncio.Event) -> None:
+    """Pod churn: re-publish ipcache entries (under their node's lease); IPAM usage
+    reports at most once per node per ``ipam_rate`` seconds, as the agent's
+    RateLimitedReporter does. Written from this process (the sessions only watch)."""
     rng = random.Random(7)
     last_report: dict[int, float] = {}
-    by_index = {s.index: s for s in sessions.sessions}
+    rec = fleet.rec
     serial = 0
+
+    async def timed(kind: str, coro: Any) -> None:
+        t = rec.issue(kind)
+        try:
+            await coro
+        except StoreError:
+            rec.done(kind, t, ok=False)
+        else:
+            rec.done(kind, t)
+
+    pending: set[asyncio.Task[None]] = set()
     while not stop.is_set():
         serial += 1
         j = rng.randrange(state.size.pods)
         node, ip, entry = state.pod(j)
         node_i = int(node.split("-")[1])
-        s = by_index[node_i]
+        lease = fleet.leases[node_i]
         entry["podName"] = f"{entry['podName']}-{serial}"
-        data = json.dumps(entry).encode()
-        asyncio.create_task(sessions.call("ipcache_put", lambda s=s, ip=ip, data=data:
-                                          s.client.put(keys.ipcache_key(ip), data,
-                                                       lease=s.lease)))
+        for coro in [("ipcache_put", store.put(keys.ipcache_key(ip), json.dumps(entry).encode(),
+                                                lease=lease))]:
+            t = asyncio.create_task(timed(*coro))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
         now = time.monotonic()
         if now - last_report.get(node_i, -1e9) >= ipam_rate:
+            # The usage report has its own key (villi.ipam.usage): no agent watches it,
+            # so a report costs etcd one write and no watch event.
             last_report[node_i] = now
-            doc = state.node_entry(node_i)
-            doc["ipam"]["allocated"] += serial % 2
-            asyncio.create_task(sessions.put_node(s, json.dumps(doc).encode()))
+            t = asyncio.create_task(timed("usage_put", store.put(
+                keys.usage_key(node), state.usage_report(node_i, serial % 2), lease=lease)))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
         await asyncio.sleep(1.0 / rate)
+    if pending:
+        await asyncio.wait(pending, timeout=30)
 
 
-async def phase_steady(args: argparse.Namespace, server: EtcdServer, sessions: Sessions,
-                       state: ClusterState) -> dict[str, Any]:
-    await sessions.stop()
-    sessions.rec.start(time.monotonic())
-    sessions.start(watch=True)
-    setup_s = await sessions.wait_watching(args.watch_timeout)
-    log(f"steady: {len(sessions.sessions)} sessions watching after {setup_s:.1f} s")
+async def phase_steady(args: argparse.Namespace, server: EtcdServer, fleet: Fleet,
+                       store: EtcdStore, state: ClusterState) -> dict[str, Any]:
+    await fleet.stop()
+    await fleet.record(time.monotonic())
+    await fleet.start(watch=True)
+    setup_s = await fleet.wait_watching(args.watch_timeout)
+    log(f"steady: {fleet.count} sessions watching after {setup_s:.1f} s")
     await asyncio.sleep(2.0)
-    events0 = sessions.events
+    events0 = (await fleet.collect()).events
     m0 = etcd_metrics(server)
     t0 = time.monotonic()
-    sessions.rec.start(t0)
+    await fleet.record(t0)
     stop = asyncio.Event()
-    writer = asyncio.create_task(churn(sessions, state, args.churn, args.ipam_node_update_rate,
-                                       stop))
+    writer = asyncio.create_task(churn(fleet, store, state, args.churn,
+                                       args.ipam_node_update_rate, stop))
     await asyncio.sleep(args.steady_seconds)
     stop.set()
     await writer
     seconds = time.monotonic() - t0
     m1 = etcd_metrics(server)
-    rec = sessions.rec
+    rec = await fleet.collect()
     return {
         "watch_setup_s": round(setup_s, 2), "seconds": round(seconds, 1),
         "client_requests_per_s": {k: round(v / seconds, 1) for k, v in rec.kinds.items()},
@@ -197,19 +217,21 @@ async def phase_steady(args: argparse.Namespace, server: EtcdServer, sessions: S
                                  - m0.get("process_cpu_seconds_total", 0)) / seconds, 2),
         "etcd_rss_mib": round(m1.get("process_resident_memory_bytes", 0) / 2**20, 1),
         "etcd_watchers": m1.get("etcd_debugging_mvcc_watcher_total"),
-        "events_delivered_per_s": round((sessions.events - events0) / seconds, 1),
-        "keepalive_required_per_s": round((len(sessions.sessions)) / (sessions.ttl / 3), 1),
+        "events_delivered_per_s": round((rec.events - events0) / seconds, 1),
+        "ipcache_puts_per_s": round(rec.kinds.get("ipcache_put", 0) / seconds, 2),
+        "keepalive_required_per_s": round(fleet.count / (fleet.ttl / 3), 1),
+        "keepalive_range_per_s": [round(fleet.count / (fleet.ttl / 3), 1),
+                                  round(fleet.count / (fleet.ttl / 6), 1)],
     }
 
 
-async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
+async def restart_once(server: EtcdServer, store: EtcdStore, fleet: Fleet,
                        strategy: str, timeout: float, outage: float) -> dict[str, Any]:
-    await sessions.wait_watching(timeout)
-    sessions.revision = await store.revision()
-    sessions.strategy = strategy
+    await fleet.wait_watching(timeout)
+    await fleet.configure(strategy=strategy, revision=await store.revision())
     await asyncio.sleep(0.5)
     t_stop = time.monotonic()
-    sessions.rec.start(t_stop)
+    await fleet.record(t_stop)
     # SIGKILL: the process exits at once (a crash, an OOM kill, a node reboot) and
     # every connection resets; a graceful stop leaves requests hanging on open
     # connections until it finishes, which hides the clients' backoff.
@@ -219,15 +241,15 @@ async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
     # Down for --outage seconds (the time a crashed member takes to come back): the
     # clients' attempts fail fast meanwhile, and their backoff shapes the return.
     await asyncio.sleep(max(0.0, outage - (time.monotonic() - t_stop)))
-    await asyncio.to_thread(server.start, 120.0)
+    await asyncio.to_thread(server.start, 300.0)
     t_up = time.monotonic()
-    all_s = await sessions.wait_watching(timeout) + (time.monotonic() - t_up) * 0
-    t_all = max(s.back_at for s in sessions.sessions)
-    rec = sessions.rec
+    all_s = await fleet.wait_watching(timeout)
+    rec = await fleet.collect()
+    t_all = max(rec.back_at)
     series = rec.series(until=t_all)
     first = int((t_up - t_stop) / WINDOW)
     window = series[first:int((t_all - t_stop) / WINDOW) + 1]
-    back = [s.back_at - t_up for s in sessions.sessions]
+    back = [b - t_up for b in rec.back_at]
     attempts = rec.series(until=t_all, kind="reconnect")
     return {
         "strategy": strategy, "down_s": round(t_up - t_stop, 2),
@@ -240,15 +262,14 @@ async def restart_once(server: EtcdServer, store: EtcdStore, sessions: Sessions,
             (series + [0] * int((CAP + 1) / WINDOW))[first:first + int((CAP + 1) / WINDOW)]),
         "recovery_reconnects_only": peak_over_mean(
             attempts[first:int((t_all - t_stop) / WINDOW) + 1]),
-        "attempts_mean": round(sum(s.attempts for s in sessions.sessions)
-                               / len(sessions.sessions), 2),
+        "attempts_mean": round(sum(rec.attempts) / len(rec.attempts), 2),
         "requests": dict(rec.kinds), "series_100ms": series, "up_index": first,
         "reconnect_series_100ms": attempts,
     }
 
 
 async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdStore,
-                     sessions: Sessions) -> dict[str, Any]:
+                     sessions: Fleet) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     # Interleaved (none, equal, full, none, ...): a run cut short by --deadline still
     # has every strategy.
@@ -273,74 +294,35 @@ async def phase_herd(args: argparse.Namespace, server: EtcdServer, store: EtcdSt
             "peak_over_mean_fixed_window": [r["recovery_fixed_window"]["ratio"] for r in mine],
             "all_back_after_up_s": [r["all_back_after_up_s"] for r in mine],
             "back_p99_s": [r["back_p99_s"] for r in mine]}
-    return {"runs": runs, "summary": summary, "backoff": {"base": 0.05, "cap": CAP}}
+    return {"runs": runs, "summary": summary,
+            "backoff": {"base": 0.05, "cap": CAP, "rewatch_jitter": args.rewatch_jitter}}
 
 
-async def phase_storm(args: argparse.Namespace, sessions: Sessions) -> dict[str, Any]:
+async def phase_storm(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     out = {}
     for jitter in (0.0, args.start_jitter):
         if past_deadline(args):
             log("storm: --deadline reached, skipped")
             break
-        await sessions.stop()
-        rng = random.Random(3)
+        await fleet.stop()
         t0 = time.monotonic()
-        sessions.rec.start(t0)
-        sessions.start_pumps()
-
-        async def one(s: Any, jitter: float = jitter, rng: random.Random = rng) -> None:
-            await asyncio.sleep(rng.uniform(0, jitter))
-            # An agent restarting inside its lease's TTL: refresh the lease (a new one if
-            # it expired), publish its node entry, list (one 100-key page, see the
-            # docstring), watch. Each step retries as the agent does (full jitter).
-
-            async def lease() -> None:
-                if not await sessions.keep_alive(s, "lease"):
-                    s.lease = await sessions.call("lease_grant",
-                                                  lambda: s.client.grant_lease(sessions.ttl))
-
-            await retry(lease, VILLI, retry_on=StoreError)
-            await retry(lambda: sessions.put_node(s), VILLI, retry_on=StoreError)
-            await retry(lambda: sessions.call("list", lambda: s.client._gw.call(
-                "/v3/kv/range", {**_range_body(keys.NODES), "limit": 100, "keys_only": True})),
-                VILLI, retry_on=StoreError)
-            await sessions.watch(s)
-            sessions.keep_alive_loop(s)
-
-        storming = sessions.sessions[:args.storm_sessions or None]
-        # Everyone else keeps its lease meanwhile (their pods' entries live under it).
-        sessions.start(watch=False, group=sessions.sessions[len(storming):])
-        await asyncio.gather(*(one(s) for s in storming))
-        all_s = await wait_all(storming, args.watch_timeout)
-        t_all = max(s.back_at for s in storming)
-        series = sessions.rec.series(until=t_all)
+        await fleet.storm(jitter, t0, args.watch_timeout)
+        rec = await fleet.collect()
+        t_all = max(rec.back_at)
+        series = rec.series(until=t_all)
+        ratio = peak_over_mean(series)
         out[f"jitter_{jitter:g}s"] = {
-            "start_jitter_s": jitter, "sessions": len(storming),
+            "start_jitter_s": jitter, "sessions": fleet.count,
             "all_watching_s": round(t_all - t0, 2),
-            "peak_per_100ms": max(series), "ratio": peak_over_mean(series)["ratio"],
-            "requests": dict(sessions.rec.kinds),
+            "peak_per_100ms": ratio["peak"], "ratio": ratio["ratio"],
+            "requests": dict(rec.kinds),
             "latency_p99_ms": {k: round(1000 * (pct(v, 0.99) or 0), 1)
-                               for k, v in sessions.rec.latency.items()},
-            "series_100ms": series, "wait_s": all_s}
+                               for k, v in rec.latency.items()},
+            "series_100ms": series}
         log(f"storm jitter {jitter:g} s: all watching after {t_all - t0:.1f} s, "
             f"peak {max(series)}/100 ms")
-    await sessions.stop()
+    await fleet.stop()
     return out
-
-
-async def wait_all(group: list[Any], timeout: float) -> float:
-    t0 = time.monotonic()
-    while not all(s.watching for s in group):
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"sessions not watching after {timeout} s")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - t0
-
-
-def _range_body(prefix: str) -> dict[str, str]:
-    from villi.kvstore.etcd import _range
-
-    return _range(prefix)
 
 
 def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
@@ -413,7 +395,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     server = EtcdServer(unix_socket=True)
     server.start()
     store = EtcdStore(server.endpoint, request_timeout=60)
-    sessions = Sessions(server.endpoint, args.session_ttl, clients=args.clients)
+    fleet = Fleet(server.endpoint, args.session_ttl, workers=args.workers,
+                  clients=args.clients)
     try:
         result["etcd_version"] = httpx.get(server.endpoint + "/version", timeout=5).json()
         baseline = None
@@ -424,11 +407,26 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             baseline = await asyncio.to_thread(_scale_agent.baseline_rss,
                                                "unix://" + str(server.socket_path))
         log(f"populate: {size}")
-        def keep_lease(i: int, lease: Any) -> None:  # the simulated agent keeps it from now on
-            s = sessions.add(i, node_name(i), lease, json.dumps(state.node_entry(i)).encode())
-            sessions.start(watch=False, group=[s])
 
-        result["populate"] = await populate(store, state, args.session_ttl, keep_lease)
+        async def grant(indices: list[int]) -> dict[int, Any]:
+            # Granted here, a chunk at a time (etcd grants ~300/s on this machine; the
+            # workers' keep-alive loops would slow it), each chunk handed at once to the
+            # workers, which keep those leases alive from then on.
+            sem = asyncio.Semaphore(16)
+
+            async def one(i: int) -> tuple[int, str, bytes, Any]:
+                async with sem:
+                    lease = await store.grant_lease(args.session_ttl)
+                return i, node_name(i), json.dumps(state.node_entry(i)).encode(), lease
+
+            for k in range(0, len(indices), 1000):
+                await fleet.adopt(list(await asyncio.gather(
+                    *(one(i) for i in indices[k:k + 1000]))))
+            return dict(fleet.leases)
+
+        await fleet.configure(rewatch_jitter=args.rewatch_jitter,
+                              storm_republish=args.storm_republish)
+        result["populate"] = await populate(store, state, args.session_ttl, grant)
         m = etcd_metrics(server)
         result["populate"]["etcd_db_mib"] = round(m.get("etcd_mvcc_db_total_size_in_bytes", 0)
                                                   / 2**20, 1)
@@ -444,17 +442,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 f"change p99 {a['policy_change_s']['p99'] * 1000:.1f} ms")
             save(args, result)
         if ("steady" in phases or "herd" in phases) and not past_deadline(args):
-            result["steady"] = await phase_steady(args, server, sessions, state)
+            result["steady"] = await phase_steady(args, server, fleet, store, state)
             log(f"steady: {result['steady']['etcd_rpcs_per_s']}")
             save(args, result)
         if "storm" in phases and not past_deadline(args):
-            result["storm"] = await phase_storm(args, sessions)
+            result["storm"] = await phase_storm(args, fleet)
             save(args, result)
             if "herd" in phases:
-                sessions.start(watch=True)
-                await sessions.wait_watching(args.watch_timeout)
+                await fleet.start(watch=True)
+                await fleet.wait_watching(args.watch_timeout)
         if "herd" in phases and not past_deadline(args):
-            result["herd"] = await phase_herd(args, server, store, sessions)
+            result["herd"] = await phase_herd(args, server, store, fleet)
             save(args, result)
 
         m = etcd_metrics(server)
@@ -463,7 +461,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                               "rss_mib": round(m.get("process_resident_memory_bytes", 0)
                                                / 2**20, 1)}
     finally:
-        await sessions.close()
+        await fleet.close()
         await store.close()
         server.close()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -530,7 +528,9 @@ def report(result: dict[str, Any]) -> str:
             f"| etcd RPCs/s | {st['etcd_rpcs_per_s']} |",
             f"| keep-alives needed at this TTL | {st['keepalive_required_per_s']}/s |",
             f"| client latency p50/p99 | {lat} |",
-            f"| watch events delivered | {st['events_delivered_per_s']:,.0f}/s |",
+            f"| watch events delivered to the simulator | {st['events_delivered_per_s']:,.0f}/s "
+            f"(owed: {st.get('ipcache_puts_per_s', 0) * (size['nodes'] - 1):,.0f}/s = "
+            f"ipcache puts × {size['nodes'] - 1:,} watchers; usage reports owe none) |",
             f"| etcd CPU / RSS | {st['etcd_cpu_cores']} cores / {st['etcd_rss_mib']} MiB |",
             ""]
     storm = result.get("storm")
@@ -565,9 +565,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policies", type=int)
     ap.add_argument("--namespaces", type=int, help="x10 apps = identities")
     ap.add_argument("--phases", default=",".join(PHASES))
-    ap.add_argument("--session-ttl", type=int, default=60,
-                    help="lease TTL of the simulated agents (keep-alive every TTL/3)")
-    ap.add_argument("--clients", type=int, default=8, help="etcd clients the sessions share")
+    ap.add_argument("--session-ttl", type=int, default=900,
+                    help="lease TTL of the simulated agents (900, the agent's --lease-ttl "
+                    "default; keep-alive every TTL/6..TTL/3)")
+    ap.add_argument("--clients", type=int, default=4,
+                    help="etcd clients the sessions of one worker process share")
     ap.add_argument("--churn", type=float, default=5.0, help="ipcache updates per second")
     ap.add_argument("--ipam-node-update-rate", type=float, default=15.0)
     ap.add_argument("--steady-seconds", type=float)
@@ -579,8 +581,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--policy-changes", type=int)
     ap.add_argument("--agent-timeout", type=float, default=900.0)
     ap.add_argument("--watch-timeout", type=float, default=600.0)
-    ap.add_argument("--storm-sessions", type=int, default=0,
-                    help="how many sessions restart in the storm (0 = all)")
+    ap.add_argument("--storm-republish", action="store_true",
+                    help="in the start storm every session re-writes its node entry, as "
+                    "villi's agent does today (N^2 watch events; default: only sessions "
+                    "whose lease expired)")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="processes the simulated sessions are spread over")
+    ap.add_argument("--rewatch-jitter", type=float, default=1.0,
+                    help="villi's pause before re-watching after a reconnect (the agent's "
+                    "--kvstore-rewatch-jitter), used by the full-jitter strategy")
     ap.add_argument("--deadline", metavar="HH:MM",
                     help="UTC time after which no new phase or etcd restart starts "
                     "(results so far are in the JSON)")

@@ -32,13 +32,15 @@ def test_scale_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--nodes", "60",
          "--pods", "600", "--policies", "100", "--namespaces", "5", "--restarts", "1",
          "--outage", "1", "--steady-seconds", "2", "--start-jitter", "1",
-         "--policy-changes", "5", "--out", str(out)],
+         "--policy-changes", "5", "--session-ttl", "6", "--workers", "2",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
 
     pop = result["populate"]
     assert pop["keys"]["ipcache"] == 600 and pop["keys"]["nodes"] == 59
+    assert pop["keys"]["usage_reports"] == 59   # IPAM usage: its own key, not the node entry
     assert pop["etcd_db_mib"] > 0
 
     agent = result["agent"]

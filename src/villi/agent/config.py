@@ -48,6 +48,11 @@ class AgentConfig:
     #: Upper bound (s) of the full-jitter sleeps between lease keep-alive retries and
     #: kvstore health probes (also limited to a third of the lease TTL).
     kvstore_retry_cap: float = 5.0
+    #: Seconds between kvstore health probes; skipped while the store answers other
+    #: requests (villi.agent.sync.StoreHealth). 2 s cost etcd N/2 requests/s.
+    kvstore_health_interval: float = 30.0
+    #: Cap (s) of the random pause before re-creating watches after etcd came back.
+    kvstore_rewatch_jitter: float = 1.0
     monitor_aggregation: str = "medium"
     host_routing: bool = True
     allow_root_netns: bool = False
@@ -94,6 +99,12 @@ class AgentConfig:
         if self.enable_policy not in ("default", "always", "never"):
             raise VilliError(f"--enable-policy must be default, always or never, not "
                              f"{self.enable_policy!r}")
+        if self.kvstore_health_interval <= 0:
+            raise VilliError("--kvstore-health-interval must be > 0 seconds, not "
+                             f"{self.kvstore_health_interval}")
+        if self.kvstore_rewatch_jitter < 0:
+            raise VilliError("--kvstore-rewatch-jitter must be >= 0 seconds, not "
+                             f"{self.kvstore_rewatch_jitter}")
         if self.neigh_gc_thresh not in ("auto", "off"):
             raise VilliError(f"--neigh-gc-thresh must be auto or off, not "
                              f"{self.neigh_gc_thresh!r}")
@@ -146,7 +157,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pod-cidr", help="static pod CIDR instead of waiting for the operator")
     ap.add_argument("--cluster-cidr", help="the cluster's pod range (default 10.64.0.0/10)")
     ap.add_argument("--ipam-node-update-rate", type=float,
-                    help="min seconds between IPAM usage reports to the node entry (15)")
+                    help="min seconds between IPAM usage reports (15; key "
+                    "ipam/v1/usage/<node>, read by the operator)")
     ap.add_argument("--ipam", choices=["cluster-pool", "eni"],
                     help="cluster-pool (pod CIDRs from the operator, default) or eni (IPs of "
                     "cloud interfaces the operator attaches; see docs/ipam.md)")
@@ -155,6 +167,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "nodes keep routing to its pods while this agent is down")
     ap.add_argument("--kvstore-retry-cap", type=float, help="max seconds between lease "
                     "keep-alive retries and kvstore health probes (5; full jitter below it)")
+    ap.add_argument("--kvstore-health-interval", type=float, metavar="SECONDS",
+                    help="seconds between kvstore reachability probes, skipped while the "
+                    "store answers other requests (30; each probe is one request to etcd)")
+    ap.add_argument("--kvstore-rewatch-jitter", type=float, metavar="SECONDS",
+                    help="after etcd comes back, wait a random 0..SECONDS before "
+                    "re-creating watches, so a cluster's agents do not all re-watch at once "
+                    "(1; etcd only)")
     ap.add_argument("--monitor-aggregation", choices=sorted(AGGREGATION_LEVELS))
     ap.add_argument("--no-host-routing", dest="host_routing", action="store_false",
                     default=None, help="deliver same-node traffic through the node's stack")

@@ -67,7 +67,8 @@ from villi.endpoint.manager import Endpoint, EndpointManager
 from villi.errors import VilliError
 from villi.identity.allocator import IdentityAllocator
 from villi.identity.cache import IdentityCache
-from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.ipam.usage import usage_report
+from villi.kvstore import EtcdStore, LeaseID, LeaseKeeper, Store, open_store
 from villi.kvstore.backoff import BackoffPolicy
 from villi.kvstore.schema import IpcacheEntry
 from villi.netns import routes, set_sysctl
@@ -216,6 +217,8 @@ class Agent:
 
         # --- the store, the lease and what is published under it ---
         self.store = store = open_store(cfg.kvstore)
+        if isinstance(store, EtcdStore):   # a fleet re-watches spread after an outage
+            store.rewatch_jitter = cfg.kvstore_rewatch_jitter
         self._back.append(store.close)
         self.lease = LeaseKeeper(store, cfg.lease_ttl, on_lost=self._lease_lost,
                                  backoff=BackoffPolicy(0.1, cfg.kvstore_retry_cap, None))
@@ -223,7 +226,8 @@ class Agent:
         self._back.append(self._stop_lease)
         self.kvstore_status = "ok"
         self.services.store = store
-        self.store_health = StoreHealth(store, cap=cfg.kvstore_retry_cap)
+        self.store_health = StoreHealth(store, cap=cfg.kvstore_retry_cap,
+                                        interval=cfg.kvstore_health_interval)
         self.spawn(self.store_health.run(), "kvstore-health", vital=True)
         low, high = clustermesh.identity_bounds(cfg)   # this cluster's identity range
         self.identities = IdentityAllocator(store, self.node, lease=self.lease.lease,
@@ -306,7 +310,7 @@ class Agent:
         assert self.store is not None and self.lease is not None
         if isinstance(self.ipam, ENINodeIPAM):
             lease = self.lease
-            self.ipam.start_reporting(self.store, self._publish_node,
+            self.ipam.start_reporting(self.store, self._publish_usage,
                                       cfg.ipam_node_update_rate, lambda: lease.lease)
             self.ipam.on_pool_change = self._publish_node
             self.spawn(self.ipam.follow(), "eni-ipam", vital=True)
@@ -316,9 +320,10 @@ class Agent:
             self.neigh = await node_setup.size_neighbour_table(
                 self.kernel, self.node_ip, self.ipam.usage().get("capacity", 0),
                 cfg.neigh_gc_thresh)
-            self.ipam.start_reporting(self.store, self._publish_node,
+            self.ipam.start_reporting(self.store, self._publish_usage,
                                       cfg.ipam_node_update_rate)
         await self._publish_node()
+        await self._publish_usage()
 
         ready = asyncio.Event()
         self.mesh = clustermesh.start(self)   # remote clusters (None outside a mesh)
@@ -371,11 +376,16 @@ class Agent:
         """The old lease expired: every key that lived under it must be written again."""
         self.identities.lease = lease
         await self._publish_node()
+        await self._publish_usage()
         await self.lifecycle.republish()
 
     async def _publish_node(self) -> None:
         await self.publisher.node_entry(node_setup.node_entry(
             self.node, self.node_ip, self.ipam, str(self.config.api_socket)))
+
+    async def _publish_usage(self) -> None:
+        """IPAM usage under its own key (only the operator watches it)."""
+        await self.publisher.usage(usage_report(self.ipam.usage()))
 
     def _on_namespace(self, event: ResourceEvent) -> None:
         """Namespace labels feed policy selectors and the identities of its pods."""

@@ -22,7 +22,7 @@ from villi.errors import VilliError
 from villi.ipam.keys import decode_podcidrs
 from villi.kvstore import Store
 from villi.kvstore.backoff import Backoff, BackoffPolicy
-from villi.kvstore.schema import IPAMUsage, NodeEntry, parse_cidr, podcidrs_key
+from villi.kvstore.schema import NodeEntry, parse_cidr, podcidrs_key
 from villi.netns import neigh, routes
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,10 @@ Spawn = Callable[..., Any]   # Agent.spawn(coro, name, *, vital=False)
 
 def node_entry(node: str, node_ip: str | None, ipam: NodeIPAM | ENINodeIPAM,
                api_socket: str) -> NodeEntry:
-    usage = ipam.usage()
+    # No usage here: every agent watches every node entry (villi.ipam.usage has it).
     return NodeEntry(
         name=node, ipv4=ipaddress.IPv4Address(node_ip) if node_ip else None,
-        pod_cidrs=tuple(parse_cidr(c) for c in ipam.cidrs),
-        ipam=IPAMUsage(usage["allocated"], usage["capacity"]), api_socket=api_socket,
+        pod_cidrs=tuple(parse_cidr(c) for c in ipam.cidrs), api_socket=api_socket,
         eni=tuple(ipam.interfaces()) if isinstance(ipam, ENINodeIPAM) else None)
 
 

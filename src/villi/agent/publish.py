@@ -15,7 +15,7 @@ from villi.endpoint.manager import Endpoint
 from villi.identity.allocator import ref_key
 from villi.identity.labels import LabelSet
 from villi.kvstore import LeaseID, Store
-from villi.kvstore.schema import IpcacheEntry, NodeEntry, ipcache_key, node_key
+from villi.kvstore.schema import IpcacheEntry, NodeEntry, ipcache_key, node_key, usage_key
 
 T = TypeVar("T")
 
@@ -61,6 +61,11 @@ class StatePublisher:
 
     async def node_entry(self, entry: NodeEntry) -> None:
         await self._timed("update", self.store.put(node_key(self.node), entry.encode(),
+                                                   lease=self.lease.lease))
+
+    async def usage(self, report: bytes) -> None:
+        """This node's IPAM usage report (``villi.ipam.usage``), under the lease."""
+        await self._timed("update", self.store.put(usage_key(self.node), report,
                                                    lease=self.lease.lease))
 
     async def endpoint(self, ep: Endpoint) -> None:

@@ -74,8 +74,11 @@ def get_command(args: argparse.Namespace) -> int:
                                      for i, lbl in sorted(rows)], no_headers=args.no_headers)
         return 0
     if what == "nodes":
+        from villi.ipam.usage import merge_usage
+
         items = _store_list(target, schema.NODES)
-        nodes = [schema.NodeEntry.decode(v, key=k).to_json() for k, v in items]
+        nodes = merge_usage([schema.NodeEntry.decode(v, key=k).to_json() for k, v in items],
+                            _store_list(target, schema.USAGE))
         if args.output == "json":
             dump_json(nodes)
         elif any("eni" in n for n in nodes):

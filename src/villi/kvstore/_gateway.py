@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +135,8 @@ class Gateway:
         self.ssl_context = ssl_context
         self.client_cert = client_cert
         self._clients: dict[int, httpx.AsyncClient] = {}
+        #: monotonic time of the last answer from etcd (None: never answered yet).
+        self.last_answer: float | None = None
 
     @property
     def where(self) -> str:
@@ -193,12 +196,23 @@ class Gateway:
                         f"{failure.reason}{self._tls_hint()}") from failure.__cause__
                 log.debug("%s: %s failed (%s), retrying", self.where, path, failure.reason)
 
+    async def attempt_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One try of ``call`` (no retry): StoreUnavailable when etcd does not answer."""
+        index = self.current
+        try:
+            return await self._attempt(index, path, body, frozenset())
+        except _Retry as failure:
+            self.failover(index)
+            raise StoreUnavailable(f"{self.where}: {failure.reason}") from None
+
     async def _attempt(
         self, index: int, path: str, body: dict[str, Any], tolerate: frozenset[int]
     ) -> dict[str, Any]:
         ep = self.endpoints[index]
         try:
             resp = await self.client(index).post(ep.base + path, json=body)
+            if resp.status_code < 500:
+                self.last_answer = time.monotonic()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _Retry(describe(exc), sent=False) from exc
         except httpx.TransportError as exc:

@@ -30,6 +30,7 @@ import json
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -47,7 +48,7 @@ from villi.kvstore._gateway import (
     error_of,
 )
 from villi.kvstore._keys import prefix_range
-from villi.kvstore.backoff import BackoffPolicy, SleepFn, UniformSource
+from villi.kvstore.backoff import Backoff, BackoffPolicy, SleepFn, UniformSource
 from villi.kvstore.store import (
     Compacted,
     EventType,
@@ -137,7 +138,10 @@ class EtcdStore(Store):
         rng: UniformSource | None = None,
         sleep: SleepFn | None = None,
         tls: KvstoreTLS | None = None,
+        rewatch_jitter: float = 1.0,
     ) -> None:
+        if rewatch_jitter < 0:
+            raise ValueError(f"rewatch_jitter must be >= 0 s, got {rewatch_jitter}")
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         parsed = [Endpoint.parse(e) for e in endpoints]
@@ -162,6 +166,15 @@ class EtcdStore(Store):
         self._watch_timeout = httpx.Timeout(
             request_timeout, connect=connect_timeout, read=watch_read_timeout)
         self._closed = False
+        #: Cap (s) of the random pause between "etcd answers again" and re-creating a
+        #: broken watch (see :meth:`watch`).
+        self.rewatch_jitter = rewatch_jitter
+
+    @property
+    def last_answer(self) -> float | None:
+        """Monotonic time etcd last answered this client (a request or a watch line):
+        proof of reachability that costs no request (villi.agent.sync.StoreHealth)."""
+        return self._gw.last_answer
 
     def __repr__(self) -> str:
         return f"EtcdStore({[e.url for e in self._gw.endpoints]!r})"
@@ -335,6 +348,33 @@ class EtcdStore(Store):
                     f"{backoff.failures} attempts: {reason}")
             log.info("%s: watch of %r broke (%s); resuming at revision %s",
                      self._gw.where, prefix, reason, next_rev)
+            await self._rewatch_pause(backoff)
+
+    async def _rewatch_pause(self, backoff: Backoff) -> None:
+        """Between a broken watch and its re-creation: wait until etcd answers a cheap
+        request (retrying with the watch's backoff), then a uniform random 0 ..
+        ``rewatch_jitter`` seconds.
+
+        Why: a restarting etcd accepts connections a moment before it serves; requests
+        sent meanwhile wait inside it and are all answered together once it is ready.
+        Were those the watch creates, every watcher of the cluster would re-create its
+        watches in the same instant whatever the backoff (bench/scale.py measured it).
+        The probe takes that instant; the creates follow spread over the jitter window.
+        """
+        if self.rewatch_jitter <= 0:
+            return
+        while not self._closed:
+            try:
+                await self._gw.attempt_once(
+                    "/v3/kv/range", {"key": _b64(b"\0"), "limit": 1, "serializable": True})
+                break
+            except StoreError as exc:
+                if not await backoff.failed():
+                    raise StoreUnavailable(
+                        f"{self._gw.where}: watch gave up after {backoff.failures} "
+                        f"attempts: {exc}") from None
+        rng = self._gw.rng if self._gw.rng is not None else random
+        await (self._gw.sleep or asyncio.sleep)(rng.uniform(0.0, self.rewatch_jitter))
 
     async def _stream(
         self, index: int, request: dict[str, Any]
@@ -348,6 +388,7 @@ class EtcdStore(Store):
                 timeout=self._watch_timeout,
             ) as resp:
                 async for line in resp.aiter_lines():
+                    self._gw.last_answer = time.monotonic()
                     if not line.strip():
                         continue
                     message = json.loads(line)

@@ -36,6 +36,9 @@ IPCACHE = STATE + "ip/v1/"
 IPAM = STATE + "ipam/v1/"
 PODCIDRS = IPAM + "podcidrs/"
 CLAIMS = IPAM + "cidrs/"
+#: IPAM usage reports, one per node under its agent's lease: not in the node entry,
+#: which every agent watches (an O(N^2) fan-out at scale; docs/scale.md).
+USAGE = IPAM + "usage/"
 IDENTITIES = STATE + "identities/v1/"
 IDENTITY_IDS = IDENTITIES + "id/"
 SERVICES = STATE + "services/v1/"
@@ -64,6 +67,11 @@ def node_key(node: str) -> str:
 
 def podcidrs_key(node: str) -> str:
     return PODCIDRS + check_node_name(node)
+
+
+def usage_key(node: str) -> str:
+    """Where a node's agent reports its IPAM usage (``{"ipam": {...}, "villi.io/ip": n}``)."""
+    return USAGE + check_node_name(node)
 
 
 def ipcache_key(ip: str) -> str:

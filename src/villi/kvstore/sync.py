@@ -8,7 +8,10 @@ DELETEs for keys that vanished), so consumers never rebuild their state from scr
 Every retry backs off with full jitter (Cilium's ListAndWatch learned this the hard way,
 cilium#22037).
 
-``LeaseKeeper`` keeps one lease alive at a third of its TTL. When the lease was lost
+``LeaseKeeper`` keeps one lease alive, a keep-alive every third of its TTL or a little
+sooner: each period is drawn uniformly from ``[(1 - period_jitter) * ttl/3, ttl/3]`` so
+that agents whose keep-alives fell into step (after an etcd restart, a rollout) drift
+apart again instead of hitting etcd together every ttl/3 for ever. When the lease was lost
 anyway (etcd unreachable for longer than the TTL, a revoke by someone else) it grants a
 new one and calls ``on_lost(new_lease)`` so the owner re-writes the keys that lived
 under the old one (Cilium's ``handleExpiredLease``).
@@ -19,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import random
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 
 from villi.errors import StoreError
@@ -87,19 +92,29 @@ class PrefixSync:
             if not await self._backoff.failed():
                 raise StoreError(f"gave up following {self.prefix!r}")  # bounded policy only
 
-    async def _resync(self) -> list[WatchEvent]:
-        """List the prefix and turn it into the events that bring ``known`` up to date."""
+    async def _resync(self) -> Iterator[WatchEvent]:
+        """List the prefix and turn it into the events that bring ``known`` up to date.
+
+        The events are made one at a time as the consumer takes them, and each listed
+        entry is dropped once handed over: an agent's first listing is 350,000 entries
+        at the seed's scale (bench/scale.py), and holding it twice (entries and events)
+        at once was the largest transient allocation of its start-up."""
         listing = await self.store.list(self.prefix)
-        events: list[WatchEvent] = []
-        current = {kv.key: kv for kv in listing.items}
-        for key in sorted(self.known.keys() - current.keys()):
-            events.append(WatchEvent(EventType.DELETE, key, b"", listing.revision))
-        for kv in listing.items:
-            if self.known.get(kv.key) != kv.mod_revision:
-                events.append(WatchEvent(EventType.PUT, kv.key, kv.value, kv.mod_revision))
-        self.known = {kv.key: kv.mod_revision for kv in listing.items}
-        self.revision = listing.revision
-        return events
+        old = self.known
+        items = listing.items
+        self.known = {kv.key: kv.mod_revision for kv in items}
+        self.revision = revision = listing.revision
+        gone = sorted(old.keys() - self.known.keys())
+
+        def events() -> Iterator[WatchEvent]:
+            for key in gone:
+                yield WatchEvent(EventType.DELETE, key, b"", revision)
+            for i, kv in enumerate(items):
+                items[i] = None  # type: ignore[call-overload]  # free as we go
+                if old.get(kv.key) != kv.mod_revision:
+                    yield WatchEvent(EventType.PUT, kv.key, kv.value, kv.mod_revision)
+
+        return events()
 
     def _apply(self, event: WatchEvent) -> None:
         if event.type is EventType.DELETE:
@@ -132,17 +147,24 @@ class LeaseKeeper:
         *,
         on_lost: Callable[[LeaseID], Awaitable[None]] | None = None,
         backoff: BackoffPolicy = KEEPALIVE_BACKOFF,
+        period_jitter: float = 0.5,
         rng: UniformSource | None = None,
         sleep: SleepFn | None = None,
     ) -> None:
+        if not 0.0 <= period_jitter <= 1.0:
+            raise ValueError(f"period_jitter must be within 0..1, got {period_jitter}")
         self.store = store
         self.ttl = ttl_seconds
+        self.period_jitter = period_jitter
+        self._rng: UniformSource = rng or random.Random()
+        #: monotonic time of the last keep-alive etcd answered (None: none yet).
+        self.last_ok: float | None = None
         self.on_lost = on_lost
         self.lease: LeaseID | None = None
         self.losses = 0
         self._backoff = Backoff(
             BackoffPolicy(backoff.base, min(backoff.cap, ttl_seconds / 3), backoff.max_attempts),
-            rng=rng, sleep=sleep)
+            rng=self._rng, sleep=sleep)
         self._sleep: SleepFn = sleep or asyncio.sleep
         self._task: asyncio.Task[None] | None = None
         self._owe_callback = False
@@ -160,7 +182,7 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         while True:
-            await self._sleep(self.ttl / 3)
+            await self._sleep(self.period())
             while True:
                 try:
                     await self._refresh()
@@ -171,10 +193,16 @@ class LeaseKeeper:
                     if not await self._backoff.failed():
                         raise
 
+    def period(self) -> float:
+        """The next sleep between keep-alives (see the module docstring)."""
+        full = self.ttl / 3
+        return self._rng.uniform(full * (1.0 - self.period_jitter), full)
+
     async def _refresh(self) -> None:
         assert self.lease is not None
         if not self._owe_callback:
             if await self.store.keep_alive(self.lease):
+                self.last_ok = time.monotonic()
                 return
             lost = self.lease
             self.lease = await self.store.grant_lease(self.ttl)

@@ -342,6 +342,8 @@ def agent_cmd(state: dict[str, Any], node: dict[str, Any]) -> list[str]:
                      "--api-socket", node["socket"], "--state-dir", node["state_dir"],
                      "--node-ip", node["ip"], "--cluster-cidr", state["cluster_cidr"],
                      "--lease-ttl", str(state["lease_ttl"]), "--ipam-node-update-rate", "1",
+                     # a few agents: probe etcd often, so drills see an outage at once
+                     "--kvstore-health-interval", "2",
                      *(["--ipam", "eni"] if state.get("ipam") == "eni" else []),
                      *state.get("agent_args", []),
                      *_observe.agent_args(state, node))

@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from villi.errors import IPAMError, StoreError
+from villi.ipam.capacity import IPAMUsage
 from villi.ipam.keys import (
     CLAIMS_PREFIX,
     IPAM_PREFIX,
     NODES_PREFIX,
     PODCIDRS_PREFIX,
+    USAGE_PREFIX,
     NodeEntry,
     cidr_of_claim_key,
     claim_key,
@@ -49,6 +51,7 @@ from villi.ipam.keys import (
     node_of_key,
     podcidrs_key,
 )
+from villi.ipam.usage import decode_usage
 from villi.kvstore.backoff import Backoff, BackoffPolicy, UniformSource
 from villi.kvstore.store import EventType, Store
 from villi.kvstore.sync import RESYNC_BACKOFF, PrefixSync
@@ -114,6 +117,8 @@ class ClusterCIDRAllocator:
         self._absent_since: dict[str, float] = {}
         #: node -> its pod CIDRs, as of the last pass.
         self.assignments: dict[str, tuple[IPv4Network, ...]] = {}
+        #: node -> its last IPAM usage report (``ipam/v1/usage/<node>``).
+        self.usage: dict[str, IPAMUsage] = {}
         self.passes = 0
 
     # --- node view ------------------------------------------------------------------------------
@@ -139,6 +144,22 @@ class ClusterCIDRAllocator:
         self.nodes[name] = entry
         return not known or (before.pod_cidrs if before else ()) != (
             entry.pod_cidrs if entry else ())
+
+    def observe_usage(self, key: str, value: bytes | None) -> bool:
+        """Record a node's IPAM usage report (``ipam/v1/usage/<node>``); True when ``key``
+        is one, which never needs a pass (the reports change with every pod start)."""
+        name = node_of_key(key, USAGE_PREFIX)
+        if name is None:
+            return key.startswith(USAGE_PREFIX)
+        if value is None:
+            self.usage.pop(name, None)
+            return True
+        try:
+            self.usage[name] = decode_usage(value, key=key)
+        except IPAMError as exc:
+            log.warning("%s", exc)
+            self.usage.pop(name, None)
+        return True
 
     # --- the pass ------------------------------------------------------------------------------
 
@@ -413,8 +434,10 @@ class ClusterCIDRAllocator:
 
         async def follow_ipam() -> None:
             async with aclosing(aiter(ipam)) as events:
-                async for _ in events:
-                    wake.set()
+                async for ev in events:
+                    value = None if ev.type is EventType.DELETE else ev.value
+                    if not self.observe_usage(ev.key, value):
+                        wake.set()
 
         retry = Backoff(backoff, rng=rng)
         async with asyncio.TaskGroup() as tasks:

@@ -174,7 +174,7 @@ class PodRecord:
     """A pod anywhere in the cluster, for ipBlock matching and egress named ports."""
 
     identity: int
-    ips: frozenset[int]
+    ips: tuple[int, ...]
     ports: PortsSig
 
 

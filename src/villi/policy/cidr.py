@@ -11,6 +11,7 @@ selector's range", whichever policies contributed the longer prefixes.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 IPv4Net = ipaddress.IPv4Network
@@ -54,4 +55,7 @@ def net_contains_net(nets: Iterable[Net], inner: Net) -> bool:
 
 
 def ip_to_int(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip))
+    try:  # inet_pton is strict dotted-quad and ~10x faster than ipaddress (350,000 pods)
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+    except (OSError, TypeError):
+        return int(ipaddress.IPv4Address(ip))   # its ValueError names the bad address

@@ -50,7 +50,7 @@ class SelectorCache:
         self._labels: dict[int, LabelSet] = {}
         self._index = LabelIndex()
         self._cidr: dict[int, Net] = {}
-        self._ips: dict[int, frozenset[int]] = {}
+        self._ips: dict[int, set[int]] = {}
         self._selections: dict[PeerSelector, set[int]] = {}
         self._refs: dict[PeerSelector, int] = {}
         self._guarded: dict[tuple[str, str, str], set[Selector]] = {}
@@ -176,13 +176,71 @@ class SelectorCache:
 
     def set_ips(self, identity: int, ips: Iterable[int]) -> Changes:
         """Record the pod IPs of ``identity`` (for Kubernetes ipBlock peers)."""
-        frozen = frozenset(ips)
-        if self._ips.get(identity, frozenset()) == frozen:
+        frozen = set(ips)
+        if self._ips.get(identity, set()) == frozen:
             return {}
         if frozen:
             self._ips[identity] = frozen
         else:
             self._ips.pop(identity, None)
+        return self._recheck_pods(identity)
+
+    def add_ip(self, identity: int, ip: int) -> Changes:
+        """One more pod IP of ``identity``: O(ipBlock selectors), not O(its pods).
+
+        A pod selector selects an identity when every IP of it lies in the block, so
+        a new IP can only drop the identity from selections (when it lies outside),
+        or, being the first IP, add it to the blocks that contain it."""
+        ips = self._ips.get(identity)
+        if ips is not None and ip in ips:
+            return {}
+        if identity in self._cidr or identity == ReservedIdentity.WORLD:
+            return self.set_ips(identity, [*(ips or ()), ip])
+        first = not ips
+        if ips is None:
+            ips = self._ips[identity] = set()
+        ips.add(ip)
+        changes: Changes = {}
+        if identity not in self._labels:
+            return changes
+        for selector in self._pod_selectors:
+            members = self._selections[selector]
+            if identity in members:
+                if not net_contains_ip(selector.nets, ip):
+                    members.discard(identity)
+                    _note(changes, selector, identity, False)
+            elif first and selector.pods and net_contains_ip(selector.nets, ip):
+                members.add(identity)
+                _note(changes, selector, identity, True)
+        return changes
+
+    def remove_ip(self, identity: int, ip: int) -> Changes:
+        """A pod IP of ``identity`` went: the identity leaves every selection when it
+        has no IP left; otherwise it can only join blocks that the IP lay outside of."""
+        ips = self._ips.get(identity)
+        if not ips or ip not in ips:
+            return {}
+        if identity in self._cidr or identity == ReservedIdentity.WORLD:
+            return self.set_ips(identity, ips - {ip})
+        ips.discard(ip)
+        if not ips:
+            del self._ips[identity]
+        changes: Changes = {}
+        if identity not in self._labels:
+            return changes
+        for selector in self._pod_selectors:
+            members = self._selections[selector]
+            if identity in members:
+                if not ips:
+                    members.discard(identity)
+                    _note(changes, selector, identity, False)
+            elif ips and not net_contains_ip(selector.nets, ip) \
+                    and self._match(selector, identity):
+                members.add(identity)
+                _note(changes, selector, identity, True)
+        return changes
+
+    def _recheck_pods(self, identity: int) -> Changes:
         changes: Changes = {}
         for selector in self._pod_selectors:
             members = self._selections[selector]

@@ -16,8 +16,10 @@ service's other ports).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from villi.service.models import Service
@@ -72,7 +74,27 @@ class ServiceInfo:
         return PortKey(self.namespace, self.name, port.port, port.protocol)
 
 
-@dataclass(frozen=True)
+#: Shared read-only label and port mappings (see :meth:`PodInfo.of`), bounded.
+_SHARED: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+_SHARED_MAX = 100_000
+
+
+def _shared(items: dict[str, Any]) -> Mapping[str, Any]:
+    """One read-only mapping per distinct content: the replicas of a workload share
+    their labels and named ports (issue 16: 350,000 pods held 700,000 small dicts)."""
+    try:
+        key = tuple(sorted(items.items()))
+        found = _SHARED.get(key)
+    except TypeError:  # unhashable values: not shared
+        return MappingProxyType(items)
+    if found is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        found = _SHARED[key] = MappingProxyType(items)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
 class PodInfo:
     ip: str
     namespace: str
@@ -83,9 +105,10 @@ class PodInfo:
     def of(cls, ip: str, namespace: str, labels: Mapping[str, str],
            named_ports: Mapping[str, Sequence[Any]] | None = None) -> PodInfo:
         """Normalise named ports given as ``{name: (port, proto)}`` or ``[port, proto]``
-        (as ipcache entries carry them); the protocol is upper-cased."""
+        (as ipcache entries carry them); the protocol is upper-cased. Labels and ports
+        are shared read-only mappings."""
         ports = {str(n): (int(v[0]), str(v[1]).upper()) for n, v in (named_ports or {}).items()}
-        return cls(ip, namespace, dict(labels), ports)
+        return cls(ip, sys.intern(namespace), _shared(dict(labels)), _shared(ports))
 
 
 @dataclass(frozen=True)
