@@ -123,6 +123,16 @@ def _connects(lab: Lab, ip: str, port: int = 80) -> bool:
         return False
 
 
+def _blocked(lab: Lab, ip: str, within: float = 10.0) -> bool:
+    """``ip`` is (or becomes, once a just-applied policy is in force) unreachable."""
+    deadline = time.monotonic() + within
+    while _connects(lab, ip):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @contextlib.contextmanager
 def _policy(lab: Lab, name: str, text: str) -> Iterator[None]:
     """A policy for the body of a test, deleted even when it fails."""
@@ -418,7 +428,7 @@ def test_aaaa_and_cname_answers(lab: Lab) -> None:
           - toFQDNs: [{matchName: alias.example.com}]
             toPorts:
             - ports: [{port: "80", protocol: TCP}]""")):
-        assert not _connects(lab, target)
+        assert _blocked(lab, target)   # once the policy is in force
         ans = _steered_query(lab, "alias.example.com")
         assert [str(r.rdata) for r in ans.rr if r.rtype == QTYPE.CNAME] == \
             ["target.example.com."]
