@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-from collections.abc import Awaitable, Callable
 
+from villi._runner import run_until_signal
 from villi.errors import VilliError
-
-
-def _run_until_signal(make: Callable[[], Awaitable[None]]) -> int:
-    async def runner() -> None:
-        task = asyncio.ensure_future(make())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    asyncio.run(runner())
-    return 0
 
 
 def run_agent_command(args: argparse.Namespace) -> int:
@@ -30,7 +13,7 @@ def run_agent_command(args: argparse.Namespace) -> int:
     from villi.agent.daemon import run_agent
 
     config = from_args(args)
-    return _run_until_signal(lambda: run_agent(config))
+    return run_until_signal(lambda: run_agent(config))
 
 
 def run_operator_command(args: argparse.Namespace) -> int:
@@ -69,4 +52,4 @@ def run_operator_command(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    return _run_until_signal(run)
+    return run_until_signal(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from villi._runner import run_until_signal
 from villi.errors import VilliError
 
 
@@ -24,9 +25,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, local_kvstore: str) -> int:
-    import asyncio
-    import signal
-
     from villi.clustermesh.ids import ClusterInfo, ClusterMeshError, parse_remote
     from villi.clustermesh.kvstoremesh import run_kvstoremesh
 
@@ -40,20 +38,10 @@ def run(args: argparse.Namespace, local_kvstore: str) -> int:
     if len(remotes) != len(args.remote):
         raise VilliError("villi kvstoremesh: a remote cluster is named twice")
 
-    async def main() -> None:
-        task = asyncio.ensure_future(run_kvstoremesh(
+    try:
+        run_until_signal(lambda: run_kvstoremesh(
             local_kvstore, local, remotes, lease_ttl=args.lease_ttl,
             cache_expiry=args.cache_expiry or None))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    try:
-        asyncio.run(main())
     except ValueError as e:
         raise VilliError(f"villi kvstoremesh: {e}") from e
     return 0
