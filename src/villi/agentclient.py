@@ -98,9 +98,11 @@ def _dechunk(data: bytes) -> bytes | None:
 class UnixHTTP:
     """Requests to one unix socket, each bounded by ``timeout`` seconds in total."""
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float,
+                 retry_cap: float = CONNECT_BACKOFF_CAP) -> None:
         self.path = path
         self.timeout = timeout
+        self.retry_cap = retry_cap
 
     def _unreachable(self, reason: str) -> AgentUnavailable:
         return AgentUnavailable(
@@ -129,7 +131,7 @@ class UnixHTTP:
                 left = deadline - time.monotonic()
                 if not retry or e.errno not in _RETRYABLE_CONNECT or left <= 0:
                     raise self._unreachable(_reason(e)) from e
-                time.sleep(min(full_jitter(attempt), left))
+                time.sleep(min(full_jitter(attempt, cap=self.retry_cap), left))
                 attempt += 1
 
     def request(
@@ -241,9 +243,10 @@ class AgentClient:
     :class:`AgentError` naming the socket for an HTTP error, ``AgentUnavailable`` when
     the agent does not answer). Holds no connection: ``with`` is only a convenience."""
 
-    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = 5.0, *,
+                 retry_cap: float = CONNECT_BACKOFF_CAP) -> None:
         self.socket = str(socket_path)
-        self.http = UnixHTTP(self.socket, timeout)
+        self.http = UnixHTTP(self.socket, timeout, retry_cap)
 
     def request(self, method: str, path: str, json: Any = None, *,
                 params: dict[str, Any] | None = None, retry_connect: bool = False) -> Any:

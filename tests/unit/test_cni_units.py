@@ -263,3 +263,27 @@ def _timed(cmd: list[str]) -> float:
     subprocess.run(cmd, input=b"", env={"CNI_COMMAND": "VERSION"}, capture_output=True,
                    check=True)
     return time.monotonic() - start
+
+
+def test_agent_retry_cap_is_a_netconf_field() -> None:
+    """The connect-retry cap of a restarting agent's pods is configurable (agentRetryCap),
+    validated like agentTimeout, and reaches the client's full-jitter sleeps."""
+    from villi.agentclient import CONNECT_BACKOFF_CAP
+    from villi.cni._config import NetConf
+
+    base = {"cniVersion": "1.0.0", "name": "villi", "type": "villi-cni"}
+    assert NetConf(dict(base), {}).agent_retry_cap == CONNECT_BACKOFF_CAP
+    assert NetConf({**base, "agentRetryCap": 2}, {}).agent_retry_cap == 2
+    for bad in (0, -1, 601, "1s"):
+        with pytest.raises(CNIError, match="agentRetryCap"):
+            NetConf({**base, "agentRetryCap": bad}, {})
+    slept: list[float] = []
+    http = UnixHTTP("/nonexistent/villi.sock", 0.5, retry_cap=0.01)
+    real_sleep = time.sleep
+    try:
+        time.sleep = lambda s: slept.append(s)  # type: ignore[assignment]
+        with pytest.raises(AgentUnavailable):
+            http.request("GET", "/v1/healthz", retry_connect=True)
+    finally:
+        time.sleep = real_sleep  # type: ignore[assignment]
+    assert slept and max(slept) <= 0.01

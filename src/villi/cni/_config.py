@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+from villi.agentclient import CONNECT_BACKOFF_CAP
 from villi.cni._env import label_problem, port_problem
 from villi.cni._errors import (
     DECODE_FAILURE,
@@ -151,8 +152,8 @@ def _ports(value: object) -> dict[str, dict[str, object]]:
 class NetConf:
     """The validated configuration of one invocation."""
 
-    __slots__ = ("raw", "cni_version", "name", "agent_socket", "agent_timeout", "mtu",
-                 "dns", "labels", "ports")
+    __slots__ = ("raw", "cni_version", "name", "agent_socket", "agent_timeout",
+                 "agent_retry_cap", "mtu", "dns", "labels", "ports")
 
     def __init__(
         self, raw: dict[str, Any], environ: dict[str, str], *, agent_only: bool = False
@@ -176,6 +177,13 @@ class NetConf:
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
             raise _invalid("agentTimeout", f"{timeout:g} is not between 0 and {MAX_TIMEOUT:g} s")
         self.agent_timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+
+        # The cap of the jittered connect retries while the agent restarts: a node's
+        # pods retry spread over [0, cap] instead of together (the seed's herd lesson).
+        cap = _number(raw, "agentRetryCap")
+        if cap is not None and not 0 < cap <= MAX_TIMEOUT:
+            raise _invalid("agentRetryCap", f"{cap:g} is not between 0 and {MAX_TIMEOUT:g} s")
+        self.agent_retry_cap = CONNECT_BACKOFF_CAP if cap is None else cap
 
         self.name = str(raw.get("name", ""))
         self.mtu: int | None = None

@@ -54,7 +54,7 @@ def _unavailable(e: AgentUnavailable, code: int = TRY_AGAIN_LATER) -> CNIError:
 
 
 def _client(conf: NetConf) -> AgentClient:
-    return AgentClient(conf.agent_socket, conf.agent_timeout)
+    return AgentClient(conf.agent_socket, conf.agent_timeout, retry_cap=conf.agent_retry_cap)
 
 
 def _require_netns(inv: Invocation) -> None:
