@@ -426,3 +426,26 @@ async def test_local_resync_keeps_remote_identities() -> None:
         await store.delete(id_key(low))
         await cache.resync(store)
         assert low not in cache and remote in cache
+
+
+def test_service_view_shows_the_merged_backends_of_a_global_service() -> None:
+    """`villi get services` shows what the socket LB uses: a global service's remote
+    backends merged in, this cluster's own under localBackends."""
+    from villi.clustermesh.services import MeshServices
+    from villi.service.table import ServiceTable
+
+    table = ServiceTable(None)
+    mesh = MeshServices(on_change=table.reprogram)
+    table.merge = mesh.merge
+    glob = _service(**{"service.cilium.io/global": "true"})
+    table.upsert_service(glob, "10.32.0.9")
+    table.upsert_pod("10.64.0.5", "ns", {"app": "web"})
+    mesh.on_pod("c2", "10.80.0.5", {"namespace": "ns", "labels": {"app": "web"}})
+    mesh.on_remote_service("c2", "ns", "web", _raw(glob))
+    (view,) = table.view()
+    (port,) = view["ports"]
+    assert port["backends"] == ["10.64.0.5:8080", "10.80.0.5:8080"]
+    assert port["localBackends"] == ["10.64.0.5:8080"]
+    table.upsert_service(_service(), "10.32.0.9")   # no longer global: local only
+    (port,) = table.view()[0]["ports"]
+    assert port["backends"] == ["10.64.0.5:8080"] and "localBackends" not in port

@@ -119,7 +119,21 @@ class ServiceTable:
                 entry["sessionAffinity"] = model.spec.session_affinity
                 if model.affinity_timeout:
                     entry["sessionAffinityTimeoutSeconds"] = model.affinity_timeout
+                if self.merge is not None:
+                    self._merged_view(entry, model)
         return out
+
+    def _merged_view(self, entry: dict[str, Any], model: Service) -> None:
+        """Show the backends the socket LB uses (a global service's remote ones merged
+        in, ClusterMesh): ``backends`` as programmed, ``localBackends`` this cluster's."""
+        assert self.merge is not None
+        ref = (entry["namespace"], entry["name"])
+        for (key, _spec), port in zip(self.index.ports_of(ref), entry["ports"], strict=True):
+            local = sorted(self.index.backends.get(key, ()))
+            used = self.merge(key, model, local)
+            if used != local:
+                port["localBackends"] = port["backends"]
+                port["backends"] = [f"{b.ip}:{b.port}" for b in used]
 
     def frontends(self) -> list[Frontend]:
         """Every frontend the table wants in the datapath."""
