@@ -346,6 +346,12 @@ async def _via_relay(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.follow or args.server:
+        # Ctrl-C (SIGINT) ends a follow cleanly even when the shell that started us
+        # ignores SIGINT (background jobs inherit SIG_IGN, which Python keeps).
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.server:
         try:
             return asyncio.run(_via_relay(args))
