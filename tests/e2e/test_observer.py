@@ -223,8 +223,13 @@ def test_follow_streams_new_flows(env: Env) -> None:
         assert json.loads(line)["flow"]["source"]["pod_name"] == "client"
     finally:
         proc.send_signal(signal.SIGINT)     # Ctrl-C ends a follow cleanly
-        proc.communicate(timeout=10)        # (read what it still prints: a full pipe
-        assert proc.returncode == 0         # would block its last write)
+        try:                                # (read what it still prints: a full pipe
+            proc.communicate(timeout=10)    # would block its last write)
+        except subprocess.TimeoutExpired:
+            proc.kill()                     # never leave it behind
+            proc.communicate()
+            raise
+        assert proc.returncode == 0
 
 
 def test_explain_names_the_deciding_rule(env: Env) -> None:
