@@ -340,3 +340,21 @@ async def test_commit_refuses_duplicate_keys(store: Store, p: str) -> None:
     with pytest.raises(ValueError, match="twice"):
         await store.commit([TxnOp(p + "a", b"1"), TxnOp(p + "a", None)], {})
     assert await store.get(p + "a") is None
+
+
+async def test_commit_attaches_puts_to_their_lease(store: Store, p: str) -> None:
+    """The kvstoremesh writes its cache in leased transactions: revoking the lease
+    removes what the commit wrote, and a dead lease fails the whole commit."""
+    from villi.errors import StoreError
+    from villi.kvstore import TxnOp
+
+    lease = await store.grant_lease(60)
+    await store.commit([TxnOp(p + "leased", b"1", lease), TxnOp(p + "kept", b"2")], {})
+    await store.revoke_lease(lease)
+    assert await store.get(p + "leased") is None
+    assert (await store.get(p + "kept")).value == b"2"
+    before = await store.revision()
+    with pytest.raises(StoreError):
+        await store.commit([TxnOp(p + "x", b"1"), TxnOp(p + "y", b"2", lease)], {})
+    assert await store.get(p + "x") is None
+    assert await store.revision() == before

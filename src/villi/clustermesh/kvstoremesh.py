@@ -35,15 +35,21 @@ from villi.clustermesh.ids import ClusterInfo
 from villi.clustermesh.remote import follow_remote
 from villi.clustermesh.validate import check_config, check_identity, check_ipcache
 from villi.errors import StoreError
-from villi.kvstore import LeaseID, LeaseKeeper, Store, open_store
+from villi.kvstore import LeaseID, LeaseKeeper, Store, TxnOp, open_store
 from villi.kvstore.backoff import Backoff, BackoffPolicy
 
 log = logging.getLogger(__name__)
 
 #: Retries of a write to the local kvstore (it may be restarting): full jitter.
 LOCAL_WRITE_BACKOFF = BackoffPolicy(base=0.1, cap=5.0, max_attempts=None)
-#: Distinct cache keys written concurrently.
-WRITE_BATCH = 64
+#: Cache writes per local transaction (etcd refuses more than ``--max-txn-ops``, 128).
+TXN_OPS = 100
+#: Bytes of values per local transaction (etcd's ``--max-request-bytes`` is 1.5 MiB).
+TXN_BYTES = 512 * 1024
+#: Transactions in flight at once.
+TXNS_IN_FLIGHT = 4
+#: Distinct cache keys taken from the queue per round.
+WRITE_BATCH = TXN_OPS * TXNS_IN_FLIGHT
 
 
 @dataclass
@@ -55,6 +61,7 @@ class _Mirror:
     stale: dict[str, set[str]] = field(default_factory=dict)    # kind -> old cache keys
     synced: set[str] = field(default_factory=set)
     config: bytes | None = None
+    info: ClusterInfo | None = None      # parsed ``config``: checked once, used per key
     connected: bool = False
     error: str | None = "not connected yet"
     since: float = field(default_factory=time.time)
@@ -136,6 +143,7 @@ class KVStoreMesh:
         cfg = info.config()
         cfg["capabilities"]["cached"] = True   # type: ignore[index]
         mirror.config = json.dumps(cfg).encode()
+        mirror.info = info
         await self._write(keys.cluster_config_key(mirror.name), mirror.config)
 
     async def _event(self, mirror: _Mirror, kind: keys.Kind, rest: str, value: bytes | None
@@ -154,10 +162,11 @@ class KVStoreMesh:
         await self._queue(key, value)
 
     # The cache is written through a queue: changes to one key coalesce (the last value
-    # wins) and up to WRITE_BATCH distinct keys are written concurrently, so an initial
-    # listing of thousands of keys costs a few round trips' worth of time rather than
-    # one round trip per key. A canary is written only after everything queued before
-    # it is in the local kvstore (:meth:`_flush`).
+    # wins) and distinct keys are written TXN_OPS to a transaction, TXNS_IN_FLIGHT
+    # transactions at a time, so an initial listing of 100,000 keys costs about a
+    # thousand local round trips instead of 100,000 (and as many revisions, which every
+    # agent's watch would replay). A canary is written only after everything queued
+    # before it is in the local kvstore (:meth:`_flush`).
     async def _queue(self, key: str, value: bytes | None) -> None:
         self._pending[key] = value
         self._wake.set()
@@ -173,8 +182,7 @@ class KVStoreMesh:
                 batch = list(self._pending.items())[:WRITE_BATCH]
                 for key, _ in batch:
                     del self._pending[key]
-                await asyncio.gather(*(self._write(k, v) if v is not None else
-                                       self._delete(k) for k, v in batch))
+                await asyncio.gather(*(self._commit(part) for part in _split(batch)))
             self._busy = False
             self._idle.set()
             self._idle = asyncio.Event()
@@ -186,7 +194,7 @@ class KVStoreMesh:
             await idle.wait()
 
     def _valid(self, mirror: _Mirror, kind: keys.Kind, rest: str, value: bytes) -> bool:
-        info = ClusterInfo.from_config(json.loads(mirror.config)) if mirror.config else None
+        info = mirror.info
         if info is None:
             return False
         why: str | None = None
@@ -274,6 +282,12 @@ class KVStoreMesh:
         await self._retry(f"writing {key}", lambda: self.store.put(
             key, value, lease=self._lease if lease else None))
 
+    async def _commit(self, batch: list[tuple[str, bytes | None]]) -> None:
+        """Puts (under the current lease, read at each attempt) and deletes, at once."""
+        await self._retry(f"writing {len(batch)} cache keys", lambda: self.store.commit(
+            [TxnOp(key, value, self._lease if value is not None else None)
+             for key, value in batch], {}))
+
     async def _delete(self, key: str) -> None:
         await self._retry(f"deleting {key}", lambda: self.store.delete(key))
 
@@ -287,7 +301,8 @@ class KVStoreMesh:
             if mirror.config is not None:
                 await self._write(keys.cluster_config_key(mirror.name), mirror.config)
             for key, value in list(mirror.values.items()):
-                await self._write(key, value)
+                await self._queue(key, value)
+            await self._flush()
             for kind in mirror.synced:
                 await self._write(keys.synced_key(mirror.name, keys.KIND_BY_NAME[kind]),
                                   json.dumps({"time": time.time()}).encode())
@@ -298,6 +313,21 @@ class KVStoreMesh:
         return [{"name": m.name, "connected": m.connected, "error": m.error,
                  "synced": sorted(m.synced), "cached": len(m.values), "rejected": m.rejected}
                 for m in self.mirrors.values()]
+
+
+def _split(batch: list[tuple[str, bytes | None]]) -> list[list[tuple[str, bytes | None]]]:
+    """``batch`` in transactions of at most TXN_OPS writes and TXN_BYTES of values (a
+    single larger value goes alone: etcd's own limit then decides)."""
+    parts: list[list[tuple[str, bytes | None]]] = [[]]
+    size = 0
+    for key, value in batch:
+        length = len(key) + len(value or b"")
+        if parts[-1] and (len(parts[-1]) >= TXN_OPS or size + length > TXN_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append((key, value))
+        size += length
+    return [part for part in parts if part]
 
 
 async def run_kvstoremesh(local_url: str, local: ClusterInfo, remotes: dict[str, str], *,

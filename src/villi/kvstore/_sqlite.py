@@ -277,7 +277,7 @@ class Database:
                               (rev, seq, _DELETE, bkey))
                 else:
                     rev = rev or self._new_revision()
-                    self._put_locked(bkey, bytes(op.value), None, rev, seq)
+                    self._put_locked(bkey, bytes(op.value), op.lease, rev, seq)
                 seq += 1
             return rev if rev is not None else self._meta("revision")
 

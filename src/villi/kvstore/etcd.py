@@ -268,7 +268,7 @@ class EtcdStore(Store):
                     "mod_revision": str(rev)} for key, rev in expect.items()]
         success: list[dict[str, Any]] = [
             {"request_delete_range": {"key": _b64(op.key.encode())}} if op.value is None
-            else {"request_put": _put(op.key, op.value, None)} for op in ops]
+            else {"request_put": _put(op.key, op.value, op.lease)} for op in ops]
         try:
             answer = await self._call("/v3/kv/txn", {"compare": compare, "success": success},
                                       repeatable=False)

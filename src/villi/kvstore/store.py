@@ -57,10 +57,14 @@ class ListResult:
 
 @dataclass(frozen=True, slots=True)
 class TxnOp:
-    """One write of a :meth:`Store.commit`: put ``value``, or delete when it is None."""
+    """One write of a :meth:`Store.commit`: put ``value``, or delete when it is None.
+
+    A put with ``lease`` is attached to it (as :meth:`Store.put`); an unknown or expired
+    lease fails the whole commit with :class:`~villi.errors.StoreError`."""
 
     key: str
     value: bytes | None
+    lease: LeaseID | None = None
 
 
 class Store(abc.ABC):
