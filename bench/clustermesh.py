@@ -9,6 +9,9 @@ ipcache entries, identities, Service resources) in real etcds, one per cluster. 
   with a counting sink) follow the local cache: time to sync, RSS, CPU;
 - ``direct``: the same agents connect to every remote etcd themselves.
 
+In each mode one agent is first timed alone (what an agent on its own node sees), then
+``--agents`` at once (on this one machine they also compete for its cores).
+
 For both it counts the TCP connections each remote etcd sees (from the kvstoremesh, or
 from the agents): the fault-isolation and scale argument of docs/clustermesh.md.
 
@@ -189,8 +192,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             cache_s = asyncio.run(wait_canaries(local.endpoint, list(urls), a.timeout))
             kvm_usage = proc_usage(kvm.pid)
             kvm_conns = connections(ports).get(kvm.pid, {})
+            alone = collect(start_followers("kvstoremesh", local.endpoint, urls, 1), ports)
             followers = start_followers("kvstoremesh", local.endpoint, urls, a.agents)
             mesh = collect(followers, ports)
+            mesh["alone"] = alone
             kvm_after = proc_usage(kvm.pid)
         finally:
             kvm.terminate()
@@ -203,8 +208,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
               f"agents synced in ≤ {mesh['sync_s_max']:.2f} s", flush=True)
 
         # --- direct ---
+        alone = collect(start_followers("direct", local.endpoint, urls, 1), ports)
         followers = start_followers("direct", local.endpoint, urls, a.agents)
         direct = collect(followers, ports)
+        direct["alone"] = alone
         print(f"direct: agents synced in ≤ {direct['sync_s_max']:.2f} s", flush=True)
     return {"seed_s": seed_s, "keys": total, "kvstoremesh": mesh, "direct": direct}
 
@@ -248,19 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     result["ratios"] = {
         "remote_etcd_connections_direct_over_kvstoremesh": conns_d / max(conns_m, 1),
         "agent_sync_s_direct_over_kvstoremesh": d["sync_s_max"] / max(m["sync_s_max"], 1e-9),
+        "agent_alone_sync_s_direct_over_kvstoremesh":
+            d["alone"]["sync_s_max"] / max(m["alone"]["sync_s_max"], 1e-9),
         "agent_rss_direct_over_kvstoremesh": d["rss_mb_mean"] / max(m["rss_mb_mean"], 1e-9),
         "agent_cpu_direct_over_kvstoremesh": d["cpu_s_mean"] / max(m["cpu_s_mean"], 1e-9),
     }
     print(f"\n{a.clusters} remote clusters × {a.nodes} nodes × {a.pods} pods, "
           f"{a.agents} agents")
     print(f"{'':<12}{'conns/remote etcd':>18}{'agent sync max':>16}{'agent RSS':>11}"
-          f"{'agent CPU':>11}")
+          f"{'agent CPU':>11}{'one agent alone: sync':>23}")
     for name, r, extra in (("kvstoremesh", m, m["kvstoremesh_connections_per_remote_etcd"]),
                            ("direct", d, {})):
         per = {k: v + extra.get(k, 0) for k, v in r["agent_connections_per_remote_etcd"].items()}
         conns = max(per.values()) if per else 0
         print(f"{name:<12}{conns:>18}{r['sync_s_max']:>15.2f}s{r['rss_mb_mean']:>9.0f}MB"
-              f"{r['cpu_s_mean']:>10.2f}s")
+              f"{r['cpu_s_mean']:>10.2f}s{r['alone']['sync_s_max']:>22.2f}s")
     print(f"kvstoremesh process: cache {m['kvstoremesh_cache_s']:.2f} s, cpu "
           f"{m['kvstoremesh']['cpu_s']:.1f} s, peak RSS {m['kvstoremesh']['peak_rss_mb']:.0f} MB")
     for k, v in result["ratios"].items():

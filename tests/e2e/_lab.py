@@ -87,14 +87,19 @@ class Lab:
 
 @contextlib.contextmanager
 def running_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *up_args: str,
-                lab_class: type[Lab] = Lab) -> Iterator[Lab]:
-    """`villi lab up UP_ARGS` in a fresh directory; torn down whatever happens."""
+                lab_class: type[Lab] = Lab, timeout: float = 120,
+                require_clean_down: bool = False) -> Iterator[Lab]:
+    """`villi lab up UP_ARGS` in a fresh directory; torn down whatever happens.
+
+    With ``require_clean_down``, the teardown fails the module when ``villi lab down``
+    left any process, namespace, pin, cgroup or file behind (what the leftovers sweep
+    then removed)."""
     lab = lab_class(tmp_path_factory.mktemp(name) / "state.json")
     saved = os.environ.get("VILLI_LAB_STATE")
     os.environ["VILLI_LAB_STATE"] = str(lab.state_path)   # cluster.teardown looks here
     lab_id = None
     try:
-        res = lab.run("lab", "up", *up_args)
+        res = lab.run("lab", "up", *up_args, timeout=timeout)
         assert res.returncode == 0, f"lab up failed:\n{res.stdout}\n{res.stderr}"
         lab.up_output = res.stdout
         lab_id = lab.state["id"]
@@ -108,8 +113,11 @@ def running_lab(tmp_path_factory: pytest.TempPathFactory, name: str, *up_args: s
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(etcd, signal.SIGCONT)
             lab.run("lab", "down")
+        left = {k: v for k, v in cluster.leftovers(lab_id).items() if v} if lab_id else {}
         if lab_id:
             cluster.teardown(lab_id)   # in case `lab down` itself failed
+        if require_clean_down:
+            assert not left, f"lab down left {left}"
         if saved is None:
             os.environ.pop("VILLI_LAB_STATE", None)
         else:

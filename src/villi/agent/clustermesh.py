@@ -33,6 +33,10 @@ from villi.netns import routes
 
 if TYPE_CHECKING:
     from villi.agent.config import AgentConfig
+    from villi.agent.policy_sync import PolicySync
+    from villi.agent.services import ServiceSync
+    from villi.agent.sync import HasIpcache, IpcacheSync
+    from villi.identity.cache import IdentityCache
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +62,18 @@ class MeshHost(Protocol):
 
     config: AgentConfig
     store: Store | None
-    identity_cache: Any      # villi.identity.cache.IdentityCache
-    datapath: Any            # villi.datapath.node.NodeDatapath (its ipcache map)
-    ipcache_sync: Any        # villi.agent.sync.IpcacheSync (entries, departed)
-    policy: Any              # villi.agent.policy_sync.PolicySync
-    services: Any            # villi.agent.services.ServiceSync (its table)
+    identity_cache: IdentityCache
+    ipcache_sync: IpcacheSync
+    policy: PolicySync
+    services: ServiceSync
     mesh: RemoteClusters | None
     #: Called for each remote pod that appears, changes or goes away (the L7 proxy's
     #: snapshot); local pods reach ``pod_handlers`` instead.
     remote_pod_handlers: list[Callable[[str, IpcacheEntry | None], None]]
+
+    @property
+    def datapath(self) -> HasIpcache:
+        """The node datapath (its ipcache map)."""
 
     async def kernel(self, fn: Any, *args: Any, **kwargs: Any) -> Any: ...
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *,
