@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from villi.errors import BadRequest, VilliError
 from villi.identity.labels import SOURCE_FQDN, LabelSet, parse_label
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,24 @@ def parse_learned(body: Any) -> tuple[dict[str, LabelSet], list[str]]:
 
     if not isinstance(body, dict):
         raise ValueError("body must be an object with 'changed' and 'removed'")
+    raw_changed, raw_removed = body.get("changed") or {}, body.get("removed") or []
+    if not isinstance(raw_changed, dict):
+        raise ValueError("changed: must be an object {ip: [label, ...]}")
+    if not isinstance(raw_removed, list):
+        raise ValueError("removed: must be a list of IPs")
     changed: dict[str, LabelSet] = {}
-    for ip, labels in (body.get("changed") or {}).items():
+    for ip, labels in raw_changed.items():
         try:
             ipaddress.IPv4Address(ip)
         except ValueError:
             raise ValueError(f"changed: {ip!r} is not an IPv4 address") from None
+        if not isinstance(labels, list):
+            raise ValueError(f"changed.{ip}: must be a list of labels")
         parsed = [parse_label(str(x)) for x in labels]
         if not any(lbl.source == SOURCE_FQDN for lbl in parsed):
             raise ValueError(f"changed.{ip}: needs at least one fqdn: label")
         changed[ip] = LabelSet(tuple(parsed))
-    removed = [str(ip) for ip in body.get("removed") or []]
+    removed = [str(ip) for ip in raw_removed]
     for ip in removed:
         try:
             ipaddress.IPv4Address(ip)
@@ -211,7 +219,7 @@ def fqdn_routes(policy: FQDNPolicy, state_path: Path,
         try:
             changed, removed = parse_learned(await request.json())
         except (ValueError, json.JSONDecodeError) as e:
-            return web.json_response({"error": str(e), "code": 0}, status=400)
+            raise BadRequest(str(e)) from None   # the API's middleware answers 400
         update = policy.resolver.learn_fqdn(changed, removed)
         policy.apply(update, t0)
         if l7 is not None and (update.cidr_upserts or update.cidr_deletes):
@@ -233,7 +241,7 @@ def fqdn_routes(policy: FQDNPolicy, state_path: Path,
         try:
             return web.json_response(cache_listing(cache_path(state_path)))
         except ValueError as e:
-            return web.json_response({"error": str(e), "code": 0}, status=500)
+            raise VilliError(f"the DNS cache is unreadable: {e}") from None   # 500
 
     async def dns_rules(request: web.Request) -> web.Response:
         from villi.policy.dnsrules import dns_patterns

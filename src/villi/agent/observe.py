@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from villi.agent.config import AgentConfig
 from villi.agent.metrics_http import MetricsServer
 from villi.endpoint.manager import Endpoint
+from villi.errors import BadRequest
 from villi.kvstore.schema import IpcacheEntry
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
@@ -351,9 +352,7 @@ def _int(q: Any, name: str) -> int | None:
     try:
         return int(v)
     except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"{name} must be an integer",
-                                                  "code": 0}),
-                                 content_type="application/json") from None
+        raise BadRequest(f"{name} must be an integer") from None   # answered 400
 
 
 def flow_routes(observer: Observer) -> list[tuple[str, str, Any]]:
@@ -362,7 +361,7 @@ def flow_routes(observer: Observer) -> list[tuple[str, str, Any]]:
         try:
             spec = FilterSpec.from_json(json.loads(q.get("filter", "[]")))
         except (ValueError, FilterError) as e:
-            return web.json_response({"error": f"bad filter: {e}", "code": 0}, status=400)
+            raise BadRequest(f"bad filter: {e}") from None
         last, first = _int(q, "last"), _int(q, "first")
         since, until = _int(q, "since"), _int(q, "until")
         follow = q.get("follow") in ("1", "true")

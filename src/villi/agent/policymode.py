@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from villi.datapath import abi
 from villi.datapath.policycfg import PolicyConfigMap
 from villi.endpoint.manager import Endpoint
-from villi.errors import VilliError
+from villi.errors import BadRequest, EndpointNotFound, VilliError
 from villi.kvstore import EventType, Store
 from villi.kvstore.sync import PrefixSync
 from villi.policy.modes import (
@@ -194,26 +194,21 @@ class PolicyModes:
 
         async def patch_endpoint(request: web.Request) -> web.Response:
             body = await request.json()
-            if not isinstance(body, dict) or not body:
-                return web.json_response({"error": "body: a JSON object of settings, e.g. "
-                                          '{"PolicyAuditMode": "enabled"}', "code": 0},
-                                         status=400)
+            if not isinstance(body, dict) or not body:   # errors: the API's middleware
+                raise BadRequest('body: a JSON object of settings, e.g. '
+                                 '{"PolicyAuditMode": "enabled"}')
             ep = find(request.match_info["id"])
             if ep is None:
-                return web.json_response({"error": f"no endpoint {request.match_info['id']} "
-                                          f"on node {self.node}", "code": 0}, status=404)
-            try:
-                ep = self.configure_endpoint(ep, body)
-            except ConfigRequestError as e:
-                return web.json_response({"error": str(e), "code": 0}, status=400)
-            return web.json_response(view(ep))
+                raise EndpointNotFound(f"no endpoint {request.match_info['id']} "
+                                       f"on node {self.node}")
+            return web.json_response(view(self.configure_endpoint(ep, body)))
 
         return [("GET", "/v1/config", get_config),
                 ("PATCH", "/v1/config/endpoint/{id:.+}", patch_endpoint)]
 
 
-class ConfigRequestError(VilliError):
-    """A bad endpoint setting in an API request (HTTP 400)."""
+class ConfigRequestError(BadRequest):
+    """A bad endpoint setting in an API request (HTTP 400 through the API's middleware)."""
 
 
 def _when(since: int) -> str:
