@@ -23,6 +23,7 @@ import re
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,6 +119,32 @@ def test_cross_cluster_pod_to_pod(lab: Lab) -> None:
     dst = [f["destination"] for f in flows if (f.get("IP") or {}).get("destination") == x2]
     assert dst and dst[0].get("pod_name") == "x2", dst[:1]
     assert dst[0].get("identity", 0) >> 16 == 2
+    assert dst[0].get("cluster_name") == "c2", dst[0]   # from its identity's cluster label
+
+
+def test_one_relay_shows_the_flows_of_both_clusters(lab: Lab) -> None:
+    """c1's relay finds c2's agents in the kvstoremesh cache (peers ``c2/node3``, as
+    Cilium's Peer service names other clusters' nodes) and merges their flows; the UI's
+    service map then keeps app=x of c1 and of c2 apart."""
+    relay = lab.state["relay"]["http"]
+    deadline = time.monotonic() + 30
+    while True:
+        status = json.loads(lab.ok("observe", "status", "--server", relay))
+        names = {n["name"] for n in status["nodes"]}
+        if {"c2/node3", "c2/node4"} <= names and status["num_unavailable_nodes"] == 0:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert {"node1", "node2"} <= names
+    assert lab.eventually("mesh/x1", "c2:mesh/x2", "80", True, within=10)
+    res = lab.run("observe", "--server", relay, "-o", "json", "--last", "300")
+    assert res.returncode == 0, res.stderr
+    flows = [json.loads(line)["flow"] for line in res.stdout.splitlines() if line.strip()]
+    assert {"node3"} & {f["node_name"] for f in flows}, {f["node_name"] for f in flows}
+    ui = lab.state["ui_url"]
+    with urllib.request.urlopen(ui + "api/map?last=300", timeout=10) as r:
+        cards = {c["id"]: c for c in json.loads(r.read())["cards"]}
+    assert "c1/mesh/x" in cards and "c2/mesh/x" in cards, sorted(cards)
 
 
 def test_cli_picks_the_cluster(lab: Lab) -> None:

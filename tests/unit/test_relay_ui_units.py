@@ -200,6 +200,25 @@ def test_service_map_cards_arrows_and_verdicts() -> None:
     assert [a["id"] for a in only["arrows"]] == ["tools/intruder->shop/web:80/TCP"]
 
 
+def test_service_map_of_a_mesh_has_a_card_per_cluster() -> None:
+    """Flows from a relay over two clusters: app=x of c1 and of c2 are distinct cards;
+    flows of one cluster keep the plain ``ns/app`` ids."""
+    def flow(src_cluster: str, dst_cluster: str) -> dict:
+        f = _flow(("mesh", f"x-{src_cluster}", "x"), ("mesh", f"srv-{dst_cluster}", "srv"),
+                  80, "FORWARDED")
+        f["source"]["cluster_name"] = src_cluster
+        f["destination"]["labels"].append(f"k8s:io.cilium.k8s.policy.cluster={dst_cluster}")
+        return f
+
+    view = servicemap.build([flow("c1", "c1"), flow("c2", "c1")])
+    assert {a["id"] for a in view["arrows"]} == {"c1/mesh/x->c1/mesh/srv:80/TCP",
+                                                 "c2/mesh/x->c1/mesh/srv:80/TCP"}
+    assert {c["id"]: c["cluster"] for c in view["cards"]} == {
+        "c1/mesh/x": "c1", "c2/mesh/x": "c2", "c1/mesh/srv": "c1"}
+    one = servicemap.build([flow("c1", "c1")])
+    assert {c["id"] for c in one["cards"]} == {"mesh/x", "mesh/srv"}
+
+
 def test_flow_dict_to_hubble_protobuf() -> None:
     from villi.relay.proto import flow_pb2
 
@@ -431,3 +450,23 @@ def _base(name: str) -> str:
 
 def test_records_fixture_is_shared() -> None:
     assert isinstance(records(), np.ndarray) and ip("10.1.0.1")
+
+
+async def test_discover_names_remote_clusters_nodes_cluster_slash_node() -> None:
+    """One relay for the mesh: the kvstoremesh's cached nodes are peers ``c2/node3``."""
+    from ipaddress import IPv4Address
+
+    from villi.clustermesh import keys as mesh_keys
+    from villi.kvstore import EmbeddedStore
+    from villi.kvstore.schema import NODES, NodeEntry
+    from villi.relay.peers import discover
+
+    async with EmbeddedStore(None) as store:
+        await store.put(NODES + "node1", NodeEntry("node1", IPv4Address("10.9.0.1")).encode())
+        await store.put(mesh_keys.NODES.cache_prefix("c2") + "node3",
+                        NodeEntry("node3", IPv4Address("10.9.0.3")).encode())
+        await store.put(mesh_keys.NODES.cache_prefix("c2") + "bad", b"{not json")
+        await store.put(mesh_keys.IPCACHE.cache_prefix("c2") + "10.1.0.5", b"{}")
+        peers = await discover(store, 4244)
+    assert [(p.name, p.address) for p in peers] == [
+        ("node1", "10.9.0.1:4244"), ("c2/node3", "10.9.0.3:4244")]

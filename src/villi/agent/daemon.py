@@ -273,7 +273,7 @@ class Agent:
 
         # --- observability, L7, the API ---
         self.flow_context = AgentFlowContext(
-            self.node, cfg.cluster, self.endpoints, self.ipcache_sync, self.identity_cache,
+            self.node, cfg.mesh_name, self.endpoints, self.ipcache_sync, self.identity_cache,
             self.policy.resolver, self.service_of, state)
         self.lifecycle.on_removed.append(self.flow_context.forget_endpoint)
         # The address stops being a service backend before it can be reused.

@@ -24,6 +24,7 @@ from villi.agent.config import AgentConfig
 from villi.agent.metrics_http import MetricsServer
 from villi.endpoint.manager import Endpoint
 from villi.errors import BadRequest
+from villi.identity.labels import CLUSTER_LABEL
 from villi.kvstore.schema import IpcacheEntry
 from villi.observer.context import PodInfo, PolicyRef
 from villi.observer.filters import FilterError, FilterSpec
@@ -173,7 +174,13 @@ class AgentFlowContext:
             self._ifnames[ifindex] = name
         return name
 
-    def cluster_name(self) -> str:
+    def cluster_name(self, identity: int) -> str:
+        """The cluster of an endpoint with ``identity``: its cluster label (a remote
+        cluster's pods carry theirs), else this node's cluster (reserved identities)."""
+        labels = self.identities.get(identity)
+        for lbl in labels or ():
+            if lbl.key == CLUSTER_LABEL and lbl.value:
+                return lbl.value
         return self.cluster
 
     def node_labels(self) -> list[str]:

@@ -40,8 +40,13 @@ class Kind:
     name: str
     state_prefix: str
 
+    @property
+    def cache_root(self) -> str:
+        """Where every remote cluster's copy of this kind lives."""
+        return f"{CACHE}{self.name}/v1/"
+
     def cache_prefix(self, remote: str) -> str:
-        return f"{CACHE}{self.name}/v1/{remote}/"
+        return f"{self.cache_root}{remote}/"
 
     def cache_key(self, remote: str, state_key: str) -> str:
         """The cache key of a remote's state key (which must be under the prefix)."""

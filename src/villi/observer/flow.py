@@ -158,7 +158,7 @@ def _identify(flow: dict[str, Any], rec: Any, ctx: FlowContext) -> None:
     cluster = getattr(ctx, "cluster_name", None)
     if cluster is not None:
         for side in ("source", "destination"):
-            flow[side]["cluster_name"] = cluster()
+            flow[side]["cluster_name"] = cluster(int(flow[side].get("identity", 0)))
     labels = getattr(ctx, "node_labels", None)
     if labels is not None:
         flow["node_labels"] = labels()

@@ -2,7 +2,11 @@
 
 Hubble Relay learns peers from the agents' Peer service; villi's agents already publish
 their node entry (with its underlay IPv4) in the kvstore, so the relay lists those and
-adds the agents' flow port. Static peers serve tests and hosts without a shared store.
+adds the agents' flow port. In a ClusterMesh the kvstoremesh also caches every remote
+cluster's nodes in the local kvstore; the relay reads those too and names them
+``CLUSTER/NODE`` (as Cilium's Peer service does for nodes of other clusters), so one
+relay shows the flows of the whole mesh. Static peers serve tests and hosts without a
+shared store.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from villi.clustermesh import keys as mesh_keys
 from villi.errors import IPAMError, VilliError
 from villi.kvstore.schema import NODES, NodeEntry, name_in
 
@@ -42,12 +47,21 @@ def peers_from_entries(entries: dict[str, NodeEntry], port: int) -> list[Peer]:
 
 
 async def discover(store: Any, port: int) -> list[Peer]:
-    """The live nodes of the cluster, from the kvstore."""
-    res = await store.list(NODES_PREFIX)
+    """The live nodes of the cluster, then those of remote clusters the kvstoremesh
+    caches here (``CLUSTER/NODE``); a malformed entry is skipped."""
     entries = {}
-    for kv in res.items:
+    for kv in (await store.list(NODES_PREFIX)).items:
         try:
             entries[name_in(NODES, kv.key)] = NodeEntry.decode(kv.value, key=kv.key)
         except IPAMError:
             continue
-    return peers_from_entries(entries, port)
+    remote = {}
+    for kv in (await store.list(mesh_keys.NODES.cache_root)).items:
+        parsed = mesh_keys.parse_cache_key(kv.key)
+        if parsed is None or "/" in parsed[2]:
+            continue
+        try:
+            remote[f"{parsed[1]}/{parsed[2]}"] = NodeEntry.decode(kv.value, key=kv.key)
+        except IPAMError:
+            continue
+    return peers_from_entries(entries, port) + peers_from_entries(remote, port)

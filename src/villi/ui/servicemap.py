@@ -2,7 +2,8 @@
 port, protocol) with its verdict counts and, for L7 flows, methods and status classes.
 
 A workload is named by its ``app`` label (``k8s:app=…``) and namespace, or by its pod
-when it has none; addresses outside the cluster become the reserved cards ``world`` and
+when it has none; when the flows come from several clusters (a relay over a
+ClusterMesh), also by its cluster, so ``app=x`` of c1 and of c2 are two cards; addresses outside the cluster become the reserved cards ``world`` and
 ``host`` (Hubble UI's vocabulary). An arrow is "forwarded", "dropped", "audit" or
 "mixed" (both forwarded and dropped flows seen), which the page draws green, red,
 orange and dashed. Replies are left out: they belong to the arrow of their request.
@@ -26,13 +27,14 @@ class Card:
     name: str
     namespace: str
     kind: str                       # "workload" or "reserved"
+    cluster: str = ""               # set on workload cards of a multi-cluster map
     pods: set[str] = field(default_factory=set)
     labels: set[str] = field(default_factory=set)
     http: set[str] = field(default_factory=set)   # "METHOD path" received
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "namespace": self.namespace,
-                "kind": self.kind, "pods": sorted(self.pods), "labels": sorted(self.labels),
+                "kind": self.kind, "cluster": self.cluster, "pods": sorted(self.pods), "labels": sorted(self.labels),
                 "http": sorted(self.http)}
 
 
@@ -82,8 +84,18 @@ def _label(labels: list[str], key: str) -> str | None:
     return None
 
 
-def card_of(ep: dict[str, Any]) -> Card:
-    """The card an endpoint (a flow's ``source``/``destination``) belongs to."""
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+
+
+def cluster_of(ep: dict[str, Any]) -> str:
+    """The cluster of a flow's endpoint: Hubble's ``cluster_name``, else its label."""
+    return str(ep.get("cluster_name") or
+               _label([str(x) for x in ep.get("labels") or []], CLUSTER_LABEL) or "")
+
+
+def card_of(ep: dict[str, Any], by_cluster: bool = False) -> Card:
+    """The card an endpoint (a flow's ``source``/``destination``) belongs to; with
+    ``by_cluster``, a workload's card is its cluster's (``c2/ns/app``)."""
     labels = [str(x) for x in ep.get("labels") or []]
     for lbl in labels:
         if lbl.startswith("reserved:"):
@@ -96,7 +108,9 @@ def card_of(ep: dict[str, Any]) -> Card:
     if not ns and not pod:
         return Card("reserved:world", "world", "", "reserved")
     name = app or pod or f"identity {ep.get('identity', '?')}"
-    card = Card(f"{ns}/{name}", name, ns, "workload")
+    cluster = cluster_of(ep) if by_cluster else ""
+    card = Card(f"{cluster}/{ns}/{name}" if cluster else f"{ns}/{name}", name, ns,
+                "workload", cluster)
     if pod:
         card.pods.add(pod)
     card.labels.update(x for x in labels if not x.startswith("reserved:"))
@@ -144,10 +158,15 @@ def build(flows: list[dict[str, Any]], namespace: str | None = None) -> dict[str
     """The map of ``flows``; with ``namespace``, only arrows touching that namespace."""
     cards: dict[str, Card] = {}
     arrows: dict[tuple[str, str, int, str], Arrow] = {}
+    clusters = {cluster_of(ep) for flow in flows
+                for ep in (flow.get("source") or {}, flow.get("destination") or {})
+                if ep.get("pod_name")}
+    by_cluster = len(clusters - {""}) > 1
     for flow in flows:
         if flow.get("is_reply"):
             continue
-        src, dst = card_of(flow.get("source") or {}), card_of(flow.get("destination") or {})
+        src = card_of(flow.get("source") or {}, by_cluster)
+        dst = card_of(flow.get("destination") or {}, by_cluster)
         if namespace and namespace not in (src.namespace, dst.namespace):
             continue
         for c in (src, dst):

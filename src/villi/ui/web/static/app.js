@@ -75,7 +75,7 @@ function renderMap(view) {
       nsSeen.add(card.namespace);
       elements.push({data: {id: "ns:" + card.namespace, label: card.namespace}, classes: "ns"});
     }
-    const lines = [card.name];
+    const lines = [card.cluster ? `${card.name} · ${card.cluster}` : card.name];
     if (card.pods.length) lines.push(`${card.pods.length} pod${card.pods.length > 1 ? "s" : ""}`);
     for (const h of card.http.slice(0, 4)) lines.push(h);
     elements.push({data: {id: card.id, label: lines.join("\n"),
