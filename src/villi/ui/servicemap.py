@@ -3,8 +3,9 @@ port, protocol) with its verdict counts and, for L7 flows, methods and status cl
 
 A workload is named by its ``app`` label (``k8s:app=…``) and namespace, or by its pod
 when it has none; when the flows come from several clusters (a relay over a
-ClusterMesh), also by its cluster, so ``app=x`` of c1 and of c2 are two cards; addresses outside the cluster become the reserved cards ``world`` and
-``host`` (Hubble UI's vocabulary). An arrow is "forwarded", "dropped", "audit" or
+ClusterMesh), also by its cluster, so ``app=x`` of c1 and of c2 are two cards.
+Addresses outside the cluster become the reserved cards ``world`` and ``host``
+(Hubble UI's vocabulary). An arrow is "forwarded", "dropped", "audit" or
 "mixed" (both forwarded and dropped flows seen), which the page draws green, red,
 orange and dashed. Replies are left out: they belong to the arrow of their request.
 A packet that crosses nodes is seen twice (leaving its node "to-stack", then arriving
@@ -34,8 +35,8 @@ class Card:
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "namespace": self.namespace,
-                "kind": self.kind, "cluster": self.cluster, "pods": sorted(self.pods), "labels": sorted(self.labels),
-                "http": sorted(self.http)}
+                "kind": self.kind, "cluster": self.cluster, "pods": sorted(self.pods),
+                "labels": sorted(self.labels), "http": sorted(self.http)}
 
 
 @dataclass
