@@ -358,3 +358,15 @@ async def test_commit_attaches_puts_to_their_lease(store: Store, p: str) -> None
         await store.commit([TxnOp(p + "x", b"1"), TxnOp(p + "y", b"2", lease)], {})
     assert await store.get(p + "x") is None
     assert await store.revision() == before
+
+
+async def test_list_of_many_keys_is_whole_and_sorted(store: Store, p: str) -> None:
+    """etcd lists in growing pages (1,000, then 2,000, …): every key once, in order."""
+    from villi.kvstore import TxnOp
+
+    names = [f"{p}k{i:05d}" for i in range(3500)]
+    for i in range(0, len(names), 100):
+        await store.commit([TxnOp(k, b"v") for k in names[i:i + 100]], {})
+    listing = await store.list(p)
+    assert [kv.key for kv in listing.items] == names
+    assert listing.revision == await store.revision()
