@@ -334,6 +334,9 @@ class Agent:
         await asyncio.wait_for(ready.wait(), timeout=30)
         await self.watcher.wait_synced()
         await self.ipcache_sync.sync.synced.wait()
+        # Ready means the datapath knows every pod *and* every node (routes, remote-node
+        # entries): the bench's "full sync" (docs/scale.md) counts both at ready.
+        await self.node_sync.sync.synced.wait()
         self.services.prune()
         await clustermesh.wait_synced(self)   # remote state in before regeneration
         # Re-take identity references of restored endpoints, then bring policy current.
