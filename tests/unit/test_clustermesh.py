@@ -449,3 +449,18 @@ def test_service_view_shows_the_merged_backends_of_a_global_service() -> None:
     table.upsert_service(_service(), "10.32.0.9")   # no longer global: local only
     (port,) = table.view()[0]["ports"]
     assert port["backends"] == ["10.64.0.5:8080"] and "localBackends" not in port
+
+
+def test_cache_writes_are_split_into_bounded_transactions() -> None:
+    """etcd refuses transactions over --max-txn-ops (128) or --max-request-bytes: the
+    kvstoremesh's batches stay under TXN_OPS writes and TXN_BYTES of values."""
+    from villi.clustermesh import kvstoremesh as kvm
+
+    small = [(f"k{i}", b"v") for i in range(250)]
+    assert [len(p) for p in kvm._split(small)] == [100, 100, 50]
+    big = b"x" * (kvm.TXN_BYTES // 3)
+    parts = kvm._split([("a", big), ("b", big), ("c", big), ("d", None)])
+    assert [[k for k, _ in p] for p in parts] == [["a", "b"], ["c", "d"]]
+    huge = b"x" * (kvm.TXN_BYTES + 1)
+    assert [[k for k, _ in p] for p in kvm._split([("a", b"1"), ("h", huge), ("z", b"2")])] \
+        == [["a"], ["h"], ["z"]]
