@@ -256,6 +256,7 @@ class Agent:
         self.watcher.watch("Service", self.services.on_resource)
         self.watcher.watch("Pod", self.pods.on_resource)
         self.node_sync = NodeSync(store, self.datapath, self.node, kernel=self.kernel)
+        self._back.append(self._close_node_sync)
         self.ipcache_sync = IpcacheSync(store, self.datapath, self.node,
                                         on_change=self._on_pod_change)
         self.pod_handlers += [self.policy.on_ipcache_change, self.services.on_pod]
@@ -367,6 +368,9 @@ class Agent:
         if self.lease is not None:
             # Do not revoke: a restarting agent's pods keep their entries until the TTL.
             await self.lease.stop(revoke=False)
+
+    async def _close_node_sync(self) -> None:
+        await self.kernel(self.node_sync.close)   # its socket lives on the kernel thread
 
     async def _close_services(self) -> None:
         self.services.close()

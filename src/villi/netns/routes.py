@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from socket import AF_INET
 
-from pyroute2 import IPRoute  # noqa: F401 (type of ipr_in)
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from villi.errors import NetnsError
@@ -45,20 +45,34 @@ def ensure_unreachable(cidr: str, netns: str | None = None) -> None:
         raise NetnsError(f"cannot add unreachable route {net}: {e}") from e
 
 
-def replace_route(cidr: str, via: str, netns: str | None = None) -> None:
-    """Route ``cidr`` via the node IP ``via`` (idempotent)."""
+def open_netlink(netns: str | None = None) -> IPRoute:
+    """A netlink socket to reuse across route calls (``ipr=``); the caller closes it."""
+    return ipr_in(netns)
+
+
+def replace_route(cidr: str, via: str, netns: str | None = None,
+                  ipr: IPRoute | None = None) -> None:
+    """Route ``cidr`` via the node IP ``via`` (idempotent). With ``ipr``, through that
+    open netlink socket (a socket per call costs 1.5 ms, a reused one 0.6 ms: what
+    20,000 nodes' routes take, docs/scale.md)."""
     net = check_safe_cidr(cidr)
     try:
-        with ipr_in(netns) as ipr:
+        if ipr is not None:
             ipr.route("replace", dst=str(net), gateway=via)
+            return
+        with ipr_in(netns) as own:
+            own.route("replace", dst=str(net), gateway=via)
     except NetlinkError as e:
         raise NetnsError(f"cannot route {net} via {via}: {e}") from e
 
 
-def delete_route(cidr: str, netns: str | None = None) -> bool:
+def delete_route(cidr: str, netns: str | None = None, ipr: IPRoute | None = None) -> bool:
     try:
-        with ipr_in(netns) as ipr:
+        if ipr is not None:
             ipr.route("del", dst=cidr)
+            return True
+        with ipr_in(netns) as own:
+            own.route("del", dst=cidr)
             return True
     except NetlinkError:
         return False
