@@ -103,8 +103,11 @@ def test_node_sync_leaves_routes_alone_when_only_ipam_usage_changes(monkeypatch)
     from villi.kvstore import schema as keys
 
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(sync.routes, "replace_route", lambda cidr, via: calls.append(("r", cidr)))
-    monkeypatch.setattr(sync.routes, "delete_route", lambda cidr: calls.append(("d", cidr)))
+    monkeypatch.setattr(sync.routes, "replace_route",
+                        lambda cidr, via, ipr=None: calls.append(("r", cidr)))
+    monkeypatch.setattr(sync.routes, "delete_route",
+                        lambda cidr, ipr=None: calls.append(("d", cidr)))
+    monkeypatch.setattr(sync.routes, "open_netlink", lambda netns=None: object())
 
     class Map:
         def update(self, *a: object) -> None:
