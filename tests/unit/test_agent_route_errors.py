@@ -39,13 +39,14 @@ async def test_bad_flow_filter_and_bad_integer_are_400(tmp_path: Path) -> None:
 
 
 async def test_bad_learned_ips_body_is_400(tmp_path: Path) -> None:
-    client = await _client(fqdn_routes(cast(Any, None), tmp_path / "state"))
+    routes = fqdn_routes(cast(Any, None), tmp_path / "state")
+    (learned,) = [path for method, path, _ in routes if method == "POST"]
+    client = await _client(routes)
     try:
-        paths = [p for m, p, _ in fqdn_routes(cast(Any, None), tmp_path) if m == "POST"]
-        res = await client.post(paths[0], json={"changed": "not a mapping"})
+        res = await client.post(learned, json={"changed": "not a mapping"})
         assert res.status == 400
         assert (await res.json())["code"] == 0
-        res = await client.post(paths[0], data=b"{not json")
+        res = await client.post(learned, data=b"{not json")
         assert res.status == 400
     finally:
         await client.close()

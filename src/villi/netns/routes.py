@@ -8,6 +8,7 @@ address no pod has dies on the node instead of following a default route out.
 from __future__ import annotations
 
 import ipaddress
+from contextlib import AbstractContextManager, nullcontext
 from socket import AF_INET
 
 from pyroute2 import IPRoute
@@ -57,25 +58,24 @@ def replace_route(cidr: str, via: str, netns: str | None = None,
     20,000 nodes' routes take, docs/scale.md)."""
     net = check_safe_cidr(cidr)
     try:
-        if ipr is not None:
-            ipr.route("replace", dst=str(net), gateway=via)
-            return
-        with ipr_in(netns) as own:
-            own.route("replace", dst=str(net), gateway=via)
+        with _socket(netns, ipr) as sock:
+            sock.route("replace", dst=str(net), gateway=via)
     except NetlinkError as e:
         raise NetnsError(f"cannot route {net} via {via}: {e}") from e
 
 
 def delete_route(cidr: str, netns: str | None = None, ipr: IPRoute | None = None) -> bool:
     try:
-        if ipr is not None:
-            ipr.route("del", dst=cidr)
-            return True
-        with ipr_in(netns) as own:
-            own.route("del", dst=cidr)
+        with _socket(netns, ipr) as sock:
+            sock.route("del", dst=cidr)
             return True
     except NetlinkError:
         return False
+
+
+def _socket(netns: str | None, ipr: IPRoute | None) -> AbstractContextManager[IPRoute]:
+    """The caller's open socket (left open), or one of our own for this call."""
+    return nullcontext(ipr) if ipr is not None else ipr_in(netns)
 
 
 def routes(netns: str | None = None) -> list[tuple[str, str | None, int]]:

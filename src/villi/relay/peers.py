@@ -11,6 +11,7 @@ shared store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,19 +50,27 @@ def peers_from_entries(entries: dict[str, NodeEntry], port: int) -> list[Peer]:
 async def discover(store: Any, port: int) -> list[Peer]:
     """The live nodes of the cluster, then those of remote clusters the kvstoremesh
     caches here (``CLUSTER/NODE``); a malformed entry is skipped."""
-    entries = {}
-    for kv in (await store.list(NODES_PREFIX)).items:
+    local = _entries((await store.list(NODES_PREFIX)).items,
+                     lambda key: name_in(NODES, key))
+    remote = _entries((await store.list(mesh_keys.NODES.cache_root)).items, _remote_name)
+    return peers_from_entries(local, port) + peers_from_entries(remote, port)
+
+
+def _remote_name(key: str) -> str | None:
+    parsed = mesh_keys.parse_cache_key(key)
+    if parsed is None or "/" in parsed[2]:
+        return None
+    return f"{parsed[1]}/{parsed[2]}"
+
+
+def _entries(items: Any, name_of: Callable[[str], str | None]) -> dict[str, NodeEntry]:
+    out = {}
+    for kv in items:
+        name = name_of(kv.key)
+        if name is None:
+            continue
         try:
-            entries[name_in(NODES, kv.key)] = NodeEntry.decode(kv.value, key=kv.key)
+            out[name] = NodeEntry.decode(kv.value, key=kv.key)
         except IPAMError:
             continue
-    remote = {}
-    for kv in (await store.list(mesh_keys.NODES.cache_root)).items:
-        parsed = mesh_keys.parse_cache_key(kv.key)
-        if parsed is None or "/" in parsed[2]:
-            continue
-        try:
-            remote[f"{parsed[1]}/{parsed[2]}"] = NodeEntry.decode(kv.value, key=kv.key)
-        except IPAMError:
-            continue
-    return peers_from_entries(entries, port) + peers_from_entries(remote, port)
+    return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from villi.identity.labels import CLUSTER_LABEL
+
 RESERVED = ("world", "host", "remote-node", "health", "kube-apiserver", "ingress",
             "unmanaged", "init")
 
@@ -83,9 +85,6 @@ def _label(labels: list[str], key: str) -> str | None:
         if k == key:
             return v
     return None
-
-
-CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
 
 
 def cluster_of(ep: dict[str, Any]) -> str:
